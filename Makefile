@@ -1,0 +1,61 @@
+# qcnode — `make serve` and `make test` are the whole Quick start on a fresh machine.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A CPU wheel here; GPU hosts set TORCH_SPEC to a CUDA build within pyproject's range.
+TORCH_SPEC ?= torch==2.13.0
+# Debian packages the tests talk to (real peers): DCMTK, Orthanc (+ DICOMweb for OHIF).
+SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint typecheck unit bench system-deps install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Listener host: no torch.
+$(VENV)/.base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Developer/test host: everything, torch first so the range is already met.
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[gpu,test]'
+	touch $@ $(VENV)/.base
+
+install: $(VENV)/.base
+install-dev: $(VENV)/.dev
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+serve: $(VENV)/.base
+	$(BIN)/qcnode serve $(if $(CONFIG),--config $(CONFIG),)
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check node inference sr_writer tests bench
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+unit: $(VENV)/.dev system-deps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+bench: $(VENV)/.dev system-deps
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/engines.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,155 @@
+"""The ``qcnode`` command line: one entry point, one sub-command per task.
+
+Each sub-command's work lives in its own module and is imported only when that
+sub-command runs, so ``qcnode serve`` never imports torch and ``qcnode assess`` never
+imports the networking stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from importlib import import_module
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+# name -> "module:function"; each function takes the parsed arguments, returns an exit code.
+_HANDLERS: dict[str, str] = {
+    "serve": "node.serve:main",
+    "worker": "node.worker:main",
+    "config check": "node.cli:config_check",
+    "status": "node.status:main",
+    "retry": "node.status:retry_main",
+    "echo": "node.scu:echo_main",
+    "assess": "inference.cli:assess_main",
+    "synth": "inference.synth:main",
+    "train": "inference.train:main",
+    "train explain": "inference.explain:main",
+    "evaluate": "inference.evaluate:main",
+}
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="TOML settings file (default: ./qcnode.toml if present, else built-in defaults)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qcnode", description="DICOM node for explainable CT image-quality reports."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the DICOM listener, completion and embedded workers")
+    _add_config(p)
+    p.set_defaults(handler="serve")
+
+    p = sub.add_parser("worker", help="run a Celery worker for one pipeline stage")
+    _add_config(p)
+    p.add_argument("--queues", required=True, help="gpu, io, or gpu,io")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.set_defaults(handler="worker")
+
+    p = sub.add_parser("config", help="configuration tools")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = config_sub.add_parser("check", help="validate a settings file; lists every error")
+    c.add_argument("file", type=Path, nargs="?", default=None)
+    c.set_defaults(handler="config check")
+
+    p = sub.add_parser("status", help="series by state, failures, queue depths")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler="status")
+
+    p = sub.add_parser("retry", help="re-queue a failed series, or all dead-lettered ones")
+    _add_config(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("series", nargs="?", help="Series Instance UID")
+    g.add_argument("--failed", action="store_true", help="every failed series")
+    p.set_defaults(handler="retry")
+
+    p = sub.add_parser("echo", help="C-ECHO a configured destination")
+    _add_config(p)
+    p.add_argument("name", help="destination name from the config")
+    p.set_defaults(handler="echo")
+
+    p = sub.add_parser("assess", help="assess CT series offline (files or folders)")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    p.add_argument("--engine", choices=("physics", "vlm"), default="physics")
+    p.add_argument("--model", type=Path, default=None, help="local model directory (vlm)")
+    p.add_argument("--adapter", type=Path, default=None, help="local LoRA adapter directory")
+    p.add_argument("--slices", type=int, default=8, help="slices assessed per series")
+    p.add_argument("--json", action="store_true", help="one JSON object per line per series")
+    p.add_argument("--sr-out", type=Path, default=None, help="write each series' SR here")
+    p.set_defaults(handler="assess")
+
+    p = sub.add_parser("synth", help="write synthetic CT series with known quality")
+    p.add_argument("out", type=Path)
+    p.add_argument("--dose-levels", type=float, nargs="+", default=[1.0])
+    p.add_argument("--artifacts", nargs="*", default=[], choices=("metal", "none"))
+    p.add_argument("--slices", type=int, default=32)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transfer-syntax", default="explicit",
+                   choices=("explicit", "implicit", "rle", "jpeg-ls", "jpeg2000"))
+    p.set_defaults(handler="synth")
+
+    p = sub.add_parser("train", help="QLoRA fine-tuning of the VLM")
+    p.add_argument("--args", type=Path, default=None, help="TOML/JSON training arguments")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(handler="train")
+
+    p = sub.add_parser("evaluate", help="agreement of an engine with labelled scores")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(handler="evaluate")
+    return parser
+
+
+def config_check(args: argparse.Namespace) -> int:
+    """``qcnode config check [F]``: print every error with its key; non-zero if any."""
+    from node.config import ConfigError, load_settings, resolve_config_path
+
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(f"{exc.source}: {len(exc.problems)} error(s)", file=sys.stderr)
+        for key, message in exc.problems:
+            print(f"  {key}: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+    path = resolve_config_path(args.file)
+    print(
+        f"{path if path else '(built-in defaults)'}: OK — AE {settings.node.ae_title} "
+        f"on {settings.node.host}:{settings.node.port}, {len(settings.senders)} sender(s), "
+        f"{len(settings.destinations)} destination(s), {len(settings.rules)} rule(s), "
+        f"engine {settings.engine.name}"
+    )
+    return EXIT_OK
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
+    module_name, func_name = target.split(":")
+    func: Callable[[argparse.Namespace], int] = getattr(import_module(module_name), func_name)
+    return func
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qcnode`` console script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    handler = args.handler
+    if handler == "train" and args.rest[:1] == ["explain"]:
+        handler = "train explain"
+    try:
+        return _resolve(_HANDLERS[handler])(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

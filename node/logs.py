@@ -1,0 +1,74 @@
+"""Logging: structlog, JSON when stderr is not a terminal, pretty on a TTY.
+
+Context (``calling_ae``, ``assoc_id``, ``series_uid``, ``task_id``) is bound through
+:mod:`structlog.contextvars`. Never log a dataset or a patient attribute: identifiers
+are UIDs only. :func:`scrub_event` drops any key that names a patient attribute, as a
+last line of defence.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+#: Keys that must never reach a log line, whatever a caller binds.
+FORBIDDEN_KEYS = frozenset(
+    {
+        "patient_name", "patientname", "patient_id", "patientid", "patient_birth_date",
+        "patientbirthdate", "patient_sex", "accession_number", "accessionnumber",
+        "referring_physician", "institution_name", "dataset", "ds",
+    }
+)
+
+
+def scrub_event(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Drop keys that could carry patient data (structlog processor)."""
+    for key in [k for k in event_dict if k.lower() in FORBIDDEN_KEYS]:
+        del event_dict[key]
+    return event_dict
+
+
+def configure_logging(
+    level: str = "INFO", json_output: Literal["auto", "always", "never"] = "auto"
+) -> None:
+    """Configure structlog and the stdlib root logger once, at the entry point."""
+    use_json = json_output == "always" or (json_output == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrub_event,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (pynetdicom, celery, sqlalchemy) log through stdlib: keep them quiet
+    # and in one format. pynetdicom logs dataset contents at DEBUG: never enable that.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=shared,
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger named ``name``."""
+    return structlog.get_logger(name)
