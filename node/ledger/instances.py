@@ -1,0 +1,233 @@
+"""Recording received instances and associations: the listener's hot path.
+
+:meth:`InstanceAPI.record_instance` runs in the association thread for every
+C-STORE (PS3.4 Annex B) before the Success response is sent, so it is one short,
+durable transaction of a handful of Core statements.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, and_, select, update
+
+from node.ledger.base import LedgerBase, LedgerError, VersionConflict
+from node.ledger.models import (
+    Association,
+    Instance,
+    Series,
+    SeriesAssociation,
+    SeriesEvent,
+    SeriesState,
+    Study,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the listener knows about one stored instance (UIDs per PS3.3 C.12.1)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    series_description: str
+    transfer_syntax_uid: str
+    relpath: str  # path relative to the spool directory
+    size: int
+    sha256: str
+    calling_ae: str
+    assoc_id: str
+    version: int = 1  # 2, 3… when the same SOP Instance UID arrives with different bytes
+    action: str = "assess"  # the routing rule's action: "assess" or "store"
+    rule: str = ""  # the rule's name
+
+
+@dataclass(frozen=True)
+class _SeriesRow:
+    id: int
+    state: str
+    generation: int
+
+
+class InstanceAPI(LedgerBase):
+    """Instances, studies, series creation/re-opening and associations."""
+
+    def versions_of(self, sop_instance_uid: str) -> list[tuple[int, str]]:
+        """Every recorded ``(version, sha256)`` of a SOP Instance UID, oldest first."""
+        stmt = (
+            select(Instance.version, Instance.sha256)
+            .where(Instance.sop_uid == sop_instance_uid)
+            .order_by(Instance.version)
+        )
+        with self._read() as conn:
+            return [(int(v), str(h)) for v, h in conn.execute(stmt)]
+
+    def record_instance(self, rec: InstanceRecord) -> None:
+        """Record one received instance in one durable transaction.
+
+        Creates the study and series on first sight, counts the instance, remembers
+        which association delivered to the series, and re-opens a series that had
+        already left ``receiving`` (state back to ``receiving``, generation + 1, an
+        event in its history) so it is assessed again.
+
+        Recording the same ``(sop_instance_uid, version)`` with the same SHA-256 again
+        does nothing (a retried store).
+
+        Raises
+        ------
+        VersionConflict
+            The same ``(sop_instance_uid, version)`` is recorded with other bytes:
+            the caller should take the next version.
+        LedgerError
+            ``relpath`` is already recorded for another instance.
+        """
+        now = utcnow()
+        with self._write() as conn:
+            study_id = self._study_id(conn, rec.study_instance_uid, now)
+            series = self._series_row(conn, rec, study_id, now)
+            reopen = series.state != SeriesState.RECEIVING
+            generation = series.generation + 1 if reopen else series.generation
+            if not self._insert_instance(conn, rec, series.id, generation, now):
+                return
+            values: dict[str, object] = {"last_instance_at": now}
+            if rec.version == 1:
+                values["instance_count"] = Series.instance_count + 1
+            if reopen:
+                values.update(
+                    state=SeriesState.RECEIVING.value, generation=generation,
+                    reopen_count=Series.reopen_count + 1, reopened_at=now,
+                    generation_started_at=now, state_changed_at=now,
+                    closed_at=None, close_trigger=None,
+                )
+            conn.execute(update(Series).where(Series.id == series.id).values(**values))
+            conn.execute(
+                self._insert(SeriesAssociation)
+                .values(series_id=series.id, assoc_id=rec.assoc_id)
+                .on_conflict_do_nothing()
+            )
+            if reopen:
+                conn.execute(
+                    self._insert(SeriesEvent).values(
+                        series_id=series.id, at=now, generation=generation, kind="reopened",
+                        from_state=series.state, to_state=SeriesState.RECEIVING.value,
+                        detail=f"instance arrived after the series was {series.state}",
+                    )
+                )
+
+    def _study_id(self, conn: Connection, study_uid: str, now: dt.datetime) -> int:
+        cached = self._study_ids.get(study_uid)
+        if cached is not None:
+            return cached
+        stmt = select(Study.id).where(Study.study_uid == study_uid)
+        study_id = conn.execute(stmt).scalar()
+        if study_id is None:
+            conn.execute(
+                self._insert(Study)
+                .values(study_uid=study_uid, created_at=now)
+                .on_conflict_do_nothing()
+            )
+            study_id = conn.execute(stmt).scalar_one()
+        self._study_ids[study_uid] = int(study_id)
+        return int(study_id)
+
+    def _series_row(
+        self, conn: Connection, rec: InstanceRecord, study_id: int, now: dt.datetime
+    ) -> _SeriesRow:
+        stmt = (
+            select(Series.id, Series.state, Series.generation)
+            .where(Series.series_uid == rec.series_instance_uid)
+            .with_for_update()
+        )
+        row = conn.execute(stmt).first()
+        if row is None:
+            conn.execute(
+                self._insert(Series)
+                .values(
+                    series_uid=rec.series_instance_uid, study_id=study_id,
+                    modality=rec.modality[:16], description=rec.series_description[:64],
+                    rule=rec.rule[:64], action=rec.action, state=SeriesState.RECEIVING.value,
+                    instance_count=0, generation=1, reopen_count=0, first_instance_at=now,
+                    generation_started_at=now, last_instance_at=now, state_changed_at=now,
+                )
+                .on_conflict_do_nothing()
+            )
+            row = conn.execute(stmt).one()
+        return _SeriesRow(int(row.id), str(row.state), int(row.generation))
+
+    def _insert_instance(
+        self, conn: Connection, rec: InstanceRecord, series_id: int, generation: int,
+        now: dt.datetime,
+    ) -> bool:
+        """Insert the instance row; False when it is already there with the same bytes."""
+        inserted = conn.execute(
+            self._insert(Instance)
+            .values(
+                sop_uid=rec.sop_instance_uid, version=rec.version,
+                sop_class_uid=rec.sop_class_uid, series_id=series_id, generation=generation,
+                sha256=rec.sha256, relpath=rec.relpath, size=rec.size,
+                transfer_syntax_uid=rec.transfer_syntax_uid, assoc_id=rec.assoc_id,
+                calling_ae=rec.calling_ae, received_at=now,
+            )
+            .on_conflict_do_nothing()
+            .returning(Instance.id)
+        ).first()
+        if inserted is not None:
+            return True
+        existing = conn.execute(
+            select(Instance.sha256).where(
+                and_(Instance.sop_uid == rec.sop_instance_uid, Instance.version == rec.version)
+            )
+        ).scalar()
+        if existing is None:
+            raise LedgerError("spool path is already recorded for another instance")
+        if existing != rec.sha256:
+            raise VersionConflict(
+                f"{rec.sop_instance_uid} version {rec.version} is recorded with other bytes"
+            )
+        return False
+
+    # Associations ---------------------------------------------------------------
+    def association_opened(self, assoc_id: str, calling_ae: str, address: str) -> None:
+        """Record that an association (PS3.8 §7.1) was accepted."""
+        with self._write() as conn:
+            conn.execute(
+                self._insert(Association)
+                .values(
+                    id=assoc_id, calling_ae=calling_ae[:16], address=address[:64],
+                    opened_at=utcnow(), aborted=False,
+                )
+                .on_conflict_do_nothing()
+            )
+
+    def association_closed(self, assoc_id: str, *, aborted: bool = False) -> None:
+        """Record that an association was released (or aborted, A-ABORT / lost)."""
+        with self._write() as conn:
+            conn.execute(
+                update(Association)
+                .where(and_(Association.id == assoc_id, Association.closed_at.is_(None)))
+                .values(closed_at=utcnow(), aborted=aborted)
+            )
+
+    def close_stale_associations(self) -> int:
+        """Mark every still-open association aborted; returns how many.
+
+        Call once when the node starts, before any listener accepts associations:
+        after a crash no association of the previous run can still be open, and an
+        open one would keep its series from completing.
+        """
+        with self._write() as conn:
+            result = conn.execute(
+                update(Association)
+                .where(Association.closed_at.is_(None))
+                .values(closed_at=utcnow(), aborted=True)
+            )
+            return int(result.rowcount)
+
+    def known_relpaths(self) -> set[str]:
+        """Spool-relative paths of every recorded instance (spool reconciliation)."""
+        with self._read() as conn:
+            return {str(p) for p in conn.execute(select(Instance.relpath)).scalars()}
