@@ -160,6 +160,9 @@ class DestinationSettings(_Section):
     companions: tuple[Companion, ...] = ()
     confirm: ConfirmMode = "auto"
     timeout: PositiveSeconds = 30.0
+    # Storage Commitment (PS3.4 Annex J): the PACS opens a new association to the calling
+    # AE for its N-EVENT-REPORT; this is the local port the sender listens on meanwhile.
+    commitment_port: Port | None = None
 
 
 RuleAction = Literal["assess", "store", "reject"]
