@@ -8,13 +8,16 @@ durable transaction of a handful of Core statements.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, select, update
 
 from node.ledger.base import LedgerBase, LedgerError, VersionConflict
 from node.ledger.models import (
     Association,
+    Base,
     Instance,
     Series,
     SeriesAssociation,
@@ -53,8 +56,63 @@ class _SeriesRow:
     generation: int
 
 
+class _HotStatements:
+    """The hot path's statements, built once per ledger (dialect-specific inserts)."""
+
+    def __init__(self, insert: Callable[[Any], Any]) -> None:
+        studies, series = _table(Study), _table(Series)
+        instances, events = _table(Instance), _table(SeriesEvent)
+        self.select_study = select(studies.c.id).where(studies.c.study_uid == bindparam("uid"))
+        self.insert_study = insert(studies).on_conflict_do_nothing()
+        self.select_series = (
+            select(series.c.id, series.c.state, series.c.generation)
+            .where(series.c.series_uid == bindparam("uid"))
+            .with_for_update()
+        )
+        self.insert_series = insert(series).on_conflict_do_nothing()
+        self.insert_instance = insert(instances).on_conflict_do_nothing().returning(
+            instances.c.id
+        )
+        self.select_version = select(instances.c.sha256).where(
+            and_(
+                instances.c.sop_uid == bindparam("uid"),
+                instances.c.version == bindparam("version"),
+            )
+        )
+        touch = update(series).where(series.c.id == bindparam("sid"))
+        self.touch_series = touch.values(
+            last_instance_at=bindparam("now"),
+            instance_count=series.c.instance_count + bindparam("inc"),
+        )
+        self.reopen_series = touch.values(
+            last_instance_at=bindparam("now"),
+            instance_count=series.c.instance_count + bindparam("inc"),
+            state=SeriesState.RECEIVING.value,
+            generation=bindparam("gen"),
+            reopen_count=series.c.reopen_count + 1,
+            reopened_at=bindparam("now"),
+            generation_started_at=bindparam("now"),
+            state_changed_at=bindparam("now"),
+            closed_at=None,
+            close_trigger=None,
+        )
+        self.link_assoc = insert(_table(SeriesAssociation)).on_conflict_do_nothing()
+        self.insert_event = insert(events)
+
+
+def _table(entity: type[Base]) -> Table:
+    table = entity.__table__
+    if not isinstance(table, Table):
+        raise TypeError(f"{entity.__name__} is not mapped to a table")
+    return table
+
+
 class InstanceAPI(LedgerBase):
     """Instances, studies, series creation/re-opening and associations."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._hot = _HotStatements(self._insert)
 
     def versions_of(self, sop_instance_uid: str) -> list[tuple[int, str]]:
         """Every recorded ``(version, sha256)`` of a SOP Instance UID, oldest first."""
@@ -72,10 +130,15 @@ class InstanceAPI(LedgerBase):
         Creates the study and series on first sight, counts the instance, remembers
         which association delivered to the series, and re-opens a series that had
         already left ``receiving`` (state back to ``receiving``, generation + 1, an
-        event in its history) so it is assessed again.
+        event in its history) so it is assessed again. ``instance_count`` counts
+        distinct SOP Instance UIDs (a new version is not a new instance).
 
         Recording the same ``(sop_instance_uid, version)`` with the same SHA-256 again
         does nothing (a retried store).
+
+        The statements are built once (:class:`_HotStatements`) and executed with
+        bound parameters: building and cache-keying Core statements per call cost
+        more than SQLite itself.
 
         Raises
         ------
@@ -86,6 +149,7 @@ class InstanceAPI(LedgerBase):
             ``relpath`` is already recorded for another instance.
         """
         now = utcnow()
+        hot = self._hot
         with self._write() as conn:
             study_id = self._study_id(conn, rec.study_instance_uid, now)
             series = self._series_row(conn, rec, study_id, now)
@@ -93,69 +157,56 @@ class InstanceAPI(LedgerBase):
             generation = series.generation + 1 if reopen else series.generation
             if not self._insert_instance(conn, rec, series.id, generation, now):
                 return
-            values: dict[str, object] = {"last_instance_at": now}
-            if rec.version == 1:
-                values["instance_count"] = Series.instance_count + 1
-            if reopen:
-                values.update(
-                    state=SeriesState.RECEIVING.value, generation=generation,
-                    reopen_count=Series.reopen_count + 1, reopened_at=now,
-                    generation_started_at=now, state_changed_at=now,
-                    closed_at=None, close_trigger=None,
-                )
-            conn.execute(update(Series).where(Series.id == series.id).values(**values))
-            conn.execute(
-                self._insert(SeriesAssociation)
-                .values(series_id=series.id, assoc_id=rec.assoc_id)
-                .on_conflict_do_nothing()
-            )
+            count = 1 if rec.version == 1 else 0
             if reopen:
                 conn.execute(
-                    self._insert(SeriesEvent).values(
-                        series_id=series.id, at=now, generation=generation, kind="reopened",
-                        from_state=series.state, to_state=SeriesState.RECEIVING.value,
-                        detail=f"instance arrived after the series was {series.state}",
-                    )
+                    hot.reopen_series,
+                    {"sid": series.id, "now": now, "inc": count, "gen": generation},
                 )
+                conn.execute(
+                    hot.insert_event,
+                    {
+                        "series_id": series.id, "at": now, "generation": generation,
+                        "kind": "reopened", "from_state": series.state,
+                        "to_state": SeriesState.RECEIVING.value,
+                        "detail": f"instance arrived after the series was {series.state}",
+                    },
+                )
+            else:
+                conn.execute(hot.touch_series, {"sid": series.id, "now": now, "inc": count})
+            conn.execute(hot.link_assoc, {"series_id": series.id, "assoc_id": rec.assoc_id})
 
     def _study_id(self, conn: Connection, study_uid: str, now: dt.datetime) -> int:
         cached = self._study_ids.get(study_uid)
         if cached is not None:
             return cached
-        stmt = select(Study.id).where(Study.study_uid == study_uid)
-        study_id = conn.execute(stmt).scalar()
+        hot = self._hot
+        study_id = conn.execute(hot.select_study, {"uid": study_uid}).scalar()
         if study_id is None:
-            conn.execute(
-                self._insert(Study)
-                .values(study_uid=study_uid, created_at=now)
-                .on_conflict_do_nothing()
-            )
-            study_id = conn.execute(stmt).scalar_one()
+            conn.execute(hot.insert_study, {"study_uid": study_uid, "created_at": now})
+            study_id = conn.execute(hot.select_study, {"uid": study_uid}).scalar_one()
         self._study_ids[study_uid] = int(study_id)
         return int(study_id)
 
     def _series_row(
         self, conn: Connection, rec: InstanceRecord, study_id: int, now: dt.datetime
     ) -> _SeriesRow:
-        stmt = (
-            select(Series.id, Series.state, Series.generation)
-            .where(Series.series_uid == rec.series_instance_uid)
-            .with_for_update()
-        )
-        row = conn.execute(stmt).first()
+        hot = self._hot
+        row = conn.execute(hot.select_series, {"uid": rec.series_instance_uid}).first()
         if row is None:
             conn.execute(
-                self._insert(Series)
-                .values(
-                    series_uid=rec.series_instance_uid, study_id=study_id,
-                    modality=rec.modality[:16], description=rec.series_description[:64],
-                    rule=rec.rule[:64], action=rec.action, state=SeriesState.RECEIVING.value,
-                    instance_count=0, generation=1, reopen_count=0, first_instance_at=now,
-                    generation_started_at=now, last_instance_at=now, state_changed_at=now,
-                )
-                .on_conflict_do_nothing()
+                hot.insert_series,
+                {
+                    "series_uid": rec.series_instance_uid, "study_id": study_id,
+                    "modality": rec.modality[:16], "description": rec.series_description[:64],
+                    "rule": rec.rule[:64], "action": rec.action,
+                    "state": SeriesState.RECEIVING.value, "instance_count": 0,
+                    "generation": 1, "reopen_count": 0, "first_instance_at": now,
+                    "generation_started_at": now, "last_instance_at": now,
+                    "state_changed_at": now,
+                },
             )
-            row = conn.execute(stmt).one()
+            row = conn.execute(hot.select_series, {"uid": rec.series_instance_uid}).one()
         return _SeriesRow(int(row.id), str(row.state), int(row.generation))
 
     def _insert_instance(
@@ -163,24 +214,21 @@ class InstanceAPI(LedgerBase):
         now: dt.datetime,
     ) -> bool:
         """Insert the instance row; False when it is already there with the same bytes."""
+        hot = self._hot
         inserted = conn.execute(
-            self._insert(Instance)
-            .values(
-                sop_uid=rec.sop_instance_uid, version=rec.version,
-                sop_class_uid=rec.sop_class_uid, series_id=series_id, generation=generation,
-                sha256=rec.sha256, relpath=rec.relpath, size=rec.size,
-                transfer_syntax_uid=rec.transfer_syntax_uid, assoc_id=rec.assoc_id,
-                calling_ae=rec.calling_ae, received_at=now,
-            )
-            .on_conflict_do_nothing()
-            .returning(Instance.id)
+            hot.insert_instance,
+            {
+                "sop_uid": rec.sop_instance_uid, "version": rec.version,
+                "sop_class_uid": rec.sop_class_uid, "series_id": series_id,
+                "generation": generation, "sha256": rec.sha256, "relpath": rec.relpath,
+                "size": rec.size, "transfer_syntax_uid": rec.transfer_syntax_uid,
+                "assoc_id": rec.assoc_id, "calling_ae": rec.calling_ae, "received_at": now,
+            },
         ).first()
         if inserted is not None:
             return True
         existing = conn.execute(
-            select(Instance.sha256).where(
-                and_(Instance.sop_uid == rec.sop_instance_uid, Instance.version == rec.version)
-            )
+            hot.select_version, {"uid": rec.sop_instance_uid, "version": rec.version}
         ).scalar()
         if existing is None:
             raise LedgerError("spool path is already recorded for another instance")
