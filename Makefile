@@ -4,11 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # A CPU wheel here; GPU hosts set TORCH_SPEC to a CUDA build within pyproject's range.
 TORCH_SPEC ?= torch==2.13.0
-# Debian packages the tests talk to (real peers): DCMTK, Orthanc (+ DICOMweb for OHIF).
-SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb
+# Debian packages the tests talk to (real peers): DCMTK, Orthanc (+ DICOMweb for OHIF),
+# Chromium (the real-viewer test drives OHIF in it; no browser download).
+SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck unit bench system-deps install install-dev clean
+.PHONY: serve test lint typecheck unit bench system-deps viewer-deps install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,17 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# The real-viewer test: playwright-core (npm ci, lock-pinned) and OHIF v3's built viewer
+# (npm @ohif/app, integrity-pinned in viewer/package.json, unpacked into viewer/ohif/).
+viewer-deps: viewer/node_modules/.package-lock.json viewer/ohif/.integrity
+
+viewer/node_modules/.package-lock.json: viewer/package.json viewer/package-lock.json
+	cd viewer && npm ci --no-audit --no-fund
+	touch $@
+
+viewer/ohif/.integrity: viewer/package.json viewer/fetch-ohif.mjs
+	cd viewer && node fetch-ohif.mjs
+
 serve: $(VENV)/.base
 	$(BIN)/qcnode serve $(if $(CONFIG),--config $(CONFIG),)
 
@@ -48,7 +60,7 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-unit: $(VENV)/.dev system-deps
+unit: $(VENV)/.dev system-deps viewer-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
