@@ -29,6 +29,7 @@ _HANDLERS: dict[str, str] = {
     "synth": "inference.synth:main",
     "train": "inference.train:main",
     "train explain": "inference.explain:main",
+    "train data": "inference.dataset_convert:main",
     "evaluate": "inference.evaluate:main",
 }
 
@@ -100,15 +101,71 @@ def _build_parser() -> argparse.ArgumentParser:
                    choices=("explicit", "implicit", "rle", "jpeg-ls", "jpeg2000"))
     p.set_defaults(handler="synth")
 
-    p = sub.add_parser("train", help="QLoRA fine-tuning of the VLM")
-    p.add_argument("--args", type=Path, default=None, help="TOML/JSON training arguments")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(handler="train")
-
-    p = sub.add_parser("evaluate", help="agreement of an engine with labelled scores")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(handler="evaluate")
+    _add_train(sub)
+    _add_evaluate(sub)
     return parser
+
+
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("train", help="QLoRA fine-tuning of the VLM (and its data tools)")
+    p.add_argument("--args", type=Path, default=None, help="TOML/JSON training arguments")
+    p.add_argument("--model", type=Path, default=None, help="local base model directory")
+    p.add_argument("--manifest", type=Path, default=None, help="JSONL training manifest")
+    p.add_argument("--output", type=Path, default=None, help="adapter output directory")
+    p.add_argument("--resume", default=None, help="checkpoint directory, or 'latest'")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one argument, e.g. training.max_steps=10")
+    p.set_defaults(handler="train")
+    actions = p.add_subparsers(dest="train_command", metavar="ACTION")
+    e = actions.add_parser("explain", help="draft explanations for a scores-only manifest")
+    e.add_argument("manifest", type=Path)
+    e.add_argument("out", type=Path)
+    e.add_argument("--teacher-url", default=None, help="OpenAI-compatible base URL (…/v1)")
+    e.add_argument("--teacher-model", default=None)
+    e.add_argument("--teacher-key-env", default=None, help="env variable holding an API key")
+    e.add_argument("--timeout", type=float, default=120.0)
+    e.add_argument("--overwrite", action="store_true", help="replace existing explanations")
+    e.set_defaults(handler="train explain")
+    d = actions.add_parser("data", help="validate or build training manifests")
+    data = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    v = data.add_parser("validate", help="print every bad record of a manifest")
+    v.add_argument("manifest", type=Path)
+    v.add_argument("--no-images", action="store_true", help="skip opening the images")
+    v = data.add_parser("ldctiqa", help="LDCTIQA TIFF folder + train.json -> manifest")
+    v.add_argument("root", type=Path)
+    v.add_argument("out", type=Path)
+    v.add_argument("--holdout", type=int, default=100)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--window", type=float, nargs=2, default=[40.0, 350.0],
+                   metavar=("CENTER", "WIDTH"), help="HU window the TIFFs were made with")
+    v = data.add_parser("dicom", help="folder of DICOM series + CSV of scores -> manifest")
+    v.add_argument("folder", type=Path)
+    v.add_argument("scores", type=Path)
+    v.add_argument("out", type=Path)
+    v.add_argument("--slices", type=int, default=8, help="planes per series")
+    v.add_argument("--holdout-fraction", type=float, default=0.1)
+    v.add_argument("--seed", type=int, default=0)
+    d.set_defaults(handler="train data")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("evaluate", help="agreement of an engine with labelled scores")
+    p.add_argument("manifest", type=Path, help="JSONL manifest with radiologist scores")
+    p.add_argument("--engine", choices=("physics", "vlm"), default="physics")
+    p.add_argument("--model", type=Path, default=None, help="local model directory (vlm)")
+    p.add_argument("--adapter", type=Path, default=None, help="local LoRA adapter directory")
+    p.add_argument("--predictions", type=Path, default=None,
+                   help="score saved predictions (JSONL with id and score) instead")
+    p.add_argument("--compare", default=None, metavar="SPEC",
+                   help="a second run: physics | vlm | adapter=DIR | predictions=FILE")
+    p.add_argument("--split", default=None, help="only records of this split")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), help="report directory")
+    p.add_argument("--slices", type=int, default=8, help="slices per series record")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worst", type=int, default=10, help="worst-disagreeing cases listed")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler="evaluate")
 
 
 def config_check(args: argparse.Namespace) -> int:
@@ -143,8 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     handler = args.handler
-    if handler == "train" and args.rest[:1] == ["explain"]:
-        handler = "train explain"
     try:
         return _resolve(_HANDLERS[handler])(args)
     except KeyboardInterrupt:
