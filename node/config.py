@@ -247,6 +247,9 @@ class BrokerSettings(_Section):
 
     url: str | None = None
     result_backend: str | None = None
+    # Prefix of the queue names ("<prefix>gpu", "<prefix>io"): several nodes (or test
+    # runs) can share one broker without taking each other's work.
+    queue_prefix: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
 
 
 EngineName = Literal["physics", "vlm"]
