@@ -4,29 +4,56 @@
 Alembic revision. The API is split by concern:
 
 * :class:`~node.ledger.instances.InstanceAPI` — the listener's hot path (instances,
-  associations), see :meth:`Ledger.record_instance`.
+  associations), see :meth:`Ledger.record_instance`;
+* :class:`~node.ledger.series.SeriesAPI` — completion queries, the series state
+  machine (:data:`~node.ledger.series.SERIES_TRANSITIONS`), history, listings;
+* :class:`~node.ledger.jobs.JobAPI` — the pipeline's jobs and deliveries.
 """
 
 from __future__ import annotations
 
 from node.ledger.base import InvalidTransition, LedgerError, NotFound, VersionConflict
 from node.ledger.instances import InstanceAPI, InstanceRecord
+from node.ledger.jobs import (
+    DELIVERY_TRANSITIONS,
+    JOB_TRANSITIONS,
+    DeliveryInfo,
+    FailureInfo,
+    JobAPI,
+    JobInfo,
+)
 from node.ledger.models import ConfirmedBy, DeliveryState, JobState, SeriesState
+from node.ledger.series import (
+    SERIES_TRANSITIONS,
+    OpenSeries,
+    SeriesAPI,
+    SeriesEventInfo,
+    SeriesInfo,
+)
 
 
-class Ledger(InstanceAPI):
+class Ledger(InstanceAPI, JobAPI, SeriesAPI):
     """The ledger's whole API (see the module documentation)."""
 
 
 __all__ = [
+    "DELIVERY_TRANSITIONS",
+    "JOB_TRANSITIONS",
+    "SERIES_TRANSITIONS",
     "ConfirmedBy",
+    "DeliveryInfo",
     "DeliveryState",
+    "FailureInfo",
     "InstanceRecord",
     "InvalidTransition",
+    "JobInfo",
     "JobState",
     "Ledger",
     "LedgerError",
     "NotFound",
+    "OpenSeries",
+    "SeriesEventInfo",
+    "SeriesInfo",
     "SeriesState",
     "VersionConflict",
 ]
