@@ -106,7 +106,7 @@ class CompletionMonitor:
     def _guarded(self, step: Callable[[], object]) -> None:
         try:
             step()
-        except Exception as exc:  # a database hiccup must not end completion for good
+        except Exception as exc:  # noqa: BLE001 — a database hiccup must not end completion
             log.error("completion.pass_failed", **_describe(exc))
 
     # One pass -----------------------------------------------------------------------
@@ -161,7 +161,7 @@ class CompletionMonitor:
         log.info("series.closed", series_uid=series_uid, trigger=trigger)
         try:
             self._on_complete(series_uid, trigger)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — a bad callback must not stop the monitor
             log.error("completion.callback_failed", series_uid=series_uid, **_describe(exc))
 
 
