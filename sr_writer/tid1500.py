@@ -1,0 +1,316 @@
+"""The Comprehensive 3D SR: a TID 1500 Measurement Report of one quality assessment.
+
+Content tree (PS3.16 TID 1500, built with highdicom's template classes):
+
+- TID 1500 root: language, observer context (TID 1002 with a *device* observer, TID
+  1004), procedure reported, image library (TID 1600) of the assessed slices, worst first.
+- Imaging Measurements: TID 1410 planar-ROI groups only, each with an image region
+  (OHIF v3 needs one in every group):
+
+  * ``qcnode series quality`` on the worst slice: NUM DCM 111029 "Image Quality Rating"
+    (UCUM ``{score}``) with its uncertainty (TID 310) and TID 4019 algorithm
+    identification, the score in words (DCM 111101 "Image Quality");
+  * ``qcnode slice N``: each assessed slice's score on its region;
+  * ``qcnode finding N``: a coded finding (kind → severity) on its region;
+  * ``qcnode evidence N``: a measured value with its UCUM unit on its region.
+
+  Each NUM also carries its SCOORD as INFERRED FROM (TID 300 → TID 320), because OHIF's
+  measurement panel reads the coordinates from under the NUM. A group for something
+  without a region of its own uses the whole image and says so in its tracking
+  identifier (``[whole image]``; ``[series]`` when not tied to any one slice).
+- Qualitative Evaluations (UMLS C0034375, TID 1500): the score in words, the explanation
+  (TEXT DCM 111412) and the descriptions and notes (TEXT DCM 121106, ``Finding N: …``).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Final
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    ContainerContentItem,
+    CoordinatesForMeasurement,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageRegion,
+    Measurement,
+    MeasurementProperties,
+    MeasurementReport,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as pd_codes
+
+from inference.result import AssessmentResult, EngineInfo, Region
+from sr_writer import codes
+from sr_writer.sources import check_sources, identity_dataset
+from sr_writer.uids import derive_uid
+
+MANUFACTURER: Final = "qcnode"
+SR_SERIES_NUMBER: Final = 9901
+SERIES_DESCRIPTION: Final = "Image quality report (qcnode)"
+#: Tracking identifier prefixes and markers (parse.py reads them back).
+SERIES_GROUP: Final = "qcnode series quality"
+SLICE_GROUP: Final = "qcnode slice"
+FINDING_GROUP: Final = "qcnode finding"
+EVIDENCE_GROUP: Final = "qcnode evidence"
+WHOLE: Final = "[whole image]"
+SERIES_WIDE: Final = "[series]"
+MODEL_PARAM: Final = "model revision: "
+ADAPTER_PARAM: Final = "adapter revision: "
+SPECIFIC_CHARACTER_SET: Final = "ISO_IR 192"
+
+
+class _Ctx:
+    """What every group builder needs: sources, job key and the algorithm."""
+
+    def __init__(self, by_uid: dict[str, Dataset], job_key: str, engine: EngineInfo) -> None:
+        self.by_uid = by_uid
+        self.job_key = job_key
+        self.algorithm = algorithm_identification(engine)
+
+    def image_region(
+        self, region: Region | None, sop_uid: str, frame: int | None
+    ) -> tuple[Region, bool]:
+        """``region``, or the whole image of ``sop_uid`` (second value True)."""
+        if region is not None:
+            return region, False
+        ds = self.by_uid[sop_uid]
+        cols, rows = float(ds.Columns), float(ds.Rows)
+        return Region.box(sop_uid, 0.0, 0.0, cols, rows, frame), True
+
+
+def algorithm_identification(engine: EngineInfo) -> AlgorithmIdentification:
+    """TID 4019: engine name and version; model and adapter revisions as parameters."""
+    params = []
+    if engine.model_revision is not None:
+        params.append(MODEL_PARAM + engine.model_revision)
+    if engine.adapter_revision is not None:
+        params.append(ADAPTER_PARAM + engine.adapter_revision)
+    return AlgorithmIdentification(
+        name=engine.name, version=engine.version, parameters=params or None,
+        manufacturer=MANUFACTURER,
+    )
+
+
+def _source_image(region: Region, by_uid: dict[str, Dataset]) -> SourceImageForRegion:
+    ds = by_uid[region.sop_instance_uid]
+    frames = [region.frame] if region.frame is not None else None
+    return SourceImageForRegion(str(ds.SOPClassUID), region.sop_instance_uid, frames)
+
+
+def _scoords(
+    region: Region, by_uid: dict[str, Dataset]
+) -> tuple[ImageRegion, CoordinatesForMeasurement]:
+    data = np.asarray(region.points, dtype=float)
+    # 2D SCOORD has no POLYGON: a closed POLYLINE (first point repeated) is one (C.18.6.1.2).
+    kind = "POLYLINE" if region.graphic_type == "POLYGON" else region.graphic_type
+    group_level = ImageRegion(kind, data, _source_image(region, by_uid))
+    under_num = CoordinatesForMeasurement(kind, data, _source_image(region, by_uid))
+    return group_level, under_num
+
+
+def _group(
+    ctx: _Ctx,
+    tracking: str,
+    region: Region,
+    measurements: Sequence[Measurement] = (),
+    evaluations: Sequence[QualitativeEvaluation] = (),
+    algorithm: AlgorithmIdentification | None = None,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """A TID 1410 group; every NUM gets the region again as INFERRED FROM SCOORD."""
+    image_region, under_num = _scoords(region, ctx.by_uid)
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derive_uid(ctx.job_key, f"tracking|{tracking}"), identifier=tracking
+        ),
+        referenced_region=image_region,
+        algorithm_id=algorithm,
+        measurements=list(measurements) or None,
+        qualitative_evaluations=list(evaluations) or None,
+    )
+    for item in group[0].ContentSequence:
+        if item.ValueType == "NUM":
+            item.ContentSequence = [*item.get("ContentSequence", []), under_num]
+    return group
+
+
+def _score(value: float, uncertainty: float | None) -> Measurement:
+    props = None
+    if uncertainty is not None:
+        props = MeasurementProperties(
+            upper_measurement_uncertainty=uncertainty,
+            lower_measurement_uncertainty=uncertainty,
+        )
+    return Measurement(
+        name=codes.IMAGE_QUALITY_RATING, value=value, unit=codes.SCORE_UNIT, properties=props
+    )
+
+
+def _marked(base: str, whole: bool, series_wide: bool = False) -> str:
+    if series_wide:
+        return f"{base} {SERIES_WIDE}"
+    return f"{base} {WHOLE}" if whole else base
+
+
+def _groups(ctx: _Ctx, result: AssessmentResult, anchor: str) -> list[
+    PlanarROIMeasurementsAndQualitativeEvaluations
+]:
+    """All measurement groups; ``anchor`` is the worst (or first) slice's SOP UID."""
+    worst = result.worst_slice
+    region, whole = ctx.image_region(
+        worst.region if worst else None, anchor, worst.frame if worst else None
+    )
+    label = QualitativeEvaluation(codes.IMAGE_QUALITY, codes.quality_label(result.score))
+    out = [_group(ctx, _marked(SERIES_GROUP, whole), region,
+                  [_score(result.score, result.uncertainty)], [label], ctx.algorithm)]
+    for n, s in enumerate(result.slices, 1):
+        region, whole = ctx.image_region(s.region, s.sop_instance_uid, s.frame)
+        out.append(_group(ctx, _marked(f"{SLICE_GROUP} {n}", whole), region,
+                          [_score(s.score, s.uncertainty)]))
+    for n, f in enumerate(result.findings, 1):
+        region, whole = ctx.image_region(f.region, f.sop_instance_uid or anchor, None)
+        tracking = _marked(f"{FINDING_GROUP} {n}", whole, f.sop_instance_uid is None)
+        evaluation = QualitativeEvaluation(
+            codes.FINDING_CODES[f.kind], codes.SEVERITY_CODES[f.severity]
+        )
+        out.append(_group(ctx, tracking, region, evaluations=[evaluation]))
+    for n, m in enumerate(result.evidence, 1):
+        region, whole = ctx.image_region(m.region, m.sop_instance_uid or anchor, None)
+        tracking = _marked(f"{EVIDENCE_GROUP} {n}", whole, m.sop_instance_uid is None)
+        name, site = codes.EVIDENCE_CODES[m.name]
+        measurement = Measurement(
+            name=name, value=m.value, unit=codes.unit_code(m.unit),
+            finding_sites=[FindingSite(site)] if site is not None else None,
+        )
+        out.append(_group(ctx, tracking, region, [measurement]))
+    return out
+
+
+def _qualitative_container(result: AssessmentResult) -> ContainerContentItem:
+    """TID 1500 "Qualitative Evaluations": score in words, explanation, comments."""
+    items: list[CodeContentItem | TextContentItem] = [
+        CodeContentItem(codes.IMAGE_QUALITY, codes.quality_label(result.score),
+                        RelationshipTypeValues.CONTAINS)
+    ]
+    if result.explanation:
+        items.append(TextContentItem(codes.NARRATIVE_SUMMARY, result.explanation,
+                                     RelationshipTypeValues.CONTAINS))
+    comments = [f"Finding {n}: {f.description}"
+                for n, f in enumerate(result.findings, 1) if f.description]
+    comments += [f"Evidence {n}: {m.description}"
+                 for n, m in enumerate(result.evidence, 1) if m.description]
+    comments += [f"Note {n}: {note}" for n, note in enumerate(result.notes, 1)]
+    items += [TextContentItem(codes.COMMENT, c, RelationshipTypeValues.CONTAINS)
+              for c in comments]
+    container = ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def library_order(sources: Sequence[Dataset], result: AssessmentResult) -> list[Dataset]:
+    """The sources with the worst slice first (TID 1600 image library order)."""
+    worst = result.worst_slice
+    if worst is None:
+        return list(sources)
+    first = [ds for ds in sources if ds.SOPInstanceUID == worst.sop_instance_uid]
+    return first + [ds for ds in sources if ds.SOPInstanceUID != worst.sop_instance_uid]
+
+
+def observation_context(engine: EngineInfo) -> ObservationContext:
+    """TID 1001/1002/1004: the device observer is the algorithm, not a person."""
+    device = DeviceObserverIdentifyingAttributes(
+        uid=derive_uid(engine.key, "device-observer"),
+        name=engine.name,
+        manufacturer_name=MANUFACTURER,
+        model_name=engine.version,
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=pd_codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    result: AssessmentResult,
+    *,
+    job_key: str,
+    predecessor: Dataset | None = None,
+    created: datetime.datetime | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+) -> Dataset:
+    """Build the Comprehensive 3D SR (TID 1500) for ``result``.
+
+    Parameters
+    ----------
+    sources
+        The assessed slices' datasets (pixel data not needed); the first (after putting
+        the worst slice first) gives patient and study identity.
+    result
+        The assessment.
+    job_key
+        The job's idempotency key; all UIDs are derived from it.
+    predecessor
+        An earlier SR this one supersedes (Predecessor Documents Sequence, PS3.3 C.17.2).
+    created
+        Content date/time (default: now).
+    series_number
+        Series Number of the SR's own series.
+
+    Raises
+    ------
+    ValueError
+        Invalid sources (see :func:`sr_writer.sources.check_sources`).
+    """
+    by_uid = check_sources(sources, result)
+    ordered = library_order(sources, result)
+    anchor = str(ordered[0].SOPInstanceUID)
+    report = MeasurementReport(
+        observation_context=observation_context(result.engine),
+        procedure_reported=procedures(ordered),
+        imaging_measurements=_groups(_Ctx(by_uid, job_key, result.engine), result, anchor),
+        referenced_images=ordered,
+    )
+    report[0].ContentSequence.append(_qualitative_container(result))
+    when = created or datetime.datetime.now()
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[identity_dataset(ds) for ds in ordered],
+        content=report[0],
+        series_instance_uid=derive_uid(job_key, "sr-series"),
+        series_number=series_number,
+        sop_instance_uid=derive_uid(job_key, "sr-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        specific_character_set=SPECIFIC_CHARACTER_SET,
+        series_description=SERIES_DESCRIPTION,
+        content_date=when.date(),
+        content_time=when.time(),
+    )
+    sr.CodingSchemeIdentificationSequence = codes.coding_scheme_identification()
+    return sr
+
+
+def procedures(sources: Sequence[Dataset]) -> list[hd.sr.CodedConcept]:
+    """Procedure reported: CT (for CT sources) and image quality analysis."""
+    modalities = {str(ds.Modality) for ds in sources}
+    return ([codes.PROCEDURE_CT] if modalities == {"CT"} else []) + [codes.PROCEDURE_IQ]
