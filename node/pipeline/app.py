@@ -1,0 +1,74 @@
+"""The Celery application, built from :class:`~node.config.Settings`.
+
+Two declared queues: ``gpu`` (assessment; prefetch 1, long tasks) and ``io`` (SR build
+and delivery). Nothing else is created on the broker (``task_create_missing_queues``
+off); messages are acknowledged only after the task ran (``acks_late``) and go back to
+the queue when a worker process dies mid-task (``reject_on_worker_lost``).
+
+Without ``[broker] url`` the broker is a SQLite file in the node's home
+(``sqla+sqlite:///<home>/broker.sqlite3``, kombu's SQLAlchemy transport): nothing to
+install or start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Exchange, Queue
+
+from node.config import Settings
+
+APP_NAME = "qcnode"
+TASK_ASSESS = "qcnode.assess"
+TASK_REPORT = "qcnode.report"
+GPU = "gpu"
+IO = "io"
+EMBEDDED_POLL_SECONDS = 0.1
+
+
+def broker_url(settings: Settings) -> str:
+    """The configured broker, or the embedded SQLite-backed one in ``<home>``."""
+    if settings.broker.url:
+        return settings.broker.url
+    return f"sqla+sqlite:///{(settings.node.home / 'broker.sqlite3').resolve()}"
+
+
+def queue_name(settings: Settings, stage: str) -> str:
+    """The broker-side name of a stage's queue (``queue_prefix`` + ``gpu``/``io``)."""
+    return f"{settings.broker.queue_prefix}{stage}"
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings`` (tasks are registered by :mod:`node.pipeline.tasks`)."""
+    gpu, io = queue_name(settings, GPU), queue_name(settings, IO)
+    exchange = Exchange(f"{settings.broker.queue_prefix}qcnode", type="direct")  # type: ignore[no-untyped-call]
+    app = Celery(APP_NAME, broker=broker_url(settings), set_as_current=False)
+    transport: dict[str, Any] = {}
+    if broker_url(settings).startswith("sqla+"):
+        transport["polling_interval"] = EMBEDDED_POLL_SECONDS
+    app.conf.update(
+        task_queues=(
+            Queue(gpu, exchange, routing_key=gpu),  # type: ignore[no-untyped-call]
+            Queue(io, exchange, routing_key=io),  # type: ignore[no-untyped-call]
+        ),
+        task_default_queue=io,
+        task_default_exchange=exchange.name,
+        task_default_routing_key=io,
+        task_routes={TASK_ASSESS: {"queue": gpu, "routing_key": gpu},
+                     TASK_REPORT: {"queue": io, "routing_key": io}},
+        task_create_missing_queues=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=settings.broker.result_backend,
+        task_ignore_result=True,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app

@@ -1,0 +1,128 @@
+"""Dispatch from the ledger (runs in the listener's process; never imports torch).
+
+:class:`Dispatcher` turns a completed series into a job row and a ``gpu`` task: it
+prepares the slices (decode, select, window: CPU, on the host that has the spool) in a
+background thread, then enqueues by task name. The ledger is the source of truth: at
+start-up :meth:`Dispatcher.redispatch` re-sends every unfinished job, and
+``qcnode retry`` re-queues dead-lettered ones; tasks are idempotent, so a job sent
+twice still yields one SR.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pydicom
+import structlog
+from celery import Celery
+
+from inference.engine import engine_window
+from inference.prepare import prepare_series
+from inference.result import AssessmentResult
+from node.config import Settings
+from node.ledger import JobInfo, JobState, Ledger, SeriesState
+from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, create_app, queue_name
+from node.pipeline.payload import b64, encode_sources, engine_key
+from sr_writer.sources import referenced_uids
+
+log = structlog.get_logger(__name__)
+
+ACTIVE_SERIES = (SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.ASSESSING,
+                 SeriesState.REPORTING)
+FINISHED_JOBS = (JobState.DONE, JobState.SUPERSEDED, JobState.DEAD)
+REPORT_STAGES = (JobState.REPORTING, JobState.DELIVERING)
+
+
+class Dispatcher:
+    """Sends series to the workers; ``on_complete`` is the completion monitor's hook."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.app = app if app is not None else create_app(settings)
+        self.engine_key = engine_key(settings)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcnode-dispatch")
+
+    def close(self) -> None:
+        """Finish queued preparations and stop the thread."""
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def __enter__(self) -> Dispatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def on_complete(self, series_uid: str, trigger: str) -> None:
+        """Hook for the completion monitor: dispatch in the background, return at once."""
+        self.submit(series_uid)
+
+    def submit(self, series_uid: str) -> Future[None]:
+        """Prepare and enqueue ``series_uid`` in the dispatch thread."""
+        return self._pool.submit(self._dispatch_logged, series_uid)
+
+    def _dispatch_logged(self, series_uid: str) -> None:
+        try:
+            self.dispatch(series_uid)
+        except Exception as exc:  # noqa: BLE001 - recorded; the ledger keeps the series
+            log.error("dispatch_failed", series_uid=series_uid, error=str(exc))
+            for job in self.ledger.jobs_of_series(series_uid):
+                if job.state not in FINISHED_JOBS:
+                    self.ledger.dead_letter_job(job.id, f"dispatch: {exc}")
+
+    def dispatch(self, series_uid: str) -> JobInfo | None:
+        """Create (or find) the series' current job and send it to its next stage."""
+        info = self.ledger.series_info(series_uid)
+        if info.action != "assess" or info.state not in ACTIVE_SERIES:
+            return None
+        job = self.ledger.create_job(series_uid, info.generation, self.engine_key)
+        self.ledger.supersede_older_jobs(series_uid, info.generation)
+        if job.state in FINISHED_JOBS:
+            return job
+        paths = [self.settings.spool_dir / p for p in self.ledger.instance_relpaths(series_uid)]
+        if job.state in REPORT_STAGES and job.result_json:
+            self._send_report(job, paths)
+            return job
+        window = engine_window(self.settings.engine.name, model=self.settings.engine.model,
+                               adapter=self.settings.engine.adapter)
+        prepared = prepare_series(paths, k=self.settings.engine.slices, window=window)
+        sources = encode_sources(_by_uid(paths), [s.sop_instance_uid for s in prepared.slices])
+        if info.state == SeriesState.COMPLETE:
+            self.ledger.set_series_state(series_uid, SeriesState.QUEUED,
+                                         generation=info.generation)
+        sent = self.app.send_task(TASK_ASSESS, args=[job.id, b64(prepared.to_bytes()), sources])
+        log.info("job_queued", series_uid=series_uid, job_id=job.id, task_id=sent.id)
+        return self.ledger.move_job(job.id, JobState.PENDING if job.state == JobState.PENDING
+                                    else job.state, task_id=sent.id)
+
+    def _send_report(self, job: JobInfo, paths: list[Path]) -> None:
+        result = AssessmentResult.from_json(job.result_json or "")
+        sources = encode_sources(_by_uid(paths), referenced_uids(result))
+        self.app.send_task(TASK_REPORT, args=[job.id, sources],
+                           queue=queue_name(self.settings, IO))
+        log.info("report_requeued", series_uid=job.series_instance_uid, job_id=job.id)
+
+    def redispatch(self) -> int:
+        """After a (re)start: send every unfinished job again. Returns how many."""
+        count = 0
+        for info in self.ledger.list_series(states=ACTIVE_SERIES):
+            if info.action == "assess":
+                self.submit(info.series_instance_uid)
+                count += 1
+        return count
+
+    def retry(self, series_uid: str | None = None) -> list[JobInfo]:
+        """Re-queue dead-lettered jobs (one series, or all) and dispatch them."""
+        jobs = self.ledger.requeue(series_uid)
+        for job in jobs:
+            self.submit(job.series_instance_uid).result()
+        return jobs
+
+
+def _by_uid(paths: list[Path]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        found[str(ds.SOPInstanceUID)] = path
+    return found

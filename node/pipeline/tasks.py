@@ -1,0 +1,210 @@
+"""The worker side: ``qcnode.assess`` (queue ``gpu``) and ``qcnode.report`` (queue ``io``).
+
+Tasks take a ledger job ID plus everything they need in the message (prepared slices,
+source headers), so workers need no shared disk. Both are idempotent: they look at the
+job's state first, a redelivered ``assess`` whose result is recorded goes straight to
+reporting, and a redelivered ``report`` sends the same SR again (UIDs derive from the
+job key; the PACS keeps one instance).
+
+One retry policy (:func:`backoff`): jittered exponential backoff from
+``[delivery]``, named non-retryable errors, dead-letter state in the ledger after
+``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from functools import lru_cache
+
+import structlog
+from celery import Celery, Task
+from pydicom import Dataset
+
+from inference.engine import Engine, EngineError, create_engine
+from inference.prepare import PreparedSeries
+from inference.result import AssessmentResult
+from node.config import DeliverySettings, Settings
+from node.ledger import ConfirmedBy, DeliveryState, JobInfo, JobState, Ledger, SeriesState
+from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
+from node.pipeline.payload import decode_sources, job_key, unb64
+from node.scu import DeliveryError, deliver
+from sr_writer.tid1500 import build_sr
+from sr_writer.uids import derive_uid
+
+log = structlog.get_logger(__name__)
+
+#: Errors that retrying cannot fix: bad input, a missing model, a permanent refusal.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (ValueError, EngineError, KeyError)
+SKIP_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.DEAD)
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def backoff(attempt: int, policy: DeliverySettings) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential, capped, full jitter in [½, 1]."""
+    base = min(policy.backoff_max_seconds,
+               policy.backoff_initial_seconds * 2 ** max(0, attempt - 1))
+    return float(base * random.uniform(0.5, 1.0))
+
+
+@lru_cache(maxsize=4)
+def _ledger(url: str, pid: int) -> Ledger:
+    """One ledger connection pool per worker process (``pid`` keys it across forks)."""
+    return Ledger(url)
+
+
+@lru_cache(maxsize=2)
+def _engine(name: str, model: str | None, adapter: str | None, device: str) -> Engine:
+    """The engine, built once per worker process on first use (the model loads lazily)."""
+    from pathlib import Path
+
+    return create_engine(name, model=Path(model) if model else None,
+                         adapter=Path(adapter) if adapter else None, device=device)
+
+
+def ledger_for(settings: Settings) -> Ledger:
+    """This process's ledger."""
+    return _ledger(settings.ledger_url, os.getpid())
+
+
+def engine_for(settings: Settings) -> Engine:
+    """This process's engine."""
+    cfg = settings.engine
+    return _engine(cfg.name, str(cfg.model) if cfg.model else None,
+                   str(cfg.adapter) if cfg.adapter else None, cfg.device)
+
+
+def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
+           sources: list[str]) -> None:
+    """Assess one prepared series; record the result; enqueue the report."""
+    ledger = ledger_for(settings)
+    job = ledger.get_job(job_id)
+    structlog.contextvars.bind_contextvars(series_uid=job.series_instance_uid, job_id=job_id)
+    if job.state in SKIP_STATES:
+        return
+    if job.state not in (JobState.REPORTING, JobState.DELIVERING) or not job.result_json:
+        job = ledger.move_job(job_id, JobState.ASSESSING, count_attempt=True)
+        ledger.set_series_state(job.series_instance_uid, SeriesState.ASSESSING,
+                                generation=job.generation)
+        try:
+            result = engine_for(settings).assess(PreparedSeries.from_bytes(unb64(prepared_b64)))
+        except NON_RETRYABLE as exc:
+            ledger.dead_letter_job(job_id, f"assessment: {exc}")
+            return
+        except Exception as exc:
+            _retry_or_dead(task, settings, ledger, job, f"assessment: {exc}")
+            raise
+        job = ledger.move_job(job_id, JobState.REPORTING, result_json=result.to_json())
+        ledger.set_series_state(job.series_instance_uid, SeriesState.REPORTING,
+                                generation=job.generation)
+        log.info("assessed", score=result.score)
+    task.app.send_task(TASK_REPORT, args=[job_id, sources], queue=queue_name(settings, IO))
+
+
+def _retry_or_dead(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
+                   error: str) -> None:
+    if job.attempts >= settings.delivery.max_attempts:
+        ledger.dead_letter_job(job.id, error)
+        return
+    ledger.move_job(job.id, JobState.FAILED, error=error)
+    raise task.retry(countdown=backoff(job.attempts, settings.delivery), max_retries=None)
+
+
+def _predecessor(ledger: Ledger, job: JobInfo) -> Dataset | None:
+    """A reference to the SR of an earlier generation, which this one supersedes."""
+    earlier = ledger.previous_sr_uid(job.series_instance_uid, job.generation)
+    if earlier is None:
+        return None
+    for old in ledger.jobs_of_series(job.series_instance_uid):
+        if old.sr_uid == earlier:
+            ds = Dataset()
+            ds.SOPClassUID = COMPREHENSIVE_3D_SR
+            ds.SOPInstanceUID = earlier
+            ds.SeriesInstanceUID = derive_uid(
+                job_key(old.series_instance_uid, old.generation, old.engine_key), "sr-series")
+            return ds
+    return None
+
+
+def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str]) -> None:
+    """Build the job's SR and deliver it to every destination of the series' rule."""
+    ledger = ledger_for(settings)
+    job = ledger.get_job(job_id)
+    structlog.contextvars.bind_contextvars(series_uid=job.series_instance_uid, job_id=job_id)
+    if job.state in SKIP_STATES or not job.result_json:
+        return
+    series = ledger.series_info(job.series_instance_uid)
+    if series.generation != job.generation:
+        ledger.move_job(job_id, JobState.SUPERSEDED)
+        return
+    result = AssessmentResult.from_json(job.result_json)
+    key = job_key(job.series_instance_uid, job.generation, job.engine_key)
+    predecessor = _predecessor(ledger, job)
+    sources = decode_sources(sources_b64)
+    pred_study = sources[0].StudyInstanceUID if sources else None
+    if predecessor is not None and pred_study is not None:
+        predecessor.StudyInstanceUID = pred_study
+    try:
+        sr = build_sr(sources, result, job_key=key, predecessor=predecessor)
+    except ValueError as exc:
+        ledger.dead_letter_job(job_id, f"SR: {exc}")
+        return
+    job = ledger.move_job(job_id, JobState.DELIVERING, sr_uid=str(sr.SOPInstanceUID),
+                          superseded_sr_uid=str(predecessor.SOPInstanceUID)
+                          if predecessor is not None else None)
+    rule = settings.rule_for(series.modality, "", series.description)
+    named = next((r for r in settings.rules if r.name == series.rule), rule)
+    destinations = settings.destinations_for(named) if named is not None else ()
+    for dest in destinations:
+        if not _deliver_one(task, settings, ledger, job, dest.name, sr):
+            return
+    ledger.move_job(job_id, JobState.DONE)
+    ledger.set_series_state(job.series_instance_uid, SeriesState.DELIVERED,
+                            generation=job.generation)
+    ledger.add_series_event(job.series_instance_uid, "sr_sent", job_id=job_id,
+                            sr_uid=str(sr.SOPInstanceUID))
+    log.info("delivered", sr_uid=str(sr.SOPInstanceUID), destinations=len(destinations))
+
+
+def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
+                 name: str, sr: Dataset) -> bool:
+    """Deliver to one destination; False when the job was dead-lettered."""
+    delivery = ledger.create_delivery(job.id, name)
+    if delivery.state == DeliveryState.CONFIRMED:
+        return True
+    if delivery.state == DeliveryState.DEAD:
+        return False
+    try:
+        receipt = deliver([sr], settings.destination(name), node_ae=settings.node.ae_title,
+                          bind_host=settings.node.host)
+    except DeliveryError as exc:
+        attempts = delivery.attempts + 1
+        error = f"{name}: {exc.failure}"
+        log.warning("delivery_failed", destination=name, error=error, attempt=attempts,
+                    transient=exc.transient)
+        if exc.transient and attempts < settings.delivery.max_attempts:
+            ledger.move_delivery(delivery.id, DeliveryState.FAILED, error=error,
+                                 count_attempt=True)
+            ledger.move_job(job.id, JobState.DELIVERING, error=error)
+            raise task.retry(countdown=backoff(attempts, settings.delivery),
+                             max_retries=None) from exc
+        ledger.move_delivery(delivery.id, DeliveryState.DEAD, error=error, count_attempt=True)
+        ledger.dead_letter_job(job.id, error)
+        return False
+    ledger.move_delivery(delivery.id, DeliveryState.SENT, count_attempt=True)
+    ledger.move_delivery(delivery.id, DeliveryState.CONFIRMED,
+                         confirmed_by=ConfirmedBy(receipt.confirmation))
+    return True
+
+
+def register(app: Celery, settings: Settings) -> None:
+    """Register the tasks on ``app``, bound to ``settings``."""
+
+    @app.task(name=TASK_ASSESS, bind=True)  # type: ignore[untyped-decorator]
+    def _assess(self: Task, job_id: int, prepared_b64: str, sources: list[str]) -> None:
+        assess(self, settings, job_id, prepared_b64, sources)
+
+    @app.task(name=TASK_REPORT, bind=True)  # type: ignore[untyped-decorator]
+    def _report(self: Task, job_id: int, sources: list[str]) -> None:
+        report(self, settings, job_id, sources)
+

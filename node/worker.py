@@ -1,0 +1,42 @@
+"""``qcnode worker --queues gpu|io|gpu,io``: a Celery worker for pipeline stages.
+
+Runs on any host that reaches the broker and the ledger (PostgreSQL in a multi-host
+site); it needs no spool. ``gpu`` runs with prefetch 1 (one long task at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from node.pipeline.app import GPU, IO, create_app, queue_name
+
+EXIT_USAGE = 2
+
+
+def main(args: argparse.Namespace) -> int:
+    """Start a worker consuming ``args.queues``; returns when it stops."""
+    from node.config import ConfigError, load_settings
+    from node.logs import configure_logging
+    from node.pipeline.tasks import register
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    stages = [q.strip() for q in str(args.queues).split(",") if q.strip()]
+    unknown = [q for q in stages if q not in (GPU, IO)]
+    if not stages or unknown:
+        print(f"--queues takes gpu, io or gpu,io (not {args.queues!r})", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.logging.level, settings.logging.json_output)
+    app = create_app(settings)
+    register(app, settings)
+    queues = ",".join(queue_name(settings, q) for q in stages)
+    argv = ["worker", "--queues", queues, "--concurrency", str(args.concurrency),
+            "--pool", "prefork", "--prefetch-multiplier", "1", "--without-gossip",
+            "--without-mingle", "--without-heartbeat", "--loglevel",
+            settings.logging.level, "--hostname", f"qcnode-{'-'.join(stages)}@%h"]
+    app.worker_main(argv)
+    return 0
