@@ -19,6 +19,9 @@ os.environ.setdefault("TCP_NODELAY", "1")
 
 DCMTK_BIN = Path("/usr/bin")
 
+# Ledger database fixtures (`ledger_url` on SQLite and PostgreSQL, `pg_schema_url`).
+pytest_plugins = ["tests.support.ledger_db"]
+
 
 @pytest.fixture(scope="session")
 def dcmtk() -> Path:

@@ -1,0 +1,138 @@
+"""``qcnode status [--json]``: what the ledger knows, for admins and scripts.
+
+Series (Series Instance UID, state, instance count, closing trigger), counts by state,
+the oldest series still waiting in a non-final state, and failed or dead-lettered jobs
+and deliveries with their last error. ``--json`` prints one JSON object (keys below)
+for scripts; without it, a short text summary. Output holds UIDs only, no patient data.
+
+JSON keys: ``counts`` {state: n}, ``oldest_waiting`` (object or null), ``series``
+[objects, most recently changed first, at most ``--limit``], ``failures`` [objects].
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from node.config import ConfigError, Settings, load_settings
+from node.ledger import FailureInfo, Ledger, SeriesInfo, SeriesState
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+DEFAULT_LIMIT = 200
+#: States in which a series still waits for the node to do something.
+WAITING_STATES = (
+    SeriesState.RECEIVING, SeriesState.COMPLETE, SeriesState.QUEUED,
+    SeriesState.ASSESSING, SeriesState.REPORTING,
+)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def series_entry(info: SeriesInfo) -> dict[str, Any]:
+    """One series as a JSON-ready dict."""
+    return {
+        "series_instance_uid": info.series_instance_uid,
+        "study_instance_uid": info.study_instance_uid,
+        "modality": info.modality,
+        "rule": info.rule,
+        "state": info.state.value,
+        "instance_count": info.instance_count,
+        "trigger": info.close_trigger,
+        "generation": info.generation,
+        "reopen_count": info.reopen_count,
+        "first_instance_at": _iso(info.first_instance_at),
+        "last_instance_at": _iso(info.last_instance_at),
+        "closed_at": _iso(info.closed_at),
+        "state_changed_at": _iso(info.state_changed_at),
+        "last_error": info.last_error,
+    }
+
+
+def failure_entry(failure: FailureInfo) -> dict[str, Any]:
+    """One failed job or delivery as a JSON-ready dict."""
+    entry = asdict(failure)
+    entry["updated_at"] = _iso(failure.updated_at)
+    return entry
+
+
+def oldest_waiting(ledger: Ledger, now: dt.datetime) -> dict[str, Any] | None:
+    """The series that has been in a waiting state the longest, or None."""
+    waiting = ledger.list_series(states=WAITING_STATES)
+    if not waiting:
+        return None
+    oldest = min(waiting, key=lambda s: s.state_changed_at)
+    return {
+        "series_instance_uid": oldest.series_instance_uid,
+        "state": oldest.state.value,
+        "since": _iso(oldest.state_changed_at),
+        "waiting_seconds": round((now - oldest.state_changed_at).total_seconds(), 1),
+    }
+
+
+def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
+    """Everything ``qcnode status`` shows, as a JSON-ready dict."""
+    now = dt.datetime.now(dt.UTC)
+    return {
+        "generated_at": _iso(now),
+        "counts": {state.value: n for state, n in ledger.series_counts().items()},
+        "oldest_waiting": oldest_waiting(ledger, now),
+        "series": [series_entry(s) for s in ledger.list_series(limit=limit)],
+        "failures": [failure_entry(f) for f in ledger.list_failed()],
+    }
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report as a few lines for a terminal."""
+    counts = ", ".join(f"{state} {n}" for state, n in report["counts"].items() if n)
+    lines = [f"series by state: {counts or 'none'}"]
+    oldest = report["oldest_waiting"]
+    if oldest is not None:
+        lines.append(
+            f"oldest waiting: {oldest['series_instance_uid']} {oldest['state']} "
+            f"for {oldest['waiting_seconds']:.0f} s"
+        )
+    if report["series"]:
+        lines.append(f"{'SERIES INSTANCE UID':<64}  {'STATE':<10} {'IMAGES':>6}  TRIGGER")
+        for s in report["series"]:
+            lines.append(
+                f"{s['series_instance_uid']:<64}  {s['state']:<10} "
+                f"{s['instance_count']:>6}  {s['trigger'] or '-'}"
+            )
+    lines.append(f"failures: {len(report['failures'])}")
+    for f in report["failures"]:
+        where = f"→ {f['destination']}" if f["destination"] else "(assessment)"
+        lines.append(
+            f"  {f['series_instance_uid']} job {f['job_id']} {where} {f['state']} "
+            f"after {f['attempts']} attempt(s): {f['last_error'] or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def _settings(args: argparse.Namespace) -> Settings | None:
+    try:
+        return load_settings(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return None
+
+
+def main(args: argparse.Namespace) -> int:
+    """``qcnode status [--json] [--limit N]``."""
+    settings = _settings(args)
+    if settings is None:
+        return EXIT_FAILURE
+    limit = getattr(args, "limit", None) or DEFAULT_LIMIT
+    with Ledger.open(settings.ledger_url) as ledger:
+        report = build_report(ledger, limit=limit)
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_text(report))
+    return EXIT_OK
