@@ -1,0 +1,31 @@
+"""The MedGemma VLM engine (torch, transformers, peft, bitsandbytes).
+
+Modules: :mod:`~inference.vlm.loading` (local directories, 4-bit, adapter),
+:mod:`~inference.vlm.prompting` (card → prompt and inputs, shared with training),
+:mod:`~inference.vlm.readout` (score probabilities, generation),
+:mod:`~inference.vlm.parsing` and :mod:`~inference.vlm.findings` (torch-free text
+handling), :mod:`~inference.vlm.engine` (:class:`VlmEngine`).
+
+Attributes are imported lazily so that ``inference.vlm.parsing`` and
+``inference.vlm.findings`` can be used without importing torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "VlmEngine": "inference.vlm.engine",
+    "LoadedModel": "inference.vlm.engine",
+    "ModelDirectoryError": "inference.vlm.loading",
+    "PromptError": "inference.vlm.prompting",
+}
+
+__all__ = ["LoadedModel", "ModelDirectoryError", "PromptError", "VlmEngine"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

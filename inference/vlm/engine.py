@@ -1,0 +1,235 @@
+"""``VlmEngine``: MedGemma + QLoRA as an :class:`inference.engine.Engine`.
+
+Per series: one batched forward pass reads the score distribution of every selected
+slice (:mod:`inference.vlm.readout`); the series score is the mean of the slices'
+expected scores and its uncertainty the standard deviation of the mixture of their
+distributions. Only the slices that decide the series score (by default the worst and
+the median, from the card) get a generated explanation; its written score is parsed and
+compared with the read-out, and its statements are mapped to coded findings.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from inference.card import ModelCard
+from inference.prepare import PreparedSeries, PreparedSlice
+from inference.result import AssessmentResult, EngineInfo, Finding, SliceScore
+from inference.vlm.findings import extract_findings, merge_findings
+from inference.vlm.loading import (
+    compute_dtype,
+    load_model,
+    load_processor,
+    pick_device,
+    resolve_source,
+    weights_revision,
+)
+from inference.vlm.parsing import parse_answer
+from inference.vlm.prompting import ScoreTokens, score_tokens, to_image
+from inference.vlm.readout import SliceReadout, generate_answers, read_scores
+
+ENGINE_NAME = "vlm"
+#: Bump when the read-out, aggregation or parsing changes what a result means.
+ENGINE_VERSION = "1.0"
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model, its processor, and what the read-out needs, loaded once."""
+
+    model: Any
+    processor: Any
+    tokens: ScoreTokens
+    device: str
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _Explained:
+    index: int
+    role: str
+    text: str
+
+
+class VlmEngine:
+    """The MedGemma VLM engine; weights from local directories only.
+
+    Parameters
+    ----------
+    model_dir
+        A local base model directory (MedGemma-4B-IT snapshot) or a merged model.
+    adapter_dir
+        A PEFT LoRA adapter directory (with ``qcnode_card.json``), or None.
+    device
+        ``"auto"`` (GPU if visible), ``"cuda"``, ``"cuda:1"`` or ``"cpu"``.
+    quantize
+        Load the base 4-bit NF4 (default); false loads it in the compute dtype.
+
+    The directories and the card are checked at construction (a hub id or a missing
+    directory raises :class:`~inference.vlm.loading.ModelDirectoryError`); the model
+    itself loads on first use, once per engine (keep one engine per process).
+    """
+
+    def __init__(
+        self, model_dir: Path | str, adapter_dir: Path | str | None = None,
+        device: str = "auto", *, quantize: bool = True,
+    ) -> None:
+        self._source = resolve_source(model_dir, adapter_dir)
+        self._device = device
+        self._quantize = quantize
+
+    @property
+    def card(self) -> ModelCard:
+        """The model card in force (beside the adapter, in the merged model, or default)."""
+        return self._source.card
+
+    @cached_property
+    def info(self) -> EngineInfo:
+        """Engine identity; revisions from the card, else from the weight files."""
+        source, card = self._source, self._source.card
+        merged = source.adapter_dir is None and card.adapter_revision is not None
+        model_rev = card.base_model_revision if not merged else None
+        adapter_rev = card.adapter_revision
+        if source.adapter_dir is not None and adapter_rev is None:
+            adapter_rev = weights_revision(source.adapter_dir)
+        return EngineInfo(
+            name=ENGINE_NAME, version=ENGINE_VERSION,
+            model_revision=model_rev or weights_revision(source.model_dir),
+            adapter_revision=adapter_rev,
+        )
+
+    @cached_property
+    def loaded(self) -> LoadedModel:
+        """The model and processor, loaded on first use."""
+        device = pick_device(self._device)
+        processor = load_processor(self._source)
+        model = load_model(self._source, device, quantize=self._quantize)
+        tokens = score_tokens(processor.tokenizer, self.card)
+        return LoadedModel(model, processor, tokens, device, compute_dtype(device))
+
+    # Engine protocol -------------------------------------------------------------
+    def assess(self, series: PreparedSeries) -> AssessmentResult:
+        """Score every prepared slice, explain the deciding ones, map findings."""
+        if not series.slices:
+            raise ValueError(f"series {series.series_instance_uid} has no prepared slices")
+        readouts = self.read_slices(series.slices)
+        explained = self._explain(series.slices, readouts)
+        return self._result(series, readouts, explained)
+
+    def read_slices(self, slices: tuple[PreparedSlice, ...]) -> list[SliceReadout]:
+        """The score distribution of each slice (one batched forward pass)."""
+        lm = self.loaded
+        images = [to_image(s.rgb) for s in slices]
+        return read_scores(
+            lm.model, lm.processor, self.card, lm.tokens, images,
+            dtype=lm.dtype, device=lm.device,
+        )
+
+    def generate(self, slices: tuple[PreparedSlice, ...]) -> list[str]:
+        """Full generated answers for ``slices`` (batched)."""
+        lm = self.loaded
+        images = [to_image(s.rgb) for s in slices]
+        return generate_answers(
+            lm.model, lm.processor, self.card, images, dtype=lm.dtype, device=lm.device
+        )
+
+    # Internals -------------------------------------------------------------------
+    def _explain(
+        self, slices: tuple[PreparedSlice, ...], readouts: list[SliceReadout]
+    ) -> list[_Explained]:
+        picks = deciding_slices([r.expected for r in readouts], self.card.explain_slices)
+        texts = self.generate(tuple(slices[i] for i, _ in picks))
+        return [_Explained(i, role, t) for (i, role), t in zip(picks, texts, strict=True)]
+
+    def _result(
+        self, series: PreparedSeries, readouts: list[SliceReadout], explained: list[_Explained]
+    ) -> AssessmentResult:
+        score, spread = aggregate(readouts)
+        notes: list[str] = []
+        if not self._source.card_found:
+            notes.append("no qcnode_card.json found; the default CT-IQA card was used")
+        if series.window != self.card.window:
+            notes.append(
+                f"slices were windowed with {series.window}, the model card expects "
+                f"{self.card.window}"
+            )
+        paragraphs: list[str] = []
+        finding_groups: list[tuple[Finding, ...]] = []
+        for item in explained:
+            sl, ro = series.slices[item.index], readouts[item.index]
+            parsed = parse_answer(item.text, self.card.reasoning_prefix)
+            notes.extend(_disagreement(item.role, ro, parsed.score, parsed.problem, self.card))
+            if parsed.reasoning:
+                paragraphs.append(
+                    f"{item.role.capitalize()} slice (z {sl.z:.1f} mm, read-out score "
+                    f"{ro.expected:.2f}): {parsed.reasoning}"
+                )
+                finding_groups.append(extract_findings(parsed.reasoning, sl.sop_instance_uid))
+        explanation = "\n\n".join(paragraphs) or (
+            f"Score {score:.2f} ± {spread:.2f} read from the model's score probabilities over "
+            f"{len(readouts)} slices; the model generated no explanation."
+        )
+        slice_scores = tuple(
+            SliceScore(s.sop_instance_uid, _clamp(r.expected), r.std, frame=s.frame)
+            for s, r in zip(series.slices, readouts, strict=True)
+        )
+        log.info(
+            "vlm_assessed", series_uid=series.series_instance_uid, slices=len(readouts),
+            explained=len(explained), score=round(score, 3),
+        )
+        return AssessmentResult(
+            study_instance_uid=series.study_instance_uid,
+            series_instance_uid=series.series_instance_uid,
+            score=_clamp(score), uncertainty=spread, explanation=explanation,
+            engine=self.info, slices=slice_scores,
+            findings=merge_findings(finding_groups), notes=tuple(notes),
+        )
+
+
+def deciding_slices(scores: list[float], roles: tuple[str, ...]) -> list[tuple[int, str]]:
+    """Indices of the slices to explain: worst (lowest), median, best; no duplicates."""
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    where = {"worst": order[0], "median": order[(len(order) - 1) // 2], "best": order[-1]}
+    picks: list[tuple[int, str]] = []
+    for role in roles:
+        index = where[role]
+        if all(index != i for i, _ in picks):
+            picks.append((index, role))
+    return picks
+
+
+def aggregate(readouts: list[SliceReadout]) -> tuple[float, float]:
+    """Series score (mean of expected slice scores) and the mixture's standard deviation."""
+    means = [r.expected for r in readouts]
+    mean = statistics.fmean(means)
+    var = statistics.fmean(r.std**2 + (m - mean) ** 2 for r, m in zip(readouts, means, strict=True))
+    return mean, math.sqrt(max(var, 0.0))
+
+
+def _disagreement(
+    role: str, readout: SliceReadout, written: float | None, problem: str | None,
+    card: ModelCard,
+) -> list[str]:
+    if written is None:
+        return [f"{role} slice: {problem}; the read-out score {readout.expected:.2f} is used"]
+    gap = abs(written - readout.expected)
+    if gap > card.disagreement_threshold:
+        return [
+            f"{role} slice: generated text says score {written:g}, the score read-out gives "
+            f"{readout.expected:.2f} (difference {gap:.2f} > {card.disagreement_threshold:g})"
+        ]
+    return []
+
+
+def _clamp(value: float) -> float:
+    return min(4.0, max(0.0, float(value)))

@@ -1,0 +1,146 @@
+"""Prompts and model inputs from the model card, shared by inference and training.
+
+The user turn is the card's prompt text and one image, in the card's order, rendered
+with the processor's own chat template (Gemma 3: ``<start_of_turn>user`` … the image
+becomes ``<start_of_image>`` and is expanded by the processor to the image tokens).
+
+Training must build its inputs with :func:`encode_batch` and :func:`answer_token_ids`
+too: prompt and answer are tokenized separately and concatenated, exactly as the score
+read-out teacher-forces the answer prefix, so the score position means the same thing
+in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from PIL import Image
+
+from inference.card import ModelCard
+
+
+class PromptError(ValueError):
+    """The card and the tokenizer do not fit together (e.g. a score is not one token)."""
+
+
+@dataclass(frozen=True)
+class ScoreTokens:
+    """Token ids for reading the score: the teacher-forced prefix and one id per score."""
+
+    prefix_ids: tuple[int, ...]
+    digit_ids: tuple[int, ...]
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        """The score each digit stands for (0, 1, 2, …)."""
+        return tuple(float(i) for i in range(len(self.digit_ids)))
+
+
+def messages(card: ModelCard, answer: str | None = None) -> list[dict[str, Any]]:
+    """Chat messages: one user turn (text and image in the card's order), optional answer."""
+    text = {"type": "text", "text": card.prompt}
+    image = {"type": "image"}
+    content = [image, text] if card.image_first else [text, image]
+    turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
+    if answer is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return turns
+
+
+def prompt_text(processor: Any, card: ModelCard) -> str:
+    """The prompt up to and including the start of the model's turn."""
+    text = processor.apply_chat_template(
+        messages(card), add_generation_prompt=True, tokenize=False
+    )
+    return str(text)
+
+
+def score_tokens(tokenizer: Any, card: ModelCard) -> ScoreTokens:
+    """Find the prefix ids and the single next token of each score string.
+
+    ``answer_prefix + s`` is tokenized for every score string ``s``; the longest common
+    prefix is what gets teacher-forced and each must add exactly one token, whatever
+    the tokenizer does with the space before the digit.
+    """
+    encoded = [
+        list(tokenizer(card.answer_prefix + s, add_special_tokens=False)["input_ids"])
+        for s in card.score_tokens
+    ]
+    common = _common_prefix(encoded)
+    if not common:
+        raise PromptError(f"answer prefix {card.answer_prefix!r} tokenizes to nothing")
+    tails = [ids[len(common):] for ids in encoded]
+    bad = [s for s, tail in zip(card.score_tokens, tails, strict=True) if len(tail) != 1]
+    if bad:
+        raise PromptError(
+            f"score strings {bad} are not single tokens after {card.answer_prefix!r}; "
+            "the score read-out needs one token per score"
+        )
+    return ScoreTokens(tuple(common), tuple(tail[0] for tail in tails))
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    out: list[int] = []
+    for column in zip(*seqs, strict=False):
+        if len(set(column)) != 1:
+            break
+        out.append(column[0])
+    if any(len(s) == len(out) for s in seqs):
+        out = out[:-1]  # every sequence must keep one token after the prefix
+    return out
+
+
+def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:
+    """Token ids of an answer, tokenized on its own (as training concatenates them)."""
+    return list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
+def to_image(rgb: NDArray[np.uint8]) -> Image.Image:
+    """A PIL RGB image from an H×W×3 uint8 array (a windowed CT slice)."""
+    array = np.asarray(rgb)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an H×W×3 uint8 image, got {array.dtype} {array.shape}")
+    return Image.fromarray(array, mode="RGB")
+
+
+def encode_batch(
+    processor: Any,
+    card: ModelCard,
+    images: Sequence[Image.Image],
+    *,
+    suffix_ids: Sequence[int] = (),
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Model inputs for one prompt per image, left-padded, with ``suffix_ids`` appended.
+
+    The suffix (e.g. the answer prefix ``Score: ``) is appended after the chat template's
+    model-turn start to every row, so the last position of every row is the same place
+    in the answer. Pixel values are cast to ``dtype`` (the compute dtype).
+    """
+    if not images:
+        raise ValueError("no images to encode")
+    text = prompt_text(processor, card)
+    batch = processor(
+        text=[text] * len(images), images=[[im] for im in images],
+        return_tensors="pt", padding=True,
+    )
+    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if suffix_ids:
+        rows = len(images)
+        suffix = torch.tensor(list(suffix_ids), dtype=inputs["input_ids"].dtype).repeat(rows, 1)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], suffix], dim=1)
+        inputs["attention_mask"] = torch.cat(
+            [inputs["attention_mask"], torch.ones_like(suffix)], dim=1
+        )
+        if "token_type_ids" in inputs:
+            inputs["token_type_ids"] = torch.cat(
+                [inputs["token_type_ids"], torch.zeros_like(suffix)], dim=1
+            )
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return {k: v.to(device) for k, v in inputs.items()}
