@@ -15,7 +15,14 @@ from typing import Final
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from inference.result import AssessmentResult, Finding, Measurement, Region
+from inference.result import (
+    SCORE_MAX,
+    SCORE_MIN,
+    AssessmentResult,
+    Finding,
+    Measurement,
+    Region,
+)
 
 #: Attributes every source must have.
 REQUIRED: Final = (
@@ -57,6 +64,7 @@ def check_sources(sources: Sequence[Dataset], result: AssessmentResult) -> dict[
         from several studies or another study than the result's; a slice, finding,
         measurement or region that names an instance not among the sources.
     """
+    _check_scores(result)
     if not sources:
         raise ValueError("at least one source image dataset is needed")
     by_uid: dict[str, Dataset] = {}
@@ -85,6 +93,13 @@ def check_sources(sources: Sequence[Dataset], result: AssessmentResult) -> dict[
         if uid not in by_uid:
             raise ValueError(f"result references instance {uid}, which is not a source")
     return by_uid
+
+
+def _check_scores(result: AssessmentResult) -> None:
+    """Scores inside the scale (the dataclass checks too; a bypassed check stops here)."""
+    for score in (result.score, *(s.score for s in result.slices)):
+        if not SCORE_MIN <= score <= SCORE_MAX:
+            raise ValueError(f"score {score} is outside the 0–4 quality scale")
 
 
 def referenced_uids(result: AssessmentResult) -> list[str]:

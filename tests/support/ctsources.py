@@ -55,6 +55,7 @@ def ct_series(
         if accession is None:
             del ds.AccessionNumber
         ds.Modality = "CT"
+        ds.BodyPartExamined = "ABDOMEN"
         ds.Manufacturer = "ACME"
         ds.ReferringPhysicianName = ""
         ds.PatientName = patient_name
