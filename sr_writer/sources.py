@@ -89,10 +89,25 @@ def check_sources(sources: Sequence[Dataset], result: AssessmentResult) -> dict[
             f"sources belong to series {sorted(series)}, the result to "
             f"{result.series_instance_uid}"
         )
+    _check_region_owners(result)
     for uid in referenced_uids(result):
         if uid not in by_uid:
             raise ValueError(f"result references instance {uid}, which is not a source")
     return by_uid
+
+
+def _check_region_owners(result: AssessmentResult) -> None:
+    """A region must lie on the instance its slice, finding or measurement names."""
+    owners: list[tuple[str | None, Region | None]] = [
+        (s.sop_instance_uid, s.region) for s in result.slices
+    ]
+    owners += [(f.sop_instance_uid, f.region) for f in result.findings]
+    owners += [(m.sop_instance_uid, m.region) for m in result.evidence]
+    for uid, region in owners:
+        if region is not None and uid != region.sop_instance_uid:
+            raise ValueError(
+                f"region on {region.sop_instance_uid} belongs to an item naming {uid}"
+            )
 
 
 def _check_scores(result: AssessmentResult) -> None:

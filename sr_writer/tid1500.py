@@ -8,8 +8,10 @@ Content tree (PS3.16 TID 1500, built with highdicom's template classes):
   (OHIF v3 needs one in every group):
 
   * ``qcnode series quality`` on the worst slice: NUM DCM 111029 "Image Quality Rating"
-    (UCUM ``{score}``) with its uncertainty (TID 310) and TID 4019 algorithm
-    identification, the score in words (DCM 111101 "Image Quality");
+    (UCUM ``{score}``) with its uncertainty (TID 310), the score in words (DCM 111101
+    "Image Quality") and the TID 4019 algorithm identification (engine name, version,
+    model and adapter revision as parameters) — once, on this group, to keep the
+    document small and the build fast;
   * ``qcnode slice N``: each assessed slice's score on its region;
   * ``qcnode finding N``: a coded finding (kind → severity) on its region;
   * ``qcnode evidence N``: a measured value with its UCUM unit on its region.

@@ -7,6 +7,7 @@ Scheme UID. Anything else fails.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import time
@@ -17,7 +18,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from inference.result import AssessmentResult, EngineInfo, Finding, FindingKind, Severity
+from inference.result import (
+    AssessmentResult,
+    EngineInfo,
+    Finding,
+    FindingKind,
+    Region,
+    Severity,
+)
 from sr_writer import build_sr, parse_sr
 from sr_writer.sources import DEID_UNKNOWN
 from tests.support.ctsources import FIXED_TIME, ct_series, sample_result
@@ -216,6 +224,12 @@ def test_wrong_inputs_raise_value_error(sources):
     with pytest.raises(ValueError, match="outside the 0–4"):
         AssessmentResult(result.study_instance_uid, result.series_instance_uid, 4.5, None, "",
                          result.engine)
+    stray = sample_result(sources)
+    moved = dataclasses.replace(stray.slices[0], region=Region.box(
+        str(sources[1].SOPInstanceUID), 0, 0, 4, 4))
+    stray = dataclasses.replace(stray, slices=(moved, *stray.slices[1:]))
+    with pytest.raises(ValueError, match="belongs to an item naming"):
+        build_sr(sources, stray, job_key=JOB)
     bypassed = sample_result(sources)
     object.__setattr__(bypassed, "score", 5.0)  # a result whose own check was bypassed
     with pytest.raises(ValueError, match="outside the 0–4"):
