@@ -71,7 +71,7 @@ def ct_series(
         ds.FrameOfReferenceUID = frame_uid
         ds.PositionReferenceIndicator = ""
         ds.PatientPosition = "FFS"
-        ds.ImagePositionPatient = [-160.0, -160.0, -5.0 * i]
+        ds.ImagePositionPatient = [-160.0, -160.0, 0.0 - 5.0 * i]
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         ds.SliceThickness = 5.0
         ds.PixelSpacing = [5.0, 5.0]
