@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Self
@@ -37,6 +38,7 @@ class LedgerBase:
         self.engine: Engine = create_ledger_engine(url)
         self._write_engine = self.engine.execution_options(**{WRITE_OPTION: True})
         self._dialect = self.engine.dialect.name
+        self._write_lock = threading.Lock() if self._dialect == "sqlite" else None
         self._study_ids: dict[str, int] = {}
 
     @classmethod
@@ -63,7 +65,14 @@ class LedgerBase:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         """A writing transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit."""
-        with self._write_engine.connect() as conn, conn.begin():
+        if self._write_lock is None:
+            with self._write_engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        # SQLite: queue this process's writers on a lock that wakes the next one at
+        # once; SQLite's own busy handler sleeps in growing steps (up to 100 ms) and
+        # is left for contention between processes.
+        with self._write_lock, self._write_engine.connect() as conn, conn.begin():
             yield conn
 
     @contextmanager
