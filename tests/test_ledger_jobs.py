@@ -121,3 +121,16 @@ def test_supersede_unfinished_older_jobs(ledger: Ledger) -> None:
     ledger.record_instance(make_record(2, SERIES))
     assert ledger.supersede_older_jobs(SERIES, 2) == 1
     assert ledger.get_job(old.id).state == JobState.SUPERSEDED
+
+
+def test_series_transitions_are_checked(ledger: Ledger) -> None:
+    with pytest.raises(InvalidTransition):
+        ledger.set_series_state(SERIES, SeriesState.DELIVERED, generation=1)
+    with pytest.raises(NotFound):
+        ledger.set_series_state("9.9.9", SeriesState.QUEUED)
+    assert ledger.set_series_state(SERIES, SeriesState.QUEUED, generation=1)
+    assert ledger.set_series_state(SERIES, SeriesState.QUEUED, generation=1)  # repeated
+    assert not ledger.set_series_state(SERIES, SeriesState.ASSESSING, generation=7)
+    assert ledger.series_info(SERIES).state == SeriesState.QUEUED
+    states = [(e.from_state, e.to_state) for e in ledger.series_history(SERIES)]
+    assert states == [("receiving", "complete"), ("complete", "queued")]

@@ -21,16 +21,19 @@ from node.ledger.models import (
 )
 
 S = SeriesState
-#: Allowed series transitions (re-opening to RECEIVING is done by record_instance).
+#: Allowed series transitions. Re-opening (any state → RECEIVING, generation + 1) is
+#: done only by ``record_instance``; closing (RECEIVING → COMPLETE/IGNORED) by
+#: ``close_series``. Between the pipeline stages a step may be repeated or redone
+#: (a redelivered or retried task); DELIVERED is left only by an explicit re-queue.
 SERIES_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     S.RECEIVING: frozenset({S.COMPLETE, S.IGNORED}),
-    S.COMPLETE: frozenset({S.QUEUED, S.IGNORED, S.FAILED}),
-    S.QUEUED: frozenset({S.QUEUED, S.ASSESSING, S.FAILED}),
+    S.COMPLETE: frozenset({S.COMPLETE, S.QUEUED, S.IGNORED, S.FAILED}),
+    S.QUEUED: frozenset({S.QUEUED, S.ASSESSING, S.REPORTING, S.FAILED}),
     S.ASSESSING: frozenset({S.ASSESSING, S.QUEUED, S.REPORTING, S.FAILED}),
-    S.REPORTING: frozenset({S.REPORTING, S.QUEUED, S.DELIVERED, S.FAILED}),
-    S.DELIVERED: frozenset({S.QUEUED}),
-    S.FAILED: frozenset({S.QUEUED, S.FAILED}),
-    S.IGNORED: frozenset({S.QUEUED}),
+    S.REPORTING: frozenset({S.REPORTING, S.QUEUED, S.ASSESSING, S.DELIVERED, S.FAILED}),
+    S.DELIVERED: frozenset({S.DELIVERED, S.QUEUED}),
+    S.FAILED: frozenset({S.FAILED, S.QUEUED, S.ASSESSING, S.REPORTING}),
+    S.IGNORED: frozenset({S.IGNORED, S.QUEUED}),
 }
 
 
