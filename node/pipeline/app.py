@@ -24,7 +24,6 @@ TASK_ASSESS = "qcnode.assess"
 TASK_REPORT = "qcnode.report"
 GPU = "gpu"
 IO = "io"
-EMBEDDED_POLL_SECONDS = 0.1
 
 
 def broker_url(settings: Settings) -> str:
@@ -44,9 +43,9 @@ def create_app(settings: Settings) -> Celery:
     gpu, io = queue_name(settings, GPU), queue_name(settings, IO)
     exchange = Exchange(f"{settings.broker.queue_prefix}qcnode", type="direct")  # type: ignore[no-untyped-call]
     app = Celery(APP_NAME, broker=broker_url(settings), set_as_current=False)
+    # kombu's SQLAlchemy transport hands every transport option to create_engine, so
+    # its 1 s polling interval cannot be shortened from here.
     transport: dict[str, Any] = {}
-    if broker_url(settings).startswith("sqla+"):
-        transport["polling_interval"] = EMBEDDED_POLL_SECONDS
     app.conf.update(
         task_queues=(
             Queue(gpu, exchange, routing_key=gpu),  # type: ignore[no-untyped-call]

@@ -91,9 +91,9 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
         except NON_RETRYABLE as exc:
             ledger.dead_letter_job(job_id, f"assessment: {exc}")
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any other failure: retry, then dead-letter
             _retry_or_dead(task, settings, ledger, job, f"assessment: {exc}")
-            raise
+            return
         job = ledger.move_job(job_id, JobState.REPORTING, result_json=result.to_json())
         ledger.set_series_state(job.series_instance_uid, SeriesState.REPORTING,
                                 generation=job.generation)

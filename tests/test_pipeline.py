@@ -1,0 +1,214 @@
+"""The pipeline with real peers: ledger → dispatcher → real Celery worker → real Orthanc.
+
+The series is recorded in the ledger the way the listener records it (files in the
+spool, one ``record_instance`` per file, ``close_series``); a real ``qcnode worker``
+process consumes the embedded SQLite-backed broker; the SR is fetched back from
+Orthanc's REST API and parsed. No eager mode, no mocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from inference.result import AssessmentResult
+from node.config import Settings, load_settings
+from node.ledger import DeliveryState, JobState, Ledger, SeriesState
+from node.ledger.instances import InstanceRecord
+from node.pipeline.dispatch import Dispatcher
+from sr_writer import parse_sr
+from tests.support.net import wait_for
+from tests.support.orthanc import Orthanc, running_orthanc
+
+NODE_AE = "QCNODE"
+SR_TIMEOUT = 120.0
+
+
+def write_ct_series(spool: Path, n: int = 12, size: int = 128, seed: int = 0) -> list[Path]:
+    """A small synthetic CT series (water cylinder with noise) as PS3.10 files."""
+    rng = np.random.default_rng(seed)
+    study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
+    yy, xx = np.mgrid[:size, :size]
+    body = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size * 0.4) ** 2
+    paths = []
+    for i in range(n):
+        hu = np.where(body, 40.0, -1000.0) + rng.normal(0, 12, (size, size))
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientName, ds.PatientID, ds.PatientSex = "Test^Pipeline", "PIPE1", "O"
+        ds.PatientBirthDate, ds.StudyDate, ds.StudyTime = "19700101", "20250101", "120000"
+        ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "A1", "", "1"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, i + 1
+        ds.SeriesDescription, ds.Manufacturer = "ABDOMEN", "qcnode-test"
+        ds.FrameOfReferenceUID = frame_of_ref
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [0.0, 0.0, float(i * 2.5)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.SliceThickness, ds.PixelSpacing = 2.5, [0.8, 0.8]
+        ds.KVP, ds.PositionReferenceIndicator = 120, ""
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        ds.WindowCenter, ds.WindowWidth = 40, 350
+        ds.PixelData = (hu + 1024).astype(np.int16).tobytes()
+        path = spool / series / f"{ds.SOPInstanceUID}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def record_series(ledger: Ledger, spool: Path, paths: list[Path]) -> str:
+    """Record files as the listener does, then close the series (trigger ``quiet``)."""
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        data = path.read_bytes()
+        ledger.record_instance(InstanceRecord(
+            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+            series_instance_uid=ds.SeriesInstanceUID, study_instance_uid=ds.StudyInstanceUID,
+            modality=ds.Modality, series_description=ds.SeriesDescription,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            relpath=str(path.relative_to(spool)), size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(), calling_ae="SCANNER", assoc_id="a1",
+            action="assess", rule="ct",
+        ))
+    uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert ledger.close_series(uid, 1, "quiet")
+    return uid
+
+
+def write_config(home: Path, pacs_port: int, *, extra: str = "") -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "qcnode.toml"
+    cfg.write_text(
+        f'[node]\nae_title = "{NODE_AE}"\nhome = "{home}"\n\n'
+        f'[broker]\nqueue_prefix = "t{uuid.uuid4().hex[:8]}."\n\n'
+        "[delivery]\nmax_attempts = 3\nbackoff_initial_seconds = 0.5\n"
+        "backoff_max_seconds = 2.0\n\n"
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+        f'port = {pacs_port}\nconfirm = "find"\ntimeout = 5.0\n{extra}'
+    )
+    return cfg
+
+
+class Site:
+    """A node home with its settings, ledger, dispatcher and a real worker process."""
+
+    def __init__(self, home: Path, pacs: Orthanc) -> None:
+        self.home = home
+        self.pacs = pacs
+        self.config = write_config(home, pacs.dicom_port)
+        self.settings: Settings = load_settings(self.config)
+        self.ledger = Ledger.open(self.settings.ledger_url)
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.log = home / "worker.log"
+
+    def start_worker(self) -> None:
+        with self.log.open("ab") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "worker", "--queues", "gpu,io",
+                 "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.ledger.close()
+
+    def series(self, n: int = 12, seed: int = 0) -> str:
+        spool = self.settings.spool_dir
+        return record_series(self.ledger, spool, write_ct_series(spool, n=n, seed=seed))
+
+    def worker_log(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture()
+def pacs(tmp_path: Path) -> Iterator[Orthanc]:
+    with running_orthanc(tmp_path / "orthanc", {NODE_AE: 104}) as server:
+        yield server
+
+
+@pytest.fixture()
+def site(tmp_path: Path, pacs: Orthanc) -> Iterator[Site]:
+    s = Site(tmp_path / "home", pacs)
+    s.start_worker()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def delivered(ledger: Ledger, uid: str) -> bool:
+    """True once delivered; fails at once when the series was dead-lettered."""
+    info = ledger.series_info(uid)
+    if info.state == SeriesState.FAILED:
+        pytest.fail(f"series failed: {info.last_error}")
+    return info.state == SeriesState.DELIVERED
+
+
+def fetch_sr(pacs: Orthanc) -> pydicom.Dataset:
+    ids = pacs.find_modality("SR")
+    assert len(ids) == 1, f"expected one SR in Orthanc, found {len(ids)}"
+    return pydicom.dcmread(io.BytesIO(pacs.instance_file(ids[0])))
+
+
+def test_series_to_sr_in_orthanc(site: Site) -> None:
+    uid = site.series()
+    with Dispatcher(site.settings, site.ledger) as dispatcher:
+        job = dispatcher.dispatch(uid)
+    assert job is not None
+    wait_for(lambda: delivered(site.ledger, uid),
+             timeout=SR_TIMEOUT, what=f"series delivered; worker log:\n{site.worker_log()}")
+    sr = fetch_sr(site.pacs)
+    recorded = site.ledger.get_job(job.id)
+    assert recorded.state == JobState.DONE
+    assert sr.SOPInstanceUID == recorded.sr_uid
+    assert parse_sr(sr) == AssessmentResult.from_json(recorded.result_json or "")
+    (delivery,) = site.ledger.deliveries_of(job.id)
+    assert delivery.state == DeliveryState.CONFIRMED
+    assert delivery.confirmed_by == "find"
+    # A redelivered job (the same task sent again) sends the same SR: still one.
+    site.ledger.requeue(uid)
+    with Dispatcher(site.settings, site.ledger) as dispatcher:
+        dispatcher.dispatch(uid)
+    assert len(site.pacs.find_modality("SR")) == 1
+
+
+def test_pacs_down_first_then_up(site: Site) -> None:
+    site.pacs.stop()
+    uid = site.series(seed=1)
+    with Dispatcher(site.settings, site.ledger) as dispatcher:
+        job = dispatcher.dispatch(uid)
+    assert job is not None
+    wait_for(lambda: any(d.state == DeliveryState.FAILED
+                         for d in site.ledger.deliveries_of(job.id)),
+             timeout=SR_TIMEOUT, what="a failed delivery attempt")
+    site.pacs.start()
+    wait_for(lambda: delivered(site.ledger, uid),
+             timeout=SR_TIMEOUT, what=f"delivered after PACS is back:\n{site.worker_log()}")
+    assert len(site.pacs.find_modality("SR")) == 1
+    (delivery,) = site.ledger.deliveries_of(job.id)
+    assert delivery.attempts >= 2
