@@ -228,3 +228,12 @@ def test_record_instance_speed(ledger: Ledger) -> None:
         samples.append(time.perf_counter() - start)
     samples.sort()
     assert samples[len(samples) // 2] < 0.02, f"median {samples[50] * 1000:.2f} ms"
+
+
+def test_concurrent_open_migrates_once(ledger_url: str) -> None:
+    """Several processes starting at once: each opens the ledger, none fails."""
+    code = "import sys; from node.ledger import Ledger; Ledger.open(sys.argv[1]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, ledger_url]) for _ in range(3)]
+    assert [p.wait(120) for p in procs] == [0, 0, 0]
+    with Ledger(ledger_url) as led, led.engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == "0001"

@@ -28,11 +28,13 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: PostgreSQL advisory lock key held while migrating ("qcnode" in ASCII).
+MIGRATION_LOCK = 0x7163_6E6F_6465
 #: Execution option asking for ``BEGIN IMMEDIATE`` on SQLite.
 WRITE_OPTION = "qcnode_write"
 
@@ -85,9 +87,23 @@ def alembic_config(connection: Connection) -> Config:
     return config
 
 
+def _serialize_migrations(connection: Connection) -> None:
+    """Make concurrent migrations (several processes starting at once) take turns.
+
+    SQLite: the transaction starts with ``BEGIN IMMEDIATE`` (the write lock).
+    PostgreSQL: a transaction-scoped advisory lock; the second process then finds the
+    schema at head instead of failing on a half-created table.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+    else:
+        connection.execute(text("SELECT 1"))  # begins the (immediate) transaction
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema behind ``engine`` to ``revision`` (Alembic ``upgrade``)."""
     with engine.connect().execution_options(**{WRITE_OPTION: True}) as connection:
+        _serialize_migrations(connection)
         command.upgrade(alembic_config(connection), revision)
         connection.commit()
 
