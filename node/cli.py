@@ -66,6 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="series by state, failures, queue depths")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--limit", type=int, default=200, help="most recent series listed")
     p.set_defaults(handler="status")
 
     p = sub.add_parser("retry", help="re-queue a failed series, or all dead-lettered ones")

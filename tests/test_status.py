@@ -66,3 +66,13 @@ def test_status_text_and_empty_ledger(tmp_path: Path) -> None:
     assert text.returncode == 0, text.stderr
     assert "1.2.20" in text.stdout and "receiving" in text.stdout
     assert "failures: 2" in text.stdout and "rejected: 0xA900" in text.stdout
+
+
+def test_status_limit(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'l.sqlite3'}"
+    with Ledger.open(url) as ledger:
+        populate(ledger)
+    result = run_status(url, tmp_path, "--json", "--limit", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["series"]) == 1 and sum(report["counts"].values()) == 2
