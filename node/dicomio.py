@@ -1,0 +1,303 @@
+"""Reading what a sender stored, without decoding pixels.
+
+The listener must not trust a dataset just because pynetdicom received it: pynetdicom
+answers Success even when the pixel data was cut short. :func:`read_header` parses a
+received Part 10 file (PS3.10 §7) up to and around its pixel data element, checks the
+identifying UIDs (PS3.5 §9.1) before they become path parts, and checks that the pixel
+data is complete:
+
+* native (uncompressed) pixel data must hold Rows × Columns × Number of Frames ×
+  Samples per Pixel × Bits Allocated / 8 bytes (PS3.5 §8.1.1, PS3.3 C.7.6.3);
+* encapsulated pixel data must be a well-formed item sequence: a Basic Offset Table item,
+  at least one fragment item per frame (or fragments for one frame), closed by a Sequence
+  Delimitation Item (PS3.5 §A.4).
+
+Nothing here decodes pixel values or builds a pydicom Dataset: a small scanner walks the
+element headers of the memory-mapped file (PS3.5 §7.1: explicit/implicit VR, little/big
+endian; deflated data is inflated first), keeps the handful of attributes routing needs
+and stops at the pixel data. Reading a 512×512 CT header costs tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+#: PS3.5 §9.1: digits and dots, no empty component, no leading zero, at most 64 chars.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+UID_MAX_LENGTH = 64
+
+PIXEL_DATA = 0x7FE00010
+FLOAT_PIXEL_DATA = 0x7FE00008
+DOUBLE_FLOAT_PIXEL_DATA = 0x7FE00009
+_PIXEL_TAGS = {PIXEL_DATA: 0, FLOAT_PIXEL_DATA: 32, DOUBLE_FLOAT_PIXEL_DATA: 64}
+_ITEM = 0xFFFEE000
+_ITEM_DELIM = 0xFFFEE00D
+_SEQ_DELIM = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+_TRANSFER_SYNTAX = 0x00020010
+# Attributes kept while scanning (tag -> name); everything else is skipped.
+_WANTED = {
+    0x00080016: "sop_class_uid", 0x00080018: "sop_instance_uid", 0x00080060: "modality",
+    0x0008103E: "series_description", 0x0020000D: "study_instance_uid",
+    0x0020000E: "series_instance_uid", 0x00280002: "samples", 0x00280008: "frames",
+    0x00280010: "rows", 0x00280011: "columns", 0x00280100: "bits_allocated",
+}
+_US_FIELDS = frozenset({"samples", "rows", "columns", "bits_allocated"})
+_MAX_DEPTH = 32
+
+
+class MalformedDataset(ValueError):
+    """The received dataset cannot be accepted; ``reason`` is safe to log (no PHI)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The identifying attributes of one received instance (UIDs only, no PHI)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    series_description: str
+    transfer_syntax_uid: str
+
+
+def is_valid_uid(value: str) -> bool:
+    """True when ``value`` is a UID per PS3.5 §9.1 (safe as a file-name part)."""
+    return len(value) <= UID_MAX_LENGTH and _UID_RE.match(value) is not None
+
+
+
+
+_Buf = bytes | mmap.mmap
+
+
+class _Scanner:
+    """Walks data element headers (PS3.5 §7.1) of one encoding over a buffer."""
+
+    def __init__(self, buf: _Buf, end: int, *, little: bool, implicit: bool) -> None:
+        self.buf, self.end, self.implicit = buf, end, implicit
+        self.u16 = struct.Struct("<H" if little else ">H")
+        self.u32 = struct.Struct("<L" if little else ">L")
+        self.tag_len = struct.Struct("<HHL" if little else ">HHL")
+
+    def _need(self, offset: int, count: int) -> None:
+        if offset + count > self.end:
+            raise MalformedDataset("dataset ends inside a data element (truncated)")
+
+    def header(self, pos: int) -> tuple[int, bytes, int, int]:
+        """(tag, VR or b"", value length, value offset) of the element at ``pos``."""
+        self._need(pos, 8)
+        group, elem, implicit_len = self.tag_len.unpack_from(self.buf, pos)
+        tag = (group << 16) | elem
+        if self.implicit or group == 0xFFFE:
+            return tag, b"", implicit_len, pos + 8
+        vr = bytes(self.buf[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            self._need(pos, 12)
+            return tag, vr, self.u32.unpack_from(self.buf, pos + 8)[0], pos + 12
+        return tag, vr, self.u16.unpack_from(self.buf, pos + 6)[0], pos + 8
+
+    def skip_sequence(self, pos: int, depth: int, implicit_items: bool) -> int:
+        """Offset just past an undefined-length sequence value starting at ``pos``."""
+        if depth > _MAX_DEPTH:
+            raise MalformedDataset("sequences nested too deeply")
+        inner = self if not implicit_items or self.implicit else _Scanner(
+            self.buf, self.end, little=True, implicit=True
+        )
+        while True:
+            tag, _, length, pos = self.header(pos)
+            if tag == _SEQ_DELIM:
+                return pos
+            if tag != _ITEM:
+                raise MalformedDataset("malformed sequence item")
+            if length != _UNDEFINED:
+                self._need(pos, length)
+                pos += length
+                continue
+            while True:  # an undefined-length item: elements up to the item delimiter
+                tag, vr, length, pos = inner.header(pos)
+                if tag == _ITEM_DELIM:
+                    break
+                pos = inner.skip_value(pos, vr, length, depth + 1)
+
+    def skip_value(self, pos: int, vr: bytes, length: int, depth: int) -> int:
+        """Offset just past a value of ``length`` bytes (or an undefined-length one)."""
+        if length == _UNDEFINED:
+            return self.skip_sequence(pos, depth, implicit_items=(vr == b"UN"))
+        self._need(pos, length)
+        return pos + length
+
+    def text(self, pos: int, length: int) -> str:
+        return bytes(self.buf[pos : pos + length]).decode("latin-1").strip("\x00 ")
+
+
+def _fragments(scan: _Scanner, pos: int) -> tuple[int, int]:
+    """Walk encapsulated pixel data items (PS3.5 §A.4): (fragment count, end offset)."""
+    items = 0
+    while True:
+        if pos + 8 > scan.end:
+            raise MalformedDataset("encapsulated pixel data ends without a delimiter")
+        group, elem, length = struct.unpack_from("<HHL", scan.buf, pos)
+        tag, pos = (group << 16) | elem, pos + 8
+        if tag == _SEQ_DELIM:
+            return items - 1, pos  # the first item is the Basic Offset Table
+        if tag != _ITEM or length == _UNDEFINED or pos + length > scan.end:
+            raise MalformedDataset("encapsulated pixel data has a malformed item")
+        pos += length
+        items += 1
+
+
+def _meta(buf: _Buf, size: int) -> tuple[str, int]:
+    """Transfer Syntax UID and the offset where the dataset starts (PS3.10 §7.1)."""
+    if size < 132 or bytes(buf[128:132]) != b"DICM":
+        raise MalformedDataset("not a DICOM Part 10 file")
+    scan = _Scanner(buf, size, little=True, implicit=False)
+    pos, syntax = 132, ""
+    while pos + 8 <= size:
+        tag, vr, length, value_pos = scan.header(pos)
+        if tag >> 16 != 0x0002:
+            break
+        if tag == _TRANSFER_SYNTAX:
+            syntax = scan.text(value_pos, length)
+        pos = scan.skip_value(value_pos, vr, length, 0)
+    if not is_valid_uid(syntax):
+        raise MalformedDataset("file meta has no valid Transfer Syntax UID")
+    return syntax, pos
+
+
+def _scan_dataset(scan: _Scanner, pos: int) -> tuple[dict[str, str | int], str]:
+    """Collect the wanted attributes; return them and a pixel-data verdict."""
+    found: dict[str, str | int] = {}
+    while pos < scan.end:
+        tag, vr, length, value_pos = scan.header(pos)
+        bits = _PIXEL_TAGS.get(tag)
+        if bits is not None:
+            return found, _check_pixels(scan, found, value_pos, length, bits)
+        name = _WANTED.get(tag)
+        if name is not None and length != _UNDEFINED:
+            scan._need(value_pos, length)
+            if name in _US_FIELDS:
+                found[name] = scan.u16.unpack_from(scan.buf, value_pos)[0] if length >= 2 else -1
+            else:
+                found[name] = scan.text(value_pos, length)
+        pos = scan.skip_value(value_pos, vr, length, 0)
+    return found, ""
+
+
+def _number(found: dict[str, str | int], name: str, default: int | None = None) -> int:
+    value = found.get(name, default)
+    try:
+        number = int(value) if value is not None and value != "" else default
+    except ValueError:
+        number = None
+    if number is None or number < 0:
+        raise MalformedDataset(f"{name} missing or invalid")
+    return number
+
+
+def _check_pixels(
+    scan: _Scanner, found: dict[str, str | int], pos: int, length: int, bits: int
+) -> str:
+    """Check the pixel data value at ``pos``; raise MalformedDataset when incomplete."""
+    frames = _number(found, "frames", 1)
+    if length == _UNDEFINED:
+        fragments, _ = _fragments(scan, pos)
+        if fragments < max(frames, 1):
+            raise MalformedDataset(
+                f"encapsulated pixel data has {fragments} fragment(s) for {frames} frame(s)"
+            )
+        return "encapsulated"
+    if pos + length > scan.end:
+        raise MalformedDataset("pixel data is longer than the data received")
+    sample_bits = bits or _number(found, "bits_allocated")
+    total_bits = (
+        _number(found, "rows") * _number(found, "columns") * frames
+        * _number(found, "samples", 1) * sample_bits
+    )
+    expected = (total_bits + 7) // 8
+    if length < expected:
+        raise MalformedDataset(f"pixel data has {length} bytes, the image needs {expected}")
+    return "native"
+
+
+def _uid(found: dict[str, str | int], name: str) -> str:
+    value = found.get(name)
+    if not isinstance(value, str) or not is_valid_uid(value):
+        raise MalformedDataset(f"{name} missing or not a valid UID")
+    return value
+
+
+def _scan_file(buf: _Buf, size: int) -> InstanceHeader:
+    syntax, start = _meta(buf, size)
+    if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        try:
+            buf, start = zlib.decompress(bytes(buf[start:size]), -zlib.MAX_WBITS), 0
+        except zlib.error as exc:
+            raise MalformedDataset("deflated dataset cannot be inflated") from exc
+        size = len(buf)
+    scan = _Scanner(
+        buf, size,
+        little=syntax != EXPLICIT_VR_BIG_ENDIAN,
+        implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+    )
+    found, _ = _scan_dataset(scan, start)
+    return InstanceHeader(
+        sop_instance_uid=_uid(found, "sop_instance_uid"),
+        sop_class_uid=_uid(found, "sop_class_uid"),
+        study_instance_uid=_uid(found, "study_instance_uid"),
+        series_instance_uid=_uid(found, "series_instance_uid"),
+        modality=str(found.get("modality", "")),
+        series_description=str(found.get("series_description", "")),
+        transfer_syntax_uid=syntax,
+    )
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """Scan a received Part 10 file and check that it can be accepted.
+
+    Parameters
+    ----------
+    path
+        A file in the DICOM File Format (PS3.10), as pynetdicom writes it when
+        receiving with ``STORE_RECV_CHUNKED_DATASET``.
+
+    Returns
+    -------
+    InstanceHeader
+        The identifying UIDs, modality and series description.
+
+    Raises
+    ------
+    MalformedDataset
+        With a reason free of patient data: truncated or malformed element headers,
+        invalid UIDs, or pixel data shorter than the image attributes require.
+    """
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise MalformedDataset("empty dataset")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                return _scan_file(buf, size)
+            except (struct.error, ValueError) as exc:
+                if isinstance(exc, MalformedDataset):
+                    raise
+                raise MalformedDataset(f"cannot parse dataset: {type(exc).__name__}") from exc

@@ -1,0 +1,218 @@
+"""The spool: received instances as durable files, moved in atomically.
+
+Layout under the spool directory (UIDs are validated before they become path parts)::
+
+    <study UID>/<series UID>/<SOP instance UID>.dcm        first version
+    <study UID>/<series UID>/<SOP instance UID>.v2.dcm     different bytes, same UID
+
+and under ``<home>``: ``tmp/`` (partial receptions; emptied at start-up) and
+``quarantine/`` (malformed datasets with a ``.reason`` file beside each).
+
+A file is in the spool only after its bytes and its directory entry were fsync'd, so a
+sender that got Success may rely on it after any crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.dicomio import InstanceHeader, is_valid_uid
+
+_CHUNK = 1 << 20
+SUFFIX = ".dcm"
+
+
+class SpoolFull(OSError):
+    """The spool's disk is past its free-space watermark (or ran out of space)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where an instance went: ``duplicate`` means identical bytes were already there."""
+
+    relpath: str
+    size: int
+    sha256: str
+    version: int
+    duplicate: bool
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (needed after create/rename, POSIX)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def version_name(sop_instance_uid: str, version: int) -> str:
+    """File name of one version of an instance."""
+    if version == 1:
+        return f"{sop_instance_uid}{SUFFIX}"
+    return f"{sop_instance_uid}.v{version}{SUFFIX}"
+
+
+class Spool:
+    """Received instances on disk.
+
+    Parameters
+    ----------
+    root
+        The spool directory.
+    home
+        The node's home; ``tmp/`` and ``quarantine/`` live here (same filesystem as the
+        spool in the default layout, so moves are atomic renames).
+    min_free_bytes, min_free_percent
+        Watermark: below either, :meth:`check_room` raises :class:`SpoolFull`.
+    """
+
+    def __init__(
+        self, root: Path, home: Path, *, min_free_bytes: int = 0, min_free_percent: float = 0.0
+    ) -> None:
+        self.root = root
+        self.tmp = home / "tmp"
+        self.quarantine_dir = home / "quarantine"
+        self.min_free_bytes = min_free_bytes
+        self.min_free_percent = min_free_percent
+        for directory in (self.root, self.tmp, self.quarantine_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # Space ---------------------------------------------------------------------------
+    def check_room(self, incoming: int = 0) -> None:
+        """Raise :class:`SpoolFull` when storing ``incoming`` bytes would pass the watermark."""
+        usage = shutil.disk_usage(self.root)
+        free = usage.free - incoming
+        if free < self.min_free_bytes or free * 100.0 < self.min_free_percent * usage.total:
+            raise SpoolFull(errno.ENOSPC, "spool disk is over its free-space watermark")
+
+    # Storing ------------------------------------------------------------------------
+    def series_dir(self, header: InstanceHeader) -> Path:
+        """Directory of a series (UIDs re-checked: they are path parts)."""
+        for uid in (header.study_instance_uid, header.series_instance_uid,
+                    header.sop_instance_uid):
+            if not is_valid_uid(uid):
+                raise ValueError("invalid UID used as a path part")
+        return self.root / header.study_instance_uid / header.series_instance_uid
+
+    def store(
+        self, src: Path, header: InstanceHeader, known: list[tuple[int, str]] | None = None
+    ) -> Stored:
+        """Move the received file ``src`` into the spool, durably.
+
+        ``known`` are the ``(version, sha256)`` pairs the ledger already holds for this
+        SOP Instance UID; versions found on disk count too. Identical bytes are not
+        stored twice (``src`` is removed); different bytes become the next version.
+        The file and its directory are fsync'd before this returns.
+        """
+        size = src.stat().st_size
+        self.check_room(size)
+        sha = file_sha256(src)
+        directory = self.series_dir(header)
+        versions = dict(known or [])
+        version = 1
+        while True:
+            name = version_name(header.sop_instance_uid, version)
+            target = directory / name
+            relpath = target.relative_to(self.root).as_posix()
+            existing = versions.get(version)
+            if existing is None and target.exists():
+                existing = file_sha256(target)
+            if existing is None:
+                break
+            if existing == sha:
+                if target.exists():
+                    src.unlink(missing_ok=True)
+                else:  # known to the ledger but lost on disk: put it back
+                    self._move_durably(src, target, new_dirs=False)
+                return Stored(relpath, size, sha, version, duplicate=True)
+            version += 1
+        new_dirs = not directory.is_dir()
+        if new_dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+        self._move_durably(src, target, new_dirs=new_dirs)
+        return Stored(relpath, size, sha, version, duplicate=False)
+
+    def _move_durably(self, src: Path, target: Path, *, new_dirs: bool) -> None:
+        try:
+            _fsync_file(src)
+            os.replace(src, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._copy_across(src, target)
+        fsync_dir(target.parent)
+        if new_dirs:  # new series (and study) directories must be durable in their parents
+            fsync_dir(target.parent.parent)
+            fsync_dir(self.root)
+
+    def _copy_across(self, src: Path, target: Path) -> None:
+        """``src`` is on another filesystem: copy into our tmp, fsync, rename."""
+        staging = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            with src.open("rb") as fin, staging.open("wb") as fout:
+                shutil.copyfileobj(fin, fout, _CHUNK)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.replace(staging, target)
+        except OSError as exc:
+            staging.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(exc.errno, "spool disk is full") from exc
+            raise
+        src.unlink(missing_ok=True)
+
+    # Quarantine ---------------------------------------------------------------------
+    def quarantine(self, src: Path, reason: str) -> Path:
+        """Keep a malformed reception for inspection, with its reason beside it."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.quarantine_dir / f"{stamp}-{uuid.uuid4().hex[:12]}{SUFFIX}"
+        try:
+            os.replace(src, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.move(src, target)
+        target.with_suffix(".reason").write_text(reason + "\n", encoding="utf-8")
+        return target
+
+    # Start-up -----------------------------------------------------------------------
+    def clean_temp(self) -> int:
+        """Remove partial receptions left in ``tmp/`` by a crash; return how many."""
+        count = 0
+        for path in self.tmp.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                count += 1
+        return count
+
+    def iter_relpaths(self) -> Iterator[str]:
+        """Every stored instance file, relative to the spool root."""
+        for path in self.root.rglob(f"*{SUFFIX}"):
+            if path.is_file():
+                yield path.relative_to(self.root).as_posix()
