@@ -9,8 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from inference.dataset import (
     ManifestError,
@@ -22,38 +21,7 @@ from inference.dataset import (
 from inference.dataset_convert import ConvertError, convert_dicom_csv, convert_ldctiqa
 from inference.prepare import Window
 from node.cli import main as qcnode
-
-
-def write_ct(path: Path, hu: np.ndarray, *, series: str, study: str, z: float) -> str:
-    """A minimal valid CT Image Storage instance (PS3.3 A.3) with the given HU."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.Modality, ds.SeriesDescription = "CT", "test"
-    ds.ImagePositionPatient = [0.0, 0.0, z]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [0.7, 0.7]
-    ds.SliceThickness = 1.0
-    ds.Rows, ds.Columns = hu.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelData = np.rint(hu + 1024).astype(np.int16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return str(ds.SOPInstanceUID)
-
-
-def phantom(size: int = 64, seed: int = 0) -> np.ndarray:
-    yy, xx = np.mgrid[:size, :size]
-    body = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.4) ** 2
-    hu = np.where(body, 40.0, -1000.0)
-    return hu + np.random.default_rng(seed).normal(0, 10, hu.shape)
+from tests.support.labelled import phantom, write_ct
 
 
 def test_manifest_reports_every_bad_record_with_its_line(tmp_path: Path) -> None:
