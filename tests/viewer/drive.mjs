@@ -5,11 +5,17 @@
 //        "steps": [{"goto": url}, {"waitText": "Image Quality Rating"},
 //                  {"waitSelector": "css", "state": "visible"}, {"waitCanvas": true},
 //                  {"dblclick": "css"}, {"click": "css"}, {"screenshot": "/path.png"},
-//                  {"bodyText": "name"}]}
+//                  {"bodyText": "name"}, {"text": "name", "selector": "css"},
+//                  {"count": "name", "selector": "css"}, {"saveHtml": "/path.html"},
+//                  {"fetchAttr": "name", "selector": "css", "attr": "data"}]}
+// ("fetchAttr" fetches the URL in an element's attribute inside the page, e.g. the blob
+// OHIF made of an encapsulated PDF, and reports its length and first bytes.)
 // Every wait has a deadline (step "timeoutMs" or the plan's). The report holds the
 // steps done, console messages of type error/warning, uncaught page errors, failed
-// requests, the texts captured by "bodyText" steps, and the failing step's error.
+// requests, the texts and counts captured by "bodyText"/"text"/"count" steps, and the
+// failing step's error (with a screenshot at "failureScreenshot" if the plan names one).
 import { createRequire } from 'node:module';
+import { writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -58,13 +64,24 @@ async function runStep(page, step, report, timeout) {
   else if (step.click) await page.locator(step.click).first().click({ timeout: t });
   else if (step.screenshot) await page.screenshot({ path: step.screenshot, timeout: t });
   else if (step.bodyText) report.texts[step.bodyText] = await page.locator('body').innerText({ timeout: t });
+  else if (step.text) report.texts[step.text] = await page.locator(step.selector).first().innerText({ timeout: t });
+  else if (step.count) report.counts[step.count] = await page.locator(step.selector).count();
+  else if (step.fetchAttr) report.fetched[step.fetchAttr] = await page.locator(step.selector).first()
+    .evaluate(async (el, attr) => {
+      const bytes = new Uint8Array(await (await fetch(el.getAttribute(attr))).arrayBuffer());
+      return { length: bytes.length, head: String.fromCharCode(...bytes.slice(0, 8)) };
+    }, step.attr, { timeout: t });
+  else if (step.saveHtml) writeFileSync(step.saveHtml, await page.content());
   else throw new Error(`unknown step ${JSON.stringify(step)}`);
 }
 
 async function main() {
   const plan = await readStdin();
   const timeout = plan.timeoutMs ?? 60000;
-  const report = { done: [], console: [], pageErrors: [], failedRequests: [], texts: {}, error: null };
+  const report = {
+    done: [], console: [], pageErrors: [], failedRequests: [], texts: {}, counts: {}, fetched: {},
+    error: null,
+  };
   const [width, height] = plan.viewport ?? [1600, 1000];
   const context = await chromium.launchPersistentContext(plan.userDataDir, {
     executablePath: plan.executablePath ?? '/usr/bin/chromium',
