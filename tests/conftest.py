@@ -19,8 +19,9 @@ os.environ.setdefault("TCP_NODELAY", "1")
 
 DCMTK_BIN = Path("/usr/bin")
 
-# Ledger database fixtures (`ledger_url` on SQLite and PostgreSQL, `pg_schema_url`).
-pytest_plugins = ["tests.support.ledger_db"]
+# Ledger database fixtures (`ledger_url` on SQLite and PostgreSQL, `pg_schema_url`);
+# the tiny random Gemma 3 (`tiny_gemma_dir`, `tiny_adapter_dir`) for VLM tests.
+pytest_plugins = ["tests.support.ledger_db", "tests.support.tiny_gemma"]
 
 
 @pytest.fixture(scope="session")

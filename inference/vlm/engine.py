@@ -33,7 +33,7 @@ from inference.vlm.loading import (
     weights_revision,
 )
 from inference.vlm.parsing import parse_answer
-from inference.vlm.prompting import ScoreTokens, score_tokens, to_image
+from inference.vlm.prompting import ScoreTokens, prompt_text, score_tokens, to_image
 from inference.vlm.readout import SliceReadout, generate_answers, read_scores
 
 ENGINE_NAME = "vlm"
@@ -114,7 +114,7 @@ class VlmEngine:
         device = pick_device(self._device)
         processor = load_processor(self._source)
         model = load_model(self._source, device, quantize=self._quantize)
-        tokens = score_tokens(processor.tokenizer, self.card)
+        tokens = score_tokens(processor.tokenizer, self.card, prompt_text(processor, self.card))
         return LoadedModel(model, processor, tokens, device, compute_dtype(device))
 
     # Engine protocol -------------------------------------------------------------

@@ -4,10 +4,10 @@ The user turn is the card's prompt text and one image, in the card's order, rend
 with the processor's own chat template (Gemma 3: ``<start_of_turn>user`` … the image
 becomes ``<start_of_image>`` and is expanded by the processor to the image tokens).
 
-Training must build its inputs with :func:`encode_batch` and :func:`answer_token_ids`
-too: prompt and answer are tokenized separately and concatenated, exactly as the score
-read-out teacher-forces the answer prefix, so the score position means the same thing
-in both.
+Training renders prompt and answer together with the same chat template
+(:func:`messages` with ``answer``), tokenized as one text; :func:`score_tokens` checks
+that teacher-forcing the answer prefix after the prompt gives exactly those tokens, so
+the score position means the same thing in training and in the read-out.
 """
 
 from __future__ import annotations
@@ -60,20 +60,32 @@ def prompt_text(processor: Any, card: ModelCard) -> str:
     return str(text)
 
 
-def score_tokens(tokenizer: Any, card: ModelCard) -> ScoreTokens:
-    """Find the prefix ids and the single next token of each score string.
+def score_tokens(tokenizer: Any, card: ModelCard, prompt: str) -> ScoreTokens:
+    """Find the ids to append to the prompt and the single next token of each score.
 
-    ``answer_prefix + s`` is tokenized for every score string ``s``; the longest common
-    prefix is what gets teacher-forced and each must add exactly one token, whatever
+    ``prompt + answer_prefix + s`` is tokenized as one text for every score string
+    ``s`` — as a training example (prompt and answer rendered by the chat template) is.
+    Their longest common prefix must start with the prompt's own tokens; the rest of it
+    is what gets teacher-forced, and each score must add exactly one token, whatever
     the tokenizer does with the space before the digit.
+
+    Raises
+    ------
+    PromptError
+        If the prompt's tokens change when the answer follows, or a score string is
+        not a single token.
     """
-    encoded = [
-        list(tokenizer(card.answer_prefix + s, add_special_tokens=False)["input_ids"])
-        for s in card.score_tokens
-    ]
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    base = encode(prompt)
+    encoded = [encode(prompt + card.answer_prefix + s) for s in card.score_tokens]
     common = _common_prefix(encoded)
-    if not common:
-        raise PromptError(f"answer prefix {card.answer_prefix!r} tokenizes to nothing")
+    if common[: len(base)] != base or len(common) <= len(base):
+        raise PromptError(
+            f"the prompt's tokens change when the answer prefix {card.answer_prefix!r} "
+            "follows it; choose an answer prefix that starts a new token"
+        )
     tails = [ids[len(common):] for ids in encoded]
     bad = [s for s, tail in zip(card.score_tokens, tails, strict=True) if len(tail) != 1]
     if bad:
@@ -81,7 +93,7 @@ def score_tokens(tokenizer: Any, card: ModelCard) -> ScoreTokens:
             f"score strings {bad} are not single tokens after {card.answer_prefix!r}; "
             "the score read-out needs one token per score"
         )
-    return ScoreTokens(tuple(common), tuple(tail[0] for tail in tails))
+    return ScoreTokens(tuple(common[len(base):]), tuple(tail[0] for tail in tails))
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
@@ -93,11 +105,6 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
     if any(len(s) == len(out) for s in seqs):
         out = out[:-1]  # every sequence must keep one token after the prefix
     return out
-
-
-def answer_token_ids(tokenizer: Any, answer: str) -> list[int]:
-    """Token ids of an answer, tokenized on its own (as training concatenates them)."""
-    return list(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
 def to_image(rgb: NDArray[np.uint8]) -> Image.Image:

@@ -13,7 +13,12 @@ square k² with (image_size / patch_size) divisible by k, and the processor's
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
+
+from inference.card import DEFAULT_CARD, ModelCard
 
 #: Side of the square image the tiny vision tower takes (pixels).
 TINY_IMAGE_SIZE = 64
@@ -141,3 +146,53 @@ def build_tiny_gemma(out: Path, *, seed: int = 0, text_layers: int = 1) -> Path:
     processor.save_pretrained(out)
     (out / "tiny_gemma.json").write_text(json.dumps({"seed": seed, "vocab": vocab}))
     return out
+
+
+def tiny_card() -> ModelCard:
+    """The default (published) card, with the tiny model's image size and short answers."""
+    return replace(DEFAULT_CARD, image_size=TINY_IMAGE_SIZE, max_new_tokens=12)
+
+
+def build_random_adapter(base: Path, out: Path, *, seed: int = 1, rank: int = 4) -> Path:
+    """A random (non-zero) LoRA adapter on the language model's projections, with a card."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(base, local_files_only=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=8 * rank, lora_dropout=0.0, init_lora_weights=False,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)",
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(str(out))
+    tiny_card().save(out)
+    return out
+
+
+def build_merged(base: Path, adapter: Path, out: Path) -> Path:
+    """Merge ``adapter`` into the full-precision ``base`` and save a merged model directory."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(base, local_files_only=True)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoProcessor.from_pretrained(base, local_files_only=True).save_pretrained(out)
+    replace(tiny_card(), adapter_revision="tiny-adapter-merged").save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma 3 model directory with a model card (built once per session)."""
+    out = build_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma") / "model")
+    tiny_card().save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LoRA adapter for :func:`tiny_gemma_dir`, with its card."""
+    return build_random_adapter(tiny_gemma_dir, tmp_path_factory.mktemp("tiny_adapter"))
