@@ -237,3 +237,21 @@ def test_concurrent_open_migrates_once(ledger_url: str) -> None:
     assert [p.wait(120) for p in procs] == [0, 0, 0]
     with Ledger(ledger_url) as led, led.engine.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == "0001"
+
+
+def test_close_series_checks_hold_at_closing_time(ledger: Ledger) -> None:
+    ledger.association_opened("a", "SCANNER", "127.0.0.1")
+    ledger.record_instance(make_record(1, assoc="a"))
+    past = ledger.series_info("1.2.3.4").last_instance_at - dt.timedelta(seconds=1)
+    future = ledger.series_info("1.2.3.4").last_instance_at + dt.timedelta(seconds=1)
+    assert not ledger.close_series("1.2.3.4", 1, "quiet", quiet_since=past)  # too recent
+    assert not ledger.close_series("1.2.3.4", 1, "quiet", quiet_since=future)  # assoc open
+    ledger.association_closed("a")
+    assert not ledger.close_series("1.2.3.4", 2, "quiet", quiet_since=future)  # generation
+    assert ledger.close_series("1.2.3.4", 1, "quiet", quiet_since=future)
+    assert not ledger.close_series("1.2.3.4", 1, "quiet")  # no longer receiving
+
+
+def test_constructor_does_not_migrate(ledger_url: str) -> None:
+    with Ledger(ledger_url) as led:
+        assert not set(inspect(led.engine).get_table_names()) & TABLES
