@@ -1,0 +1,188 @@
+"""``qcnode serve``: the node's long-running process, and the reusable :class:`Node`.
+
+Start-up order (each step needs the previous one):
+
+1. load and validate the settings (an invalid file: every error printed with its key,
+   exit status 1);
+2. open the ledger (Alembic migrations to the newest revision);
+3. remove partial receptions from ``<home>/tmp`` (a crash mid-transfer leaves them);
+4. close associations a crash left open in the ledger;
+5. reconcile the spool with the ledger: a file that reached the spool but not the
+   ledger (crash between the two) is recorded now;
+6. start the completion monitor, then the listener; print one line
+   ``listening on HOST:PORT as AE_TITLE`` to stdout.
+
+SIGTERM / SIGINT stop the listener first (running associations finish, new ones are
+refused), then the completion monitor; no partial file is left in the spool because
+files only enter it by atomic rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from node.completion import CompletionMonitor
+from node.config import ConfigError, Settings, load_settings
+from node.dicomio import MalformedDataset, read_header
+from node.ledger import Ledger
+from node.logs import configure_logging, get_logger
+from node.scp import Listener, instance_record
+from node.spool import Spool, Stored, file_sha256
+
+log = get_logger(__name__)
+EXIT_OK = 0
+EXIT_CONFIG = 1
+RECOVERED_ASSOC = "recovered"
+_VERSION_RE = re.compile(r"\.v([0-9]+)\.dcm$")
+
+OnComplete = Callable[[str, str], None]
+
+
+def reconcile(spool: Spool, ledger: Ledger, settings: Settings) -> int:
+    """Record spool files the ledger does not know (a crash between the two).
+
+    Returns the number of instances recorded. A file that no longer parses is moved to
+    quarantine.
+    """
+    known = ledger.known_relpaths()
+    recorded = 0
+    for relpath in sorted(set(spool.iter_relpaths()) - known):
+        path = spool.root / relpath
+        try:
+            header = read_header(path)
+        except MalformedDataset as exc:
+            spool.quarantine(path, f"reconciliation: {exc.reason}")
+            continue
+        match = _VERSION_RE.search(relpath)
+        stored = Stored(
+            relpath=relpath, size=path.stat().st_size, sha256=file_sha256(path),
+            version=int(match.group(1)) if match else 1, duplicate=False,
+        )
+        rule = settings.rule_for(header.modality, header.sop_class_uid,
+                                 header.series_description)
+        action = rule.action if rule is not None else "store"
+        ledger.record_instance(
+            instance_record(header, stored, "", RECOVERED_ASSOC, action,
+                            rule.name if rule else "")
+        )
+        recorded += 1
+    return recorded
+
+
+class Node:
+    """Settings → ledger, spool, completion monitor and listener, as a context manager.
+
+    ``on_complete`` is a list of hooks ``(series_instance_uid, trigger) -> None`` called
+    by the completion monitor after a series closed; the pipeline appends its
+    dispatcher here (before ``__enter__``) without touching the listener.
+    """
+
+    def __init__(self, settings: Settings, on_complete: list[OnComplete] | None = None) -> None:
+        self.settings = settings
+        self.on_complete: list[OnComplete] = list(on_complete or [])
+        self.ledger: Ledger | None = None
+        self.spool: Spool | None = None
+        self.monitor: CompletionMonitor | None = None
+        self.listener: Listener | None = None
+
+    def _notify(self, series_uid: str, trigger: str) -> None:
+        for hook in self.on_complete:
+            try:
+                hook(series_uid, trigger)
+            except Exception:  # one failing hook must not stop the others
+                log.exception("on_complete hook failed", series_uid=series_uid)
+
+    def __enter__(self) -> Node:
+        settings = self.settings
+        settings.node.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self.ledger = Ledger.open(settings.ledger_url)
+            self.spool = Spool(
+                settings.spool_dir, settings.node.home,
+                min_free_bytes=settings.spool.min_free_bytes,
+                min_free_percent=settings.spool.min_free_percent,
+            )
+            cleaned = self.spool.clean_temp()
+            stale = self.ledger.close_stale_associations()
+            recovered = reconcile(self.spool, self.ledger, settings)
+            log.info("node starting", temp_files_removed=cleaned, stale_associations=stale,
+                     instances_recovered=recovered)
+            self.monitor = CompletionMonitor(self.ledger, settings, self._notify)
+            self.monitor.start()
+            self.listener = Listener(settings, self.spool, self.ledger, self.monitor.wake)
+            self.listener.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the listener is bound."""
+        if self.listener is None:
+            raise RuntimeError("node not started")
+        return self.listener.address
+
+    def close(self) -> None:
+        """Stop the listener, then the monitor, then close the ledger."""
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _load(path: Path | None) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"{exc.source}: {len(exc.problems)} error(s); not starting", file=sys.stderr)
+        for key, message in exc.problems:
+            print(f"  {key}: {message}", file=sys.stderr)
+        return None
+
+
+def main(args: argparse.Namespace) -> int:
+    """``qcnode serve [--config F]``: run until SIGTERM / SIGINT."""
+    settings = _load(getattr(args, "config", None))
+    if settings is None:
+        return EXIT_CONFIG
+    configure_logging(settings.logging.level, settings.logging.json_output)
+    # pynetdicom streams each dataset to tempfile's directory: keep it on the spool's
+    # filesystem so accepting an instance is a rename, not a copy.
+    tmp = settings.node.home / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(tmp.resolve())
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    with Node(settings) as node:
+        host, port = node.address
+        print(f"listening on {host}:{port} as {settings.node.ae_title}", flush=True)
+        while not stop.wait(1.0):
+            pass
+    log.info("stopped")
+    return EXIT_OK
