@@ -146,8 +146,8 @@ def _write_slice(base: Dataset, spec: SynthSpec, index: int, sop_uid: str, hu: n
     ds.SliceLocation = f"{z:.2f}"
     stored = np.clip(np.rint(hu) + STORED_OFFSET, 0, 65535).astype(np.uint16)
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     syntax = TRANSFER_SYNTAXES[spec.transfer_syntax]
     if syntax.is_compressed:
         ds.compress(syntax, stored)
