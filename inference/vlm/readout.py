@@ -74,7 +74,7 @@ def read_scores(
         processor, card, images, suffix_ids=tokens.prefix_ids, dtype=dtype, device=device
     )
     with torch.inference_mode():
-        out = model(**inputs, logits_to_keep=1)
+        out = model(**inputs, logits_to_keep=1, use_cache=False)
     probs = digit_distribution(out.logits[:, -1, :], tokens).cpu().tolist()
     return [SliceReadout(tuple(row), tokens.values) for row in probs]
 
