@@ -73,6 +73,11 @@ class _HotStatements:
         self.insert_instance = insert(instances).on_conflict_do_nothing().returning(
             instances.c.id
         )
+        self.versions = (
+            select(instances.c.version, instances.c.sha256)
+            .where(instances.c.sop_uid == bindparam("uid"))
+            .order_by(instances.c.version)
+        )
         self.select_version = select(instances.c.sha256).where(
             and_(
                 instances.c.sop_uid == bindparam("uid"),
@@ -116,13 +121,9 @@ class InstanceAPI(LedgerBase):
 
     def versions_of(self, sop_instance_uid: str) -> list[tuple[int, str]]:
         """Every recorded ``(version, sha256)`` of a SOP Instance UID, oldest first."""
-        stmt = (
-            select(Instance.version, Instance.sha256)
-            .where(Instance.sop_uid == sop_instance_uid)
-            .order_by(Instance.version)
-        )
         with self._read() as conn:
-            return [(int(v), str(h)) for v, h in conn.execute(stmt)]
+            rows = conn.execute(self._hot.versions, {"uid": sop_instance_uid})
+            return [(int(v), str(h)) for v, h in rows]
 
     def record_instance(self, rec: InstanceRecord) -> None:
         """Record one received instance in one durable transaction.
