@@ -26,14 +26,14 @@ from inference.train_args import TrainArgs, TrainArgsError, load_train_args
 from inference.train_data import IGNORE_INDEX, build_example, collate
 from inference.vlm.prompting import encode_batch
 from tests.support.labelled import write_series
-from tests.support.tiny_gemma import build_tiny_gemma
 
 ANSWER_TEXT = "the image shows noise."
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_gemma(tmp_path_factory.mktemp("tiny") / "model")
+def tiny(tiny_gemma_dir: Path) -> Path:
+    """The session's tiny random Gemma 3 (its directory carries the tiny model card)."""
+    return tiny_gemma_dir
 
 
 @pytest.fixture(scope="module")
