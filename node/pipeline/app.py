@@ -6,8 +6,8 @@ off); messages are acknowledged only after the task ran (``acks_late``) and go b
 the queue when a worker process dies mid-task (``reject_on_worker_lost``).
 
 Without ``[broker] url`` the broker is a SQLite file in the node's home
-(``sqla+sqlite:///<home>/broker.sqlite3``, kombu's SQLAlchemy transport): nothing to
-install or start.
+(``sqlite:///<home>/broker.sqlite3`` with :mod:`node.pipeline.sqlite_broker`, kombu's
+SQLAlchemy transport tuned for latency): nothing to install or start.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from node.config import Settings
+from node.pipeline.sqlite_broker import TRANSPORT_PATH
 
 APP_NAME = "qcnode"
 TASK_ASSESS = "qcnode.assess"
@@ -30,7 +31,12 @@ def broker_url(settings: Settings) -> str:
     """The configured broker, or the embedded SQLite-backed one in ``<home>``."""
     if settings.broker.url:
         return settings.broker.url
-    return f"sqla+sqlite:///{(settings.node.home / 'broker.sqlite3').resolve()}"
+    return f"sqlite:///{(settings.node.home / 'broker.sqlite3').resolve()}"
+
+
+def embedded(settings: Settings) -> bool:
+    """True when the node runs its own broker and workers (no ``[broker] url``)."""
+    return not settings.broker.url
 
 
 def queue_name(settings: Settings, stage: str) -> str:
@@ -43,8 +49,6 @@ def create_app(settings: Settings) -> Celery:
     gpu, io = queue_name(settings, GPU), queue_name(settings, IO)
     exchange = Exchange(f"{settings.broker.queue_prefix}qcnode", type="direct")  # type: ignore[no-untyped-call]
     app = Celery(APP_NAME, broker=broker_url(settings), set_as_current=False)
-    # kombu's SQLAlchemy transport hands every transport option to create_engine, so
-    # its 1 s polling interval cannot be shortened from here.
     transport: dict[str, Any] = {}
     app.conf.update(
         task_queues=(
@@ -65,6 +69,7 @@ def create_app(settings: Settings) -> Celery:
         accept_content=["json"],
         result_backend=settings.broker.result_backend,
         task_ignore_result=True,
+        broker_transport=TRANSPORT_PATH if embedded(settings) else None,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -18,12 +18,13 @@ import structlog
 from celery import Celery
 
 from inference.engine import engine_window
-from inference.prepare import prepare_series
+from inference.prepare import PreparedSeries, prepare_series
 from inference.result import AssessmentResult
 from node.config import Settings
 from node.ledger import JobInfo, JobState, Ledger, SeriesState
-from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, create_app, queue_name
+from node.pipeline.app import GPU, IO, TASK_ASSESS, TASK_REPORT, create_app, queue_name
 from node.pipeline.payload import b64, encode_sources, engine_key
+from node.pipeline.reports import destinations_of, encode_image, wanted_companions, worst_image
 from sr_writer.sources import referenced_uids
 
 log = structlog.get_logger(__name__)
@@ -32,6 +33,7 @@ ACTIVE_SERIES = (SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.ASSESSING
                  SeriesState.REPORTING)
 FINISHED_JOBS = (JobState.DONE, JobState.SUPERSEDED, JobState.DEAD)
 REPORT_STAGES = (JobState.REPORTING, JobState.DELIVERING)
+REDISPATCH_SERIES = (SeriesState.QUEUED, SeriesState.ASSESSING, SeriesState.REPORTING)
 
 
 class Dispatcher:
@@ -84,9 +86,7 @@ class Dispatcher:
         if job.state in REPORT_STAGES and job.result_json:
             self._send_report(job, paths)
             return job
-        window = engine_window(self.settings.engine.name, model=self.settings.engine.model,
-                               adapter=self.settings.engine.adapter)
-        prepared = prepare_series(paths, k=self.settings.engine.slices, window=window)
+        prepared = self._prepare(paths)
         sources = encode_sources(_by_uid(paths), [s.sop_instance_uid for s in prepared.slices])
         if info.state == SeriesState.COMPLETE:
             self.ledger.set_series_state(series_uid, SeriesState.QUEUED,
@@ -99,17 +99,35 @@ class Dispatcher:
     def _send_report(self, job: JobInfo, paths: list[Path]) -> None:
         result = AssessmentResult.from_json(job.result_json or "")
         sources = encode_sources(_by_uid(paths), referenced_uids(result))
-        self.app.send_task(TASK_REPORT, args=[job.id, sources],
+        wanted = wanted_companions(destinations_of(
+            self.settings, self.ledger.series_info(job.series_instance_uid)))
+        image = encode_image(worst_image(self._prepare(paths), result)) \
+            if "pdf" in wanted else None
+        self.app.send_task(TASK_REPORT, args=[job.id, sources, b64(image) if image else None],
                            queue=queue_name(self.settings, IO))
         log.info("report_requeued", series_uid=job.series_instance_uid, job_id=job.id)
 
-    def redispatch(self) -> int:
-        """After a (re)start: send every unfinished job again. Returns how many."""
+    def _prepare(self, paths: list[Path]) -> PreparedSeries:
+        window = engine_window(self.settings.engine.name, model=self.settings.engine.model,
+                               adapter=self.settings.engine.adapter)
+        return prepare_series(paths, k=self.settings.engine.slices, window=window)
+
+    def redispatch(self, stage: str | None = None) -> int:
+        """Send unfinished jobs again (after a start, or a worker's death). Returns how many.
+
+        ``stage`` ``gpu`` re-sends series being assessed, ``io`` those being reported;
+        None (start-up) every queued, assessing or reporting series. Series merely
+        ``complete`` are left to the completion monitor's replay. Tasks are idempotent:
+        a job whose message survived is done once and skipped the second time.
+        """
+        states = {GPU: (SeriesState.ASSESSING,),
+                  IO: (SeriesState.REPORTING,)}.get(stage or "", REDISPATCH_SERIES)
         count = 0
-        for info in self.ledger.list_series(states=ACTIVE_SERIES):
+        for info in self.ledger.list_series(states=states):
             if info.action == "assess":
                 self.submit(info.series_instance_uid)
                 count += 1
+        log.info("redispatched", stage=stage or "all", series=count)
         return count
 
     def retry(self, series_uid: str | None = None) -> list[JobInfo]:

@@ -3,6 +3,11 @@
 One child process per queue (``qcnode worker --queues gpu`` and ``… io``) on the
 SQLite-backed broker; they die with the node (``PR_SET_PDEATHSIG``) and are restarted
 if they exit. Nothing else to install or start.
+
+A worker killed outright (SIGKILL, the OOM killer) takes the message it was working on
+with it: the SQLite transport has no visibility timeout. ``on_restart(queue)`` is
+called after such a worker was replaced, so the node can re-dispatch that stage's
+unfinished jobs from the ledger (:meth:`node.pipeline.dispatch.Dispatcher.redispatch`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -44,8 +50,10 @@ def worker_command(config: Path | None, queues: str, concurrency: int = 1) -> li
 class EmbeddedWorkers:
     """Start, supervise and stop one worker process per queue (a context manager)."""
 
-    def __init__(self, config: Path | None, queues: tuple[str, ...] = (GPU, IO)) -> None:
+    def __init__(self, config: Path | None, queues: tuple[str, ...] = (GPU, IO), *,
+                 on_restart: Callable[[str], None] | None = None) -> None:
         self._commands = {q: worker_command(config, q) for q in queues}
+        self._on_restart = on_restart
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="qcnode-workers",
@@ -70,6 +78,15 @@ class EmbeddedWorkers:
                 if proc.poll() is not None and not self._stop.is_set():
                     log.warning("worker_exited", queue=queue, returncode=proc.returncode)
                     self._spawn(queue)
+                    self._restarted(queue)
+
+    def _restarted(self, queue: str) -> None:
+        if self._on_restart is None:
+            return
+        try:
+            self._on_restart(queue)
+        except Exception as exc:  # noqa: BLE001 - supervision must go on
+            log.error("worker_restart_hook_failed", queue=queue, error=type(exc).__name__)
 
     def __enter__(self) -> EmbeddedWorkers:
         for queue in self._commands:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from pydicom import Dataset
 from node.config import Settings
 
 MAX_HEADER_BYTES = 256 * 1024  # one header without pixel data: far below this
+#: Hashing the weights of a 4B model from a slow disk can take a while.
+ENGINE_KEY_TIMEOUT = 600.0
 
 
 def b64(data: bytes) -> str:
@@ -52,19 +56,37 @@ def decode_sources(encoded: Sequence[str]) -> list[Dataset]:
 
 
 def engine_key(settings: Settings) -> str:
-    """The engine part of the job key, computed without importing torch.
+    """The engine part of the job key: the engine's own ``EngineInfo.key``.
 
-    Physics: its ``EngineInfo.key``. VLM: name + model and adapter directory names (the
-    SR's algorithm identification carries the exact revisions from the engine itself).
+    Physics is torch-free and asked in process. The VLM's key (model and adapter
+    revisions from the model card, else a hash of the weight files) is computed by the
+    real :class:`~inference.vlm.VlmEngine` in a short-lived child process, so the
+    listener's process never imports torch; the model itself is not loaded.
     """
     cfg = settings.engine
     if cfg.name == "physics":
         from inference.engine import create_engine
 
         return create_engine("physics").info.key
-    adapter = cfg.adapter.name if cfg.adapter is not None else "-"
-    model = cfg.model.name if cfg.model is not None else "-"
-    return f"vlm:{model}:{adapter}"
+    cmd = [sys.executable, "-c", _VLM_KEY_SCRIPT, str(cfg.model or ""),
+           str(cfg.adapter or "")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=ENGINE_KEY_TIMEOUT,
+                         check=False)
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"cannot identify the vlm engine: {last}")
+    return run.stdout.strip().splitlines()[-1]
+
+
+_VLM_KEY_SCRIPT = """
+import sys
+from pathlib import Path
+from inference.engine import create_engine
+model, adapter = sys.argv[1], sys.argv[2]
+engine = create_engine("vlm", model=Path(model), adapter=Path(adapter) if adapter else None,
+                       device="cpu")
+print(engine.info.key)
+"""
 
 
 def job_key(series_uid: str, generation: int, engine: str) -> str:

@@ -24,12 +24,21 @@ from pydicom import Dataset
 from inference.engine import Engine, EngineError, create_engine
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
-from node.config import DeliverySettings, Settings
+from node.config import DeliverySettings, DestinationSettings, Settings
 from node.ledger import ConfirmedBy, DeliveryState, JobInfo, JobState, Ledger, SeriesState
 from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
-from node.pipeline.payload import decode_sources, job_key, unb64
+from node.pipeline.payload import b64, decode_sources, job_key, unb64
+from node.pipeline.reports import (
+    ReportSet,
+    build_reports,
+    content_time,
+    decode_image,
+    destinations_of,
+    encode_image,
+    wanted_companions,
+    worst_image,
+)
 from node.scu import DeliveryError, deliver
-from sr_writer.tid1500 import build_sr
 from sr_writer.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -82,12 +91,17 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
     structlog.contextvars.bind_contextvars(series_uid=job.series_instance_uid, job_id=job_id)
     if job.state in SKIP_STATES:
         return
+    prepared = PreparedSeries.from_bytes(unb64(prepared_b64))
     if job.state not in (JobState.REPORTING, JobState.DELIVERING) or not job.result_json:
         job = ledger.move_job(job_id, JobState.ASSESSING, count_attempt=True)
         ledger.set_series_state(job.series_instance_uid, SeriesState.ASSESSING,
                                 generation=job.generation)
         try:
-            result = engine_for(settings).assess(PreparedSeries.from_bytes(unb64(prepared_b64)))
+            engine = engine_for(settings)
+            if engine.info.key != job.engine_key:
+                raise EngineError(f"this worker's engine is {engine.info.key}, "
+                                  f"the job was created for {job.engine_key}")
+            result = engine.assess(prepared)
         except NON_RETRYABLE as exc:
             ledger.dead_letter_job(job_id, f"assessment: {exc}")
             return
@@ -98,7 +112,11 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
         ledger.set_series_state(job.series_instance_uid, SeriesState.REPORTING,
                                 generation=job.generation)
         log.info("assessed", score=result.score)
-    task.app.send_task(TASK_REPORT, args=[job_id, sources], queue=queue_name(settings, IO))
+    result = AssessmentResult.from_json(job.result_json or "")
+    image = encode_image(worst_image(prepared, result)) \
+        if "pdf" in wanted_companions(_destinations(settings, ledger, job)) else None
+    task.app.send_task(TASK_REPORT, args=[job_id, sources, b64(image) if image else None],
+                       queue=queue_name(settings, IO))
 
 
 def _retry_or_dead(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
@@ -126,37 +144,50 @@ def _predecessor(ledger: Ledger, job: JobInfo) -> Dataset | None:
     return None
 
 
-def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str]) -> None:
-    """Build the job's SR and deliver it to every destination of the series' rule."""
+def _destinations(settings: Settings, ledger: Ledger,
+                  job: JobInfo) -> tuple[DestinationSettings, ...]:
+    return destinations_of(settings, ledger.series_info(job.series_instance_uid))
+
+
+def _build(job: JobInfo, result: AssessmentResult, sources_b64: list[str],
+           destinations: tuple[DestinationSettings, ...], image_b64: str | None,
+           predecessor: Dataset | None) -> ReportSet:
+    """The job's SR and companions, identical on every rebuild (see reports module)."""
+    sources = decode_sources(sources_b64)
+    if predecessor is not None and sources:
+        predecessor.StudyInstanceUID = sources[0].StudyInstanceUID
+    return build_reports(
+        sources, result, job_key=job_key(job.series_instance_uid, job.generation,
+                                         job.engine_key),
+        created=content_time(job.created_at), companions=wanted_companions(destinations),
+        predecessor=predecessor, image=decode_image(unb64(image_b64) if image_b64 else None))
+
+
+def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
+           image_b64: str | None = None) -> None:
+    """Build the job's SR (and companions); deliver to every destination of its rule."""
     ledger = ledger_for(settings)
     job = ledger.get_job(job_id)
     structlog.contextvars.bind_contextvars(series_uid=job.series_instance_uid, job_id=job_id)
     if job.state in SKIP_STATES or not job.result_json:
         return
-    series = ledger.series_info(job.series_instance_uid)
-    if series.generation != job.generation:
+    if ledger.series_info(job.series_instance_uid).generation != job.generation:
         ledger.move_job(job_id, JobState.SUPERSEDED)
         return
+    destinations = _destinations(settings, ledger, job)
     result = AssessmentResult.from_json(job.result_json)
-    key = job_key(job.series_instance_uid, job.generation, job.engine_key)
     predecessor = _predecessor(ledger, job)
-    sources = decode_sources(sources_b64)
-    pred_study = sources[0].StudyInstanceUID if sources else None
-    if predecessor is not None and pred_study is not None:
-        predecessor.StudyInstanceUID = pred_study
     try:
-        sr = build_sr(sources, result, job_key=key, predecessor=predecessor)
+        reports = _build(job, result, sources_b64, destinations, image_b64, predecessor)
     except ValueError as exc:
         ledger.dead_letter_job(job_id, f"SR: {exc}")
         return
+    sr = reports.sr
     job = ledger.move_job(job_id, JobState.DELIVERING, sr_uid=str(sr.SOPInstanceUID),
                           superseded_sr_uid=str(predecessor.SOPInstanceUID)
                           if predecessor is not None else None)
-    rule = settings.rule_for(series.modality, "", series.description)
-    named = next((r for r in settings.rules if r.name == series.rule), rule)
-    destinations = settings.destinations_for(named) if named is not None else ()
     for dest in destinations:
-        if not _deliver_one(task, settings, ledger, job, dest.name, sr):
+        if not _deliver_one(task, settings, ledger, job, dest, reports.for_destination(dest)):
             return
     ledger.move_job(job_id, JobState.DONE)
     ledger.set_series_state(job.series_instance_uid, SeriesState.DELIVERED,
@@ -167,15 +198,16 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str]) 
 
 
 def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
-                 name: str, sr: Dataset) -> bool:
+                 dest: DestinationSettings, datasets: list[Dataset]) -> bool:
     """Deliver to one destination; False when the job was dead-lettered."""
+    name = dest.name
     delivery = ledger.create_delivery(job.id, name)
     if delivery.state == DeliveryState.CONFIRMED:
         return True
     if delivery.state == DeliveryState.DEAD:
         return False
     try:
-        receipt = deliver([sr], settings.destination(name), node_ae=settings.node.ae_title,
+        receipt = deliver(datasets, dest, node_ae=settings.node.ae_title,
                           bind_host=settings.node.host)
     except DeliveryError as exc:
         attempts = delivery.attempts + 1
@@ -205,6 +237,7 @@ def register(app: Celery, settings: Settings) -> None:
         assess(self, settings, job_id, prepared_b64, sources)
 
     @app.task(name=TASK_REPORT, bind=True)  # type: ignore[untyped-decorator]
-    def _report(self: Task, job_id: int, sources: list[str]) -> None:
-        report(self, settings, job_id, sources)
+    def _report(self: Task, job_id: int, sources: list[str],
+                image: str | None = None) -> None:
+        report(self, settings, job_id, sources, image)
 

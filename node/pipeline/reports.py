@@ -1,0 +1,122 @@
+"""The objects a job sends: the TID 1500 SR and the companions destinations ask for.
+
+Every object is rebuilt from what the ledger stores (the result, the job's creation
+time, the job key), so a retried or redelivered job re-creates the same objects with
+the same UIDs (derived from the job key, :func:`sr_writer.uids.derive_uid`) and the
+same Content Date/Time: a PACS keeps one instance of each.
+
+Companions (``DestinationSettings.companions``) are viewer-safe renderings of the same
+result: a Basic Text SR (PS3.3 A.35.1) and an Encapsulated PDF quality card
+(PS3.3 A.45.1). They are built only when some destination of the job asks for them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset
+
+from inference.prepare import PreparedSeries
+from inference.result import AssessmentResult
+from node.config import Companion, DestinationSettings, Settings
+from node.ledger import SeriesInfo
+from sr_writer import build_pdf, build_sr, build_text_sr
+
+SR = "sr"
+TEXT_SR: Companion = "text_sr"
+PDF: Companion = "pdf"
+#: Upper bound of a compressed display image in a task message.
+MAX_IMAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReportSet:
+    """The SR and its companions, by kind (``"sr"``, ``"text_sr"``, ``"pdf"``)."""
+
+    objects: dict[str, Dataset]
+
+    @property
+    def sr(self) -> Dataset:
+        """The TID 1500 Comprehensive 3D SR."""
+        return self.objects[SR]
+
+    def for_destination(self, dest: DestinationSettings) -> list[Dataset]:
+        """What ``dest`` receives: the SR, then the companions it asks for."""
+        return [self.sr, *(self.objects[c] for c in dest.companions)]
+
+
+def content_time(created_at: dt.datetime) -> dt.datetime:
+    """The Content Date/Time of a job's objects: its creation time, local, naive."""
+    return created_at.astimezone().replace(tzinfo=None)
+
+
+def destinations_of(settings: Settings, series: SeriesInfo) -> tuple[DestinationSettings, ...]:
+    """The destinations of the rule that admitted ``series`` (recorded by name)."""
+    rule = next((r for r in settings.rules if r.name == series.rule), None)
+    if rule is None:
+        rule = settings.rule_for(series.modality, "", series.description)
+    return settings.destinations_for(rule) if rule is not None else ()
+
+
+def wanted_companions(destinations: Sequence[DestinationSettings]) -> tuple[Companion, ...]:
+    """Companions asked for by any of ``destinations``, in a fixed order."""
+    asked = {c for d in destinations for c in d.companions}
+    return tuple(c for c in (TEXT_SR, PDF) if c in asked)
+
+
+def build_reports(
+    sources: Sequence[Dataset], result: AssessmentResult, *, job_key: str,
+    created: dt.datetime, companions: Sequence[Companion] = (),
+    predecessor: Dataset | None = None, image: np.ndarray | None = None,
+) -> ReportSet:
+    """Build the SR (superseding ``predecessor``) and the requested companions.
+
+    Raises
+    ------
+    ValueError
+        Invalid sources or result (from :mod:`sr_writer`).
+    """
+    objects = {SR: build_sr(sources, result, job_key=job_key, predecessor=predecessor,
+                            created=created)}
+    if TEXT_SR in companions:
+        objects[TEXT_SR] = build_text_sr(sources, result, job_key=job_key, created=created)
+    if PDF in companions:
+        objects[PDF] = build_pdf(sources, result, job_key=job_key, image=image,
+                                 created=created)
+    return ReportSet(objects)
+
+
+def worst_image(prepared: PreparedSeries, result: AssessmentResult) -> np.ndarray | None:
+    """The windowed RGB of the result's worst slice (for the PDF card), if prepared."""
+    worst = result.worst_slice
+    if worst is None:
+        return None
+    for item in prepared.slices:
+        if item.sop_instance_uid == worst.sop_instance_uid and item.frame == worst.frame:
+            return item.rgb
+    return None
+
+
+def encode_image(image: np.ndarray | None) -> bytes | None:
+    """A display image as compressed ``.npy`` bytes (None stays None)."""
+    if image is None:
+        return None
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+    data = zlib.compress(buf.getvalue(), 6)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"display image compresses to {len(data)} bytes")
+    return data
+
+
+def decode_image(data: bytes | None) -> np.ndarray | None:
+    """Inverse of :func:`encode_image`."""
+    if data is None:
+        return None
+    image: np.ndarray = np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False)
+    return image
