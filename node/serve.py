@@ -179,7 +179,10 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    with Node(settings) as node:
+    from node.pipeline.service import Pipeline  # the pipeline's hook (issue 5)
+
+    with Pipeline(settings, getattr(args, "config", None)) as pipeline, \
+            Node(settings, [pipeline.on_complete]) as node:
         host, port = node.address
         print(f"listening on {host}:{port} as {settings.node.ae_title}", flush=True)
         while not stop.wait(1.0):
