@@ -107,3 +107,8 @@ def test_card_parsing_and_findings_never_import_torch() -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_packaged_default_card_matches_the_code() -> None:
+    packaged = ROOT / "inference" / "cards" / "medgemma_ct_iqa.json"
+    assert ModelCard.from_dict(json.loads(packaged.read_text())) == DEFAULT_CARD

@@ -233,3 +233,19 @@ def test_create_engine_builds_the_vlm(tiny_gemma_dir: Path) -> None:
     engine = create_engine("vlm", model=tiny_gemma_dir, device="cpu")
     assert isinstance(engine, VlmEngine)
     assert engine.info.name == "vlm"
+
+
+def test_disagreement_between_text_and_readout_is_noted(engine: VlmEngine) -> None:
+    from inference.vlm.engine import _disagreement
+
+    readout = SliceReadout((0.0, 0.0, 0.1, 0.8, 0.1), (0.0, 1.0, 2.0, 3.0, 4.0))
+    assert _disagreement("worst", readout, 3.2, None, engine.card) == []
+    (note,) = _disagreement("worst", readout, 1.0, None, engine.card)
+    assert "says score 1" in note and "3.00" in note
+    (missing,) = _disagreement("median", readout, None, "no score", engine.card)
+    assert "no score" in missing
+
+
+def test_vlm_engine_is_an_engine_for_the_type_checker(tiny_gemma_dir: Path) -> None:
+    engine: Engine = VlmEngine(tiny_gemma_dir, device="cpu")
+    assert engine.info.version
