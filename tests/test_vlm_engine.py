@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from inference.card import ModelCard
-from inference.engine import Engine, create_engine
+from inference.engine import Engine, create_engine, engine_window
 from inference.prepare import PreparedSeries, PreparedSlice
 from inference.result import SCORE_LABELS
 from inference.vlm import ModelDirectoryError, VlmEngine
@@ -160,7 +160,10 @@ def test_adapter_loads_and_changes_the_output(
     base = [r.probabilities for r in engine.read_slices(series.slices)]
     tuned = [r.probabilities for r in adapter_engine.read_slices(series.slices)]
     assert not np.allclose(base, tuned, atol=1e-4)
+    result = adapter_engine.assess(series)  # generation through the PEFT wrapper too
+    assert len(result.slices) == len(series.slices)
     info = adapter_engine.info
+    assert result.engine == info
     assert info.adapter_revision is not None and info.adapter_revision.startswith("sha256:")
     assert info.key != engine.info.key
 
@@ -229,10 +232,13 @@ def test_card_image_size_must_match_the_vision_tower(
         _ = engine.loaded
 
 
-def test_create_engine_builds_the_vlm(tiny_gemma_dir: Path) -> None:
+def test_create_engine_builds_the_vlm(tiny_gemma_dir: Path, tiny_adapter_dir: Path) -> None:
     engine = create_engine("vlm", model=tiny_gemma_dir, device="cpu")
     assert isinstance(engine, VlmEngine)
     assert engine.info.name == "vlm"
+    # The window the prepare step uses comes from the same card the engine reads.
+    window = engine_window("vlm", model=tiny_gemma_dir, adapter=tiny_adapter_dir)
+    assert window == engine.card.window
 
 
 def test_disagreement_between_text_and_readout_is_noted(engine: VlmEngine) -> None:
