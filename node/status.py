@@ -6,7 +6,10 @@ and deliveries with their last error. ``--json`` prints one JSON object (keys be
 for scripts; without it, a short text summary. Output holds UIDs only, no patient data.
 
 JSON keys: ``counts`` {state: n}, ``oldest_waiting`` (object or null), ``series``
-[objects, most recently changed first, at most ``--limit``], ``failures`` [objects].
+[objects, most recently changed first, at most ``--limit``], ``failures`` [objects],
+``queues`` {``gpu``/``io``: messages waiting, null if the broker cannot be asked}.
+
+``qcnode retry SERIES|--failed`` re-queues dead-lettered work (see :func:`retry_main`).
 """
 
 from __future__ import annotations
@@ -105,6 +108,10 @@ def render_text(report: dict[str, Any]) -> str:
                 f"{s['series_instance_uid']:<64}  {s['state']:<10} "
                 f"{s['instance_count']:>6}  {s['trigger'] or '-'}"
             )
+    queues = report.get("queues")
+    if queues is not None:
+        depth = ", ".join(f"{q} {'?' if n is None else n}" for q, n in queues.items())
+        lines.append(f"queue depths: {depth}")
     lines.append(f"failures: {len(report['failures'])}")
     for f in report["failures"]:
         where = f"→ {f['destination']}" if f["destination"] else "(assessment)"
@@ -131,8 +138,37 @@ def main(args: argparse.Namespace) -> int:
     limit = getattr(args, "limit", None) or DEFAULT_LIMIT
     with Ledger.open(settings.ledger_url) as ledger:
         report = build_report(ledger, limit=limit)
+    from node.pipeline.app import queue_depths
+
+    report["queues"] = queue_depths(settings)
     if getattr(args, "json", False):
         print(json.dumps(report, indent=2))
     else:
         print(render_text(report))
+    return EXIT_OK
+
+
+def retry_main(args: argparse.Namespace) -> int:
+    """``qcnode retry SERIES|--failed``: re-queue dead-lettered jobs and dispatch them.
+
+    Jobs of the series' current generation that failed or were dead-lettered go back
+    to ``pending`` (attempts reset, last error kept) and are prepared and enqueued
+    again; the node's workers (or ``qcnode worker``) pick them up. Prints one line per
+    re-queued job; exit status 1 when there was nothing to re-queue.
+    """
+    settings = _settings(args)
+    if settings is None:
+        return EXIT_FAILURE
+    from node.logs import configure_logging
+    from node.pipeline.dispatch import Dispatcher
+
+    configure_logging(settings.logging.level, settings.logging.json_output)
+    series = None if getattr(args, "failed", False) else args.series
+    with Ledger.open(settings.ledger_url) as ledger, Dispatcher(settings, ledger) as dispatcher:
+        jobs = dispatcher.retry(series)
+    for job in jobs:
+        print(f"re-queued {job.series_instance_uid} job {job.id}")
+    if not jobs:
+        print(f"nothing to re-queue{f' for {series}' if series else ''}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK

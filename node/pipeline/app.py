@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from celery import Celery
 from kombu.entity import Exchange, Queue
+from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.transport import virtual
 
 from node.config import Settings
 from node.pipeline.sqlite_broker import TRANSPORT_PATH
@@ -25,6 +28,8 @@ TASK_ASSESS = "qcnode.assess"
 TASK_REPORT = "qcnode.report"
 GPU = "gpu"
 IO = "io"
+
+log = structlog.get_logger(__name__)
 
 
 def broker_url(settings: Settings) -> str:
@@ -76,3 +81,30 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def queue_depths(settings: Settings, timeout: float = 5.0) -> dict[str, int | None]:
+    """Messages waiting in each stage's queue (``gpu``, ``io``); None where unknown.
+
+    Counts messages not yet handed to a worker (RabbitMQ's ``message_count``, the
+    Redis list length, the SQLite rows); tasks being executed are not included. An
+    unreachable broker gives None for every queue rather than an error.
+    """
+    depths: dict[str, int | None] = {GPU: None, IO: None}
+    with create_app(settings).connection_for_read(connect_timeout=timeout) as conn:
+        unreachable = (*conn.connection_errors, KombuOperationalError, OSError)
+        # A virtual transport (SQLite, Redis) has no queue object: missing means empty.
+        missing = 0 if isinstance(conn.transport, virtual.Transport) else None
+        try:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+            channel = conn.default_channel
+            for stage in depths:
+                try:
+                    ok = channel.queue_declare(queue=queue_name(settings, stage), passive=True)
+                    depths[stage] = int(ok.message_count)
+                except conn.channel_errors:
+                    depths[stage] = missing
+                    channel = conn.channel()  # AMQP closes the channel after a 404
+        except unreachable as exc:
+            log.warning("broker_unreachable", error=type(exc).__name__)
+    return depths
