@@ -255,3 +255,14 @@ def test_close_series_checks_hold_at_closing_time(ledger: Ledger) -> None:
 def test_constructor_does_not_migrate(ledger_url: str) -> None:
     with Ledger(ledger_url) as led:
         assert not set(inspect(led.engine).get_table_names()) & TABLES
+
+
+def test_rolled_back_study_is_not_remembered(ledger: Ledger) -> None:
+    """A failed record (here a version conflict) rolls back its new study row too."""
+    ledger.record_instance(make_record(1, sha="a"))
+    clash = InstanceRecord(**{**make_record(1, sha="b").__dict__, "relpath": "x.dcm",
+                              "study_instance_uid": "1.2.77"})
+    with pytest.raises(VersionConflict):
+        ledger.record_instance(clash)
+    ledger.record_instance(make_record(5, "1.2.78", study="1.2.77"))  # FK must hold
+    assert ledger.series_info("1.2.78").study_instance_uid == "1.2.77"

@@ -27,6 +27,9 @@ from node.ledger.models import (
     utcnow,
 )
 
+#: Study ids remembered per ledger before the cache starts over.
+STUDY_CACHE_SIZE = 10_000
+
 
 @dataclass(frozen=True)
 class InstanceRecord:
@@ -150,7 +153,6 @@ class InstanceAPI(LedgerBase):
             ``relpath`` is already recorded for another instance.
         """
         now = utcnow()
-        hot = self._hot
         with self._write() as conn:
             study_id = self._study_id(conn, rec.study_instance_uid, now)
             series = self._series_row(conn, rec, study_id, now)
@@ -158,24 +160,36 @@ class InstanceAPI(LedgerBase):
             generation = series.generation + 1 if reopen else series.generation
             if not self._insert_instance(conn, rec, series.id, generation, now):
                 return
-            count = 1 if rec.version == 1 else 0
-            if reopen:
-                conn.execute(
-                    hot.reopen_series,
-                    {"sid": series.id, "now": now, "inc": count, "gen": generation},
-                )
-                conn.execute(
-                    hot.insert_event,
-                    {
-                        "series_id": series.id, "at": now, "generation": generation,
-                        "kind": "reopened", "from_state": series.state,
-                        "to_state": SeriesState.RECEIVING.value,
-                        "detail": f"instance arrived after the series was {series.state}",
-                    },
-                )
-            else:
-                conn.execute(hot.touch_series, {"sid": series.id, "now": now, "inc": count})
-            conn.execute(hot.link_assoc, {"series_id": series.id, "assoc_id": rec.assoc_id})
+            self._update_series(conn, rec, series, generation, now)
+        # Only a committed study row may be cached (a rolled-back one does not exist).
+        if len(self._study_ids) >= STUDY_CACHE_SIZE:
+            self._study_ids.clear()
+        self._study_ids[rec.study_instance_uid] = study_id
+
+    def _update_series(
+        self, conn: Connection, rec: InstanceRecord, series: _SeriesRow, generation: int,
+        now: dt.datetime,
+    ) -> None:
+        hot = self._hot
+        reopen = generation != series.generation
+        count = 1 if rec.version == 1 else 0
+        if reopen:
+            conn.execute(
+                hot.reopen_series,
+                {"sid": series.id, "now": now, "inc": count, "gen": generation},
+            )
+            conn.execute(
+                hot.insert_event,
+                {
+                    "series_id": series.id, "at": now, "generation": generation,
+                    "kind": "reopened", "from_state": series.state,
+                    "to_state": SeriesState.RECEIVING.value,
+                    "detail": f"instance arrived after the series was {series.state}",
+                },
+            )
+        else:
+            conn.execute(hot.touch_series, {"sid": series.id, "now": now, "inc": count})
+        conn.execute(hot.link_assoc, {"series_id": series.id, "assoc_id": rec.assoc_id})
 
     def _study_id(self, conn: Connection, study_uid: str, now: dt.datetime) -> int:
         cached = self._study_ids.get(study_uid)
@@ -186,7 +200,6 @@ class InstanceAPI(LedgerBase):
         if study_id is None:
             conn.execute(hot.insert_study, {"study_uid": study_uid, "created_at": now})
             study_id = conn.execute(hot.select_study, {"uid": study_uid}).scalar_one()
-        self._study_ids[study_uid] = int(study_id)
         return int(study_id)
 
     def _series_row(
