@@ -25,6 +25,7 @@ from inference.train import TrainOutcome, run
 from inference.train_args import TrainArgs, TrainArgsError, load_train_args
 from inference.train_data import IGNORE_INDEX, build_example, collate
 from inference.vlm.prompting import encode_batch
+from node.cli import main as qcnode
 from tests.support.labelled import write_series
 
 ANSWER_TEXT = "the image shows noise."
@@ -177,10 +178,16 @@ def test_overfit_answer_comes_back_through_qcnode_assess(tiny: Path, tmp_path: P
     manifest.write_text(json.dumps({"image": "series/001.dcm", "score": 3.0,
                                     "explanation": ANSWER_TEXT, "split": "train"}) + "\n")
     out = tmp_path / "adapter"
-    run(_args(tiny, manifest, out, f"model.card={json.dumps(str(tmp_path / 'card.json'))}",
-              "model.lora_dropout=0", "training.max_steps=40", "training.learning_rate=0.01",
-              "training.gradient_accumulation_steps=1", "training.lr_scheduler=\"constant\"",
-              "training.gradient_checkpointing=false"))
+    rc = qcnode([  # through the command line, as a site would run it
+        "train", "--model", str(tiny), "--manifest", str(manifest), "--output", str(out),
+        "--set", f"model.card={json.dumps(str(tmp_path / 'card.json'))}",
+        "--set", "model.lora_dropout=0", "--set", "training.max_steps=40",
+        "--set", "training.learning_rate=0.01", "--set", "training.gradient_accumulation_steps=1",
+        "--set", "training.lr_scheduler=constant", "--set", "training.warmup_ratio=0",
+        "--set", "training.save_steps=0", "--set", "training.gradient_checkpointing=false",
+        "--set", "training.device=cpu",
+    ])
+    assert rc == 0
     proc = subprocess.run(
         [sys.executable, "-m", "node.cli", "assess", "--engine", "vlm", "--model", str(tiny),
          "--adapter", str(out), "--slices", "2", "--json", str(series)],
@@ -211,8 +218,6 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
 def test_missing_explanations_fail_with_every_record_named(
     tiny: Path, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from node.cli import main as qcnode
-
     rc = qcnode(["train", "--model", str(tiny), "--manifest", str(manifest),
                  "--output", str(tmp_path / "o"), "--set", "data.train_split=\"test\""])
     assert rc == 1
