@@ -1,21 +1,42 @@
-"""The physics engine (placeholder until the measurements land in the next commit)."""
+"""The physics engine: classical CT quality measures → an explained 0–4 score.
+
+Embedded default engine (numpy/scipy, CPU, deterministic): every prepared slice is
+measured (:mod:`inference.physics.measures`), scored (:mod:`inference.physics.scoring`)
+and the series result is assembled with coded findings, evidence and an explanation
+(:mod:`inference.physics.report`).
+"""
 
 from __future__ import annotations
 
+from inference.physics.measures import SliceMeasures, measure_slice
+from inference.physics.report import build_result
+from inference.physics.scoring import DEFAULT_THRESHOLDS, ScoreThresholds
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult, EngineInfo
 
-ENGINE_VERSION = "0.1.0"
+ENGINE_NAME = "physics"
+ENGINE_VERSION = "1.0.0"
+
+__all__ = ["DEFAULT_THRESHOLDS", "PhysicsEngine", "ScoreThresholds", "SliceMeasures"]
 
 
 class PhysicsEngine:
-    """Classical CT quality measures → 0–4 score (not implemented yet)."""
+    """Noise (Christianson), streak index, skin–air sharpness and contrast → score."""
+
+    def __init__(self, thresholds: ScoreThresholds = DEFAULT_THRESHOLDS) -> None:
+        self.thresholds = thresholds
 
     @property
     def info(self) -> EngineInfo:
-        """Name and version."""
-        return EngineInfo(name="physics", version=ENGINE_VERSION)
+        """Name and version; the thresholds are part of the version's meaning."""
+        return EngineInfo(name=ENGINE_NAME, version=ENGINE_VERSION)
+
+    def measure(self, series: PreparedSeries) -> list[SliceMeasures]:
+        """The measurements of every prepared slice, in slice order."""
+        return [measure_slice(s.hu, s.pixel_spacing) for s in series.slices]
 
     def assess(self, series: PreparedSeries) -> AssessmentResult:
-        """Not implemented yet."""
-        raise NotImplementedError("physics engine measurements are not implemented yet")
+        """Assess one prepared series (raises ValueError if it has no slices)."""
+        if not series.slices:
+            raise ValueError(f"series {series.series_instance_uid} has no prepared slices")
+        return build_result(series, self.measure(series), self.thresholds, self.info)

@@ -1,0 +1,218 @@
+"""Assemble the physics engine's :class:`AssessmentResult`: slice scores, coded findings
+with regions, evidence (:class:`Measurement`) and a plain-words explanation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from inference.physics.measures import BODY_HU, Box, SliceMeasures
+from inference.physics.scoring import (
+    ScoreThresholds,
+    noise_words,
+    series_score,
+    severity,
+    slice_score,
+)
+from inference.prepare import PreparedSeries, PreparedSlice
+from inference.result import (
+    AssessmentResult,
+    EngineInfo,
+    Finding,
+    FindingKind,
+    Measurement,
+    Region,
+    Severity,
+    SliceScore,
+    score_label,
+)
+
+#: Fraction of the image border covered by body above which the field of view is cut.
+TRUNCATION_BORDER = (0.05, 0.2, 0.4)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    slice: PreparedSlice
+    m: SliceMeasures
+    noise: float
+    score: float
+    uncertainty: float
+
+    @property
+    def number(self) -> int:
+        return self.slice.index + 1
+
+    def region(self, box: Box | None) -> Region | None:
+        if box is None:
+            return None
+        return Region.box(self.slice.sop_instance_uid, *box, frame=self.slice.frame)
+
+
+def _score_slices(series: PreparedSeries, measures: Sequence[SliceMeasures],
+                  t: ScoreThresholds) -> list[_Scored]:
+    scored = []
+    for s, m in zip(series.slices, measures, strict=True):
+        if m.noise.sd_hu is None:
+            continue  # no soft tissue on this slice (e.g. outside the body)
+        score, unc = slice_score(m.noise.sd_hu, m.streak.index_hu, m.edge.width_mm, t)
+        scored.append(_Scored(s, m, m.noise.sd_hu, score, unc))
+    if not scored:
+        raise ValueError(
+            f"series {series.series_instance_uid}: no soft tissue (0–150 HU) found on the "
+            "selected slices, so noise cannot be measured"
+        )
+    return scored
+
+
+def _truncation(series: PreparedSeries) -> tuple[float, PreparedSlice]:
+    worst = (0.0, series.slices[0])
+    for s in series.slices:
+        border = np.concatenate([s.hu[0], s.hu[-1], s.hu[:, 0], s.hu[:, -1]])
+        frac = float((border > BODY_HU).mean())
+        worst = max(worst, (frac, s), key=lambda x: x[0])
+    return worst
+
+
+def _noise(scored: list[_Scored], t: ScoreThresholds) -> tuple[list[Finding], list[Measurement],
+                                                               str]:
+    mid = _median_item_by(scored, lambda x: x.noise)
+    worst = max(scored, key=lambda x: x.noise)
+    evidence = [Measurement(
+        "noise_hu", mid.noise, "[hnsf'U]",
+        f"soft tissue 0–150 HU, mode of local SD (median slice {mid.number})",
+        mid.slice.sop_instance_uid, mid.region(mid.m.noise.box),
+    )]
+    fat = [x for x in scored if x.m.fat_noise.sd_hu is not None]
+    fat_text = ""
+    if fat:
+        fmid = _median_item_by(fat, lambda x: x.m.fat_noise.sd_hu or 0.0)
+        fat_sd = fmid.m.fat_noise.sd_hu or 0.0
+        evidence.append(Measurement(
+            "noise_fat_hu", fat_sd, "[hnsf'U]", f"fat −300–0 HU (slice {fmid.number})",
+            fmid.slice.sop_instance_uid, fmid.region(fmid.m.fat_noise.box),
+        ))
+        fat_text = f"; {fat_sd:.1f} HU in fat"
+    text = (f"Noise {mid.noise:.1f} HU in soft tissue (median of {len(scored)} slices"
+            f"{fat_text}), {noise_words(mid.noise, t)}")
+    if worst.noise > 1.15 * mid.noise:
+        text += f"; highest {worst.noise:.1f} HU at slice {worst.number}"
+    findings = []
+    level = severity(mid.noise, t.noise_severity_hu)
+    if level is not Severity.NONE:
+        findings.append(Finding(
+            FindingKind.NOISE, level,
+            f"noise {mid.noise:.1f} HU in soft tissue (worst {worst.noise:.1f} HU, "
+            f"slice {worst.number})",
+            worst.slice.sop_instance_uid, worst.region(worst.m.noise.box),
+        ))
+    return findings, evidence, text + "."
+
+
+def _streaks(scored: list[_Scored], t: ScoreThresholds) -> tuple[list[Finding],
+                                                                 list[Measurement], str]:
+    worst = max(scored, key=lambda x: x.m.streak.index_hu)
+    value = worst.m.streak.index_hu
+    hit = [x for x in scored if severity(x.m.streak.index_hu, t.streak_severity_hu)
+           is not Severity.NONE]
+    if not hit:
+        dense = [x for x in scored if x.m.streak.dense_pixels]
+        if dense:
+            return [], [], f"Dense material on {len(dense)} slice(s) without notable streaks."
+        return [], [], "No dense material, no streaks."
+    slices = ", ".join(str(x.number) for x in sorted(hit, key=lambda x: x.number))
+    evidence = [Measurement(
+        "streak_index_hu", value, "[hnsf'U]",
+        f"sqrt(SD² − SD_ref²) around material > 2000 HU, slice {worst.number}",
+        worst.slice.sop_instance_uid, worst.region(worst.m.streak.box),
+    )]
+    finding = Finding(
+        FindingKind.METAL_ARTIFACT, severity(value, t.streak_severity_hu),
+        f"streaks from dense material at slice(s) {slices}; index {value:.0f} HU at slice "
+        f"{worst.number}",
+        worst.slice.sop_instance_uid, worst.region(worst.m.streak.box),
+    )
+    text = (f"Streaks from dense material at slice(s) {slices} (streak index {value:.0f} HU "
+            f"at slice {worst.number}).")
+    return [finding], evidence, text
+
+
+def _edge_and_contrast(scored: list[_Scored], t: ScoreThresholds) -> tuple[
+        list[Finding], list[Measurement], str]:
+    findings: list[Finding] = []
+    evidence: list[Measurement] = []
+    parts = []
+    edges = [x for x in scored if x.m.edge.width_mm is not None]
+    if edges:
+        e = _median_item_by(edges, lambda x: x.m.edge.width_mm or 0.0)
+        width, f50 = e.m.edge.width_mm or 0.0, e.m.edge.mtf50_per_mm or 0.0
+        evidence += [
+            Measurement("edge_width_mm", width, "mm", f"skin–air edge 10–90 %, slice {e.number}",
+                        e.slice.sop_instance_uid),
+            Measurement("mtf50_per_mm", f50, "/mm", "from the skin–air edge (Gaussian model)",
+                        e.slice.sop_instance_uid),
+        ]
+        level = severity(width, t.blur_severity_mm)
+        parts.append(f"Skin–air edge width {width:.1f} mm (MTF50 {f50:.2f} /mm): "
+                     + ("sharp" if level is Severity.NONE else f"{level} blur"))
+        if level is not Severity.NONE:
+            findings.append(Finding(FindingKind.BLUR, level, f"edge width {width:.1f} mm",
+                                    e.slice.sop_instance_uid))
+    contrasts = [x for x in scored if x.m.cnr is not None]
+    if contrasts:
+        c = _median_item_by(contrasts, lambda x: x.m.cnr or 0.0)
+        cnr, contrast = c.m.cnr or 0.0, c.m.contrast_hu or 0.0
+        region = c.region(c.m.noise.box)
+        evidence += [
+            Measurement("contrast_hu", contrast, "[hnsf'U]", f"soft tissue − fat, slice "
+                        f"{c.number}", c.slice.sop_instance_uid, region),
+            Measurement("cnr", cnr, "1", "soft tissue vs fat, over soft-tissue noise",
+                        c.slice.sop_instance_uid, region),
+        ]
+        parts.append(f"soft tissue–fat contrast {contrast:.0f} HU, CNR {cnr:.1f}")
+        level = severity(cnr, t.cnr_severity, lower_is_worse=True)
+        if level is not Severity.NONE:
+            findings.append(Finding(FindingKind.LOW_CONTRAST, level, f"CNR {cnr:.1f}",
+                                    c.slice.sop_instance_uid))
+    return findings, evidence, ("; ".join(parts) + ".") if parts else ""
+
+
+def _median_item_by(items: list[_Scored], key: Callable[[_Scored], float]) -> _Scored:
+    ordered = sorted(items, key=key)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def build_result(series: PreparedSeries, measures: Sequence[SliceMeasures],
+                 t: ScoreThresholds, info: EngineInfo) -> AssessmentResult:
+    """The series result from per-slice measures (same order as ``series.slices``)."""
+    scored = _score_slices(series, measures, t)
+    score, uncertainty = series_score([x.score for x in scored],
+                                      [x.uncertainty for x in scored], t)
+    findings: list[Finding] = []
+    evidence: list[Measurement] = []
+    texts = []
+    for part in (_noise, _streaks, _edge_and_contrast):
+        f, e, text = part(scored, t)
+        findings += f
+        evidence += e
+        texts.append(text)
+    frac, cut = _truncation(series)
+    level = severity(frac, TRUNCATION_BORDER)
+    if level is not Severity.NONE:
+        findings.append(Finding(FindingKind.TRUNCATED_FOV, level,
+                                f"body reaches {frac:.0%} of the image border",
+                                cut.sop_instance_uid))
+        texts.append(f"The body is cut by the field of view at slice {cut.index + 1}.")
+    texts.append(f"Score {score:.1f} of 4 ({score_label(score)}), from {len(scored)} of "
+                 f"{series.total_slices} slices.")
+    return AssessmentResult(
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        score=score, uncertainty=uncertainty,
+        explanation=" ".join(t for t in texts if t), engine=info,
+        slices=tuple(SliceScore(x.slice.sop_instance_uid, x.score, x.uncertainty,
+                                x.slice.frame) for x in scored),
+        findings=tuple(findings), evidence=tuple(evidence),
+    )
