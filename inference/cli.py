@@ -1,0 +1,120 @@
+"""`qcnode assess PATH…`: offline assessment of CT series, no server, no config.
+
+Files and folders in; one result per series out (human-readable, or one JSON object per
+line with ``--json``); optionally a TID 1500 SR per series in ``--sr-out DIR``. Every
+problem (non-CT input, one-slice series, corrupt pixel data, a missing model directory)
+is one line on stderr naming it, and a non-zero exit code; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from tqdm import tqdm
+
+from inference.dicom import Header, PrepareError
+from inference.engine import Engine, EngineError, create_engine, engine_window
+from inference.prepare import PreparedSeries, prepare_series, scan_series
+from inference.result import AssessmentResult
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+#: Show a progress bar from this many instances on (tqdm hides it when not on a TTY).
+PROGRESS_MIN_INSTANCES = 50
+
+
+def _fail(message: str) -> None:
+    print(f"qcnode assess: {message}", file=sys.stderr)
+
+
+def _human(result: AssessmentResult) -> str:
+    lines = [
+        f"series {result.series_instance_uid}",
+        f"  score {result.score:.2f} ({result.label})"
+        + (f" ± {result.uncertainty:.2f}" if result.uncertainty is not None else "")
+        + f"   engine {result.engine.name} {result.engine.version}",
+        f"  {result.explanation}",
+    ]
+    for f in result.findings:
+        lines.append(f"  finding: {f.kind.value} ({f.severity.value}) {f.description}")
+    for note in result.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def write_sr(result: AssessmentResult, series: PreparedSeries, headers: list[Header],
+             engine: Engine, out: Path) -> Path:
+    """Build the series' SR with :func:`sr_writer.build_sr` and write it into ``out``."""
+    try:
+        sr_module: Any = import_module("sr_writer")
+    except ImportError as exc:
+        raise EngineError(f"--sr-out needs the sr_writer package, which is missing: {exc}"
+                          ) from exc
+    assessed = {s.sop_instance_uid for s in series.slices}
+    sources = [
+        pydicom.dcmread(h.path, stop_before_pixels=True)
+        for h in headers
+        if h.frames and h.frames[0].sop_instance_uid in assessed
+    ]
+    job_key = f"{result.series_instance_uid}|{engine.info.key}"
+    sr = sr_module.build_sr(sources, result, job_key=job_key)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"SR_{sr.SOPInstanceUID}.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _assess_one(headers: list[Header], engine: Engine, args: argparse.Namespace,
+                window: Any) -> AssessmentResult:
+    series = prepare_series(headers, k=args.slices, window=window)
+    result = engine.assess(series)
+    if args.sr_out is not None:
+        write_sr(result, series, headers, engine, args.sr_out)
+    return result
+
+
+def assess_main(args: argparse.Namespace) -> int:
+    """The ``qcnode assess`` handler; returns the exit code."""
+    try:
+        engine = create_engine(args.engine, model=args.model, adapter=args.adapter)
+        window = engine_window(args.engine, model=args.model, adapter=args.adapter)
+        groups = scan_series(list(args.paths))
+    except (EngineError, PrepareError, OSError, ValueError, ImportError) as exc:
+        _fail(str(exc))
+        return EXIT_FAILURE
+    if not groups:
+        _fail(f"no DICOM image instances found in {', '.join(map(str, args.paths))}")
+        return EXIT_FAILURE
+    failures = 0
+    instances = sum(len(h) for h in groups.values())
+    bar = tqdm(total=instances, unit="img", file=sys.stderr, desc="assess",
+               disable=None if instances >= PROGRESS_MIN_INSTANCES else True)
+    with bar:
+        for uid, headers in groups.items():
+            try:
+                result = _assess_one(headers, engine, args, window)
+            except (PrepareError, EngineError, ValueError, OSError) as exc:
+                failures += 1
+                bar.clear()
+                _fail(f"series {uid}: {exc}")
+                bar.update(len(headers))
+                continue
+            except Exception as exc:  # noqa: BLE001 - the CLI boundary: one line, no traceback
+                failures += 1
+                bar.clear()
+                _fail(f"series {uid}: unexpected {type(exc).__name__}: {exc}")
+                bar.update(len(headers))
+                continue
+            bar.update(len(headers))
+            bar.clear()
+            if args.json:
+                print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+            else:
+                print(_human(result), flush=True)
+    return EXIT_FAILURE if failures else EXIT_OK
