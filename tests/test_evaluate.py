@@ -96,3 +96,25 @@ def test_bad_inputs_are_one_line_errors(labelled: Path, tmp_path: Path,
     assert qcnode(["evaluate", str(labelled), "--engine", "vlm", "--model",
                    str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_compare_adapter_with_base_model_on_the_tiny_vlm(
+    labelled: Path, tmp_path: Path, tiny_gemma_dir: Path, tiny_adapter_dir: Path
+) -> None:
+    out = tmp_path / "eval"
+    rc = qcnode(["evaluate", str(labelled), "--split", "test", "--engine", "vlm",
+                 "--model", str(tiny_gemma_dir), "--adapter", str(tiny_adapter_dir),
+                 "--compare", "vlm", "--device", "cpu", "--out", str(out),
+                 "--bootstrap", "50"])
+    assert rc == 0
+    runs = json.loads((out / "report.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == [f"vlm+{tiny_adapter_dir.name}", "vlm-base"]
+    assert all(not r["failed"] and not r["missing"] for r in runs), runs
+    assert all(r["agreement"]["n"] == 6 for r in runs)
+    with_adapter, base = (
+        {p["id"]: p["score"] for p in map(json.loads, (out / f"predictions-{r['name']}.jsonl")
+                                         .read_text().splitlines())}
+        for r in runs
+    )
+    assert with_adapter.keys() == base.keys() == {f"r{i}" for i in range(6)}
+    assert with_adapter != base  # the adapter changes the read-out
