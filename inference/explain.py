@@ -47,6 +47,7 @@ TEACHER_INSTRUCTION = (
     "give a numerical score or a rating word."
 )
 _SCORE_LINE = re.compile(r"^\s*(score|rating)\b.*$", re.IGNORECASE | re.MULTILINE)
+_SCORE_SENTENCE = re.compile(r"\b(score|rating|rated)\b", re.IGNORECASE)
 
 
 class TeacherError(RuntimeError):
@@ -116,10 +117,18 @@ def clean_teacher_text(text: str) -> str:
     return " ".join(_SCORE_LINE.sub("", text).split())
 
 
+def without_scores(text: str) -> str:
+    """``text`` minus every sentence that states a score or rating (the engine's own
+    estimate must neither contradict the label in a training answer nor anchor a teacher)."""
+    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
+    return " ".join(s for s in sentences if not _SCORE_SENTENCE.search(s)).strip()
+
+
 def physics_draft(record: Record, engine: Any) -> str:
-    """The physics engine's explanation of the record's image (measurements in words)."""
+    """The physics engine's description of the record's image: its measurements in words,
+    without the engine's own score."""
     result = engine.assess(load_prepared(record, Window()))
-    return str(result.explanation).strip()
+    return without_scores(str(result.explanation))
 
 
 def draft(record: Record, engine: Any, teacher: Teacher | None, window: Window) -> str:

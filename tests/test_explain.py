@@ -91,9 +91,13 @@ def test_teacher_sees_image_and_measurements_but_never_the_score(
         assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
         text = json.dumps(body["messages"][0]) + parts[0]["text"]
         assert "score" not in json.dumps(sorted(body))
+        head = raw.split(b"base64,")[0].decode()  # everything before the image bytes
         for score in SCORES:  # no record's score anywhere in what the teacher received
-            assert not re.search(rf"(?<![\d.]){re.escape(str(score))}(?!\d)", text), score
-            assert str(score).encode() not in raw.split(b"base64,")[0]
+            for where in (text, head):
+                assert not re.search(rf"(?<![\d.]){re.escape(str(score))}(?!\d)", where), score
+        # the physics measurements are there, the physics engine's own score is not
+        assert "Noise" in text and "HU" in text
+        assert not re.search(r"\bscore\b", parts[0]["text"].split("physics-based tool:")[1], re.I)
     records = read_manifest(out, check_images=True)
     assert [r.score for r in records] == list(SCORES)
     assert all(r.explanation == TEACHER_TEXT for r in records)  # its score line dropped
@@ -103,4 +107,7 @@ def test_physics_drafts_without_a_teacher(scores_only: Path, tmp_path: Path) -> 
     out = tmp_path / "explained.jsonl"
     assert qcnode(["train", "explain", str(scores_only), str(out)]) == 0
     records = read_manifest(out)
-    assert all(r.explanation and "HU" in r.explanation for r in records)
+    assert [r.score for r in records] == list(SCORES)
+    for r in records:
+        assert r.explanation and "Noise" in r.explanation and "HU" in r.explanation
+        assert not re.search(r"\bscore\b", r.explanation, re.I)  # no competing score
