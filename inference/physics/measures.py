@@ -87,8 +87,9 @@ def local_stats(hu: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(np.maximum(sq - mean * mean, 0.0))
 
 
-def box_variance_factor(hu: np.ndarray, mask: np.ndarray, size: int) -> float:
-    """E[local variance] / σ² for a size×size box, from the measured noise correlation.
+def box_variance_factor(hu: np.ndarray, mask: np.ndarray, size: int
+                        ) -> tuple[float, float]:
+    """E[local variance] / σ² for a size×size box, and the box's effective sample count.
 
     CT noise is spatially correlated (the reconstruction kernel), so the SD of a few
     dozen neighbouring pixels underestimates σ. With ρ(d) the noise autocorrelation,
@@ -99,12 +100,12 @@ def box_variance_factor(hu: np.ndarray, mask: np.ndarray, size: int) -> float:
     residual = hu.astype(np.float64) - ndimage.uniform_filter(
         hu.astype(np.float64), 2 * size + 1, mode="nearest"
     )
-    lag = CORRELATION_LAGS
+    lag = min(CORRELATION_LAGS, size - 1)
     inner = np.zeros_like(mask)
     inner[lag:-lag, lag:-lag] = mask[lag:-lag, lag:-lag]
     rows, cols = np.nonzero(inner)
     if rows.size < 200:
-        return 1.0 - 1.0 / (size * size)
+        return 1.0 - 1.0 / (size * size), float(size * size)
     base = residual[rows, cols]
     var0 = float(np.mean(base * base))
     total = 0.0
@@ -114,7 +115,7 @@ def box_variance_factor(hu: np.ndarray, mask: np.ndarray, size: int) -> float:
                 np.mean(base * residual[rows + dy, cols + dx]) / var0
             )
             total += (size - abs(dx)) * (size - abs(dy)) * rho
-    return float(min(max(1.0 - total / size**4, 0.05), 1.0))
+    return float(min(max(1.0 - total / size**4, 0.05), 1.0)), size**4 / total
 
 
 def _mode(values: np.ndarray) -> float:
@@ -251,7 +252,15 @@ def measure_slice(hu: np.ndarray, spacing: tuple[float, float]) -> SliceMeasures
     body = body_mask(hu)
     core = ndimage.binary_erosion(body, iterations=size) if body.any() else body
     soft = tissue_mask(mean, SOFT_TISSUE_HU, core)
-    factor = box_variance_factor(hu, soft, size)
+    factor, n_eff = 1.0 - 1.0 / (size * size), float(size * size)
+    if soft.sum() >= 200:
+        # estimate the correlation where the tissue is homogeneous on a wider scale
+        _, sd_wide = local_stats(hu, 2 * size + 1)
+        homogeneous = soft & (sd_wide < 1.2 * _mode(sd_wide[soft]))
+        factor, n_eff = box_variance_factor(hu, homogeneous, size)
+    # the histogram's mode of a chi-distributed SD lies below its RMS: sqrt((ν−1)/ν)
+    nu = max(n_eff - 1.0, 2.0)
+    factor *= (nu - 1.0) / nu
     noise = tissue_noise(mean, sd, soft, factor)
     fat = tissue_noise(mean, sd, tissue_mask(mean, FAT_HU, core), factor)
     streak = streak_index(hu, mean, body, noise.sd_hu, spacing)
