@@ -1,0 +1,78 @@
+"""`qcnode assess` end to end as a subprocess: JSON lines, SR output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from inference.synth import SynthSpec, synthesize
+
+QCNODE = Path(sys.executable).parent / "qcnode"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(QCNODE), "assess", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("assess")
+    synthesize(SynthSpec(dose_levels=(1.0, 0.125), slices=4, size=256, seed=11), out)
+    return out
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("qcnode assess:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_assess_json_one_line_per_series(study: Path) -> None:
+    proc = _run(str(study), "--json", "--slices", "4")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert {"series_instance_uid", "score", "uncertainty", "findings", "explanation",
+                "engine"} <= row.keys()
+        assert row["engine"]["name"] == "physics"
+    by_dose = {json.loads((study / d / "truth.json").read_text())["series_instance_uid"]: d
+               for d in ("dose1", "dose0.125")}
+    scores = {by_dose[r["series_instance_uid"]]: r["score"] for r in rows}
+    assert scores["dose1"] > scores["dose0.125"]
+
+
+def test_assess_human_and_sr_out(study: Path, tmp_path: Path) -> None:
+    proc = _run(str(study / "dose1"), "--sr-out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "score" in proc.stdout and "Noise" in proc.stdout
+    srs = list(tmp_path.glob("*.dcm"))
+    assert len(srs) == 1
+    assert pydicom.dcmread(srs[0]).Modality == "SR"
+
+
+def test_assess_bad_inputs(study: Path, tmp_path: Path) -> None:
+    files = sorted((study / "dose1").glob("*.dcm"))
+    _one_line_error(_run(str(files[0])), "at least 2")
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    for f in files[:2]:
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(mr / f.name)
+    _one_line_error(_run(str(mr)), "not CT")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in files[:3]:
+        (corrupt / f.name).write_bytes(f.read_bytes()[:-4000])
+    _one_line_error(_run(str(corrupt)), "pixel data")
+    _one_line_error(_run(str(study), "--engine", "vlm", "--model", str(tmp_path / "nope")),
+                    "model directory")
+    _one_line_error(_run(str(tmp_path / "missing")), "no such file")
