@@ -1,0 +1,106 @@
+"""End to end with real peers: ``qcnode synth`` → DCMTK storescu → ``qcnode serve`` → SR in Orthanc.
+
+Every test runs the real processes (``qcnode serve`` with its embedded Celery workers on
+the SQLite broker, or with Redis / RabbitMQ and separate ``qcnode worker`` processes), a
+real Orthanc started on free ports, and fetches the SR back over Orthanc's REST API;
+the parsed SR must equal the result the ledger recorded. No eager mode, no mocks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from inference.result import AssessmentResult
+from node.ledger import DeliveryState, JobState, SeriesState
+from sr_writer import extract_pdf, parse_sr
+from tests.support.e2e import NODE_AE, NodeSite, same_result, series_uid_of, storescu, synth_series
+from tests.support.orthanc import Orthanc, running_orthanc
+
+REDIS_URL = "redis://127.0.0.1:6379/11"
+RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+TEXT_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
+PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+@pytest.fixture()
+def pacs(tmp_path: Path) -> Iterator[Orthanc]:
+    with running_orthanc(tmp_path / "orthanc", {NODE_AE: 104}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic CT series (24 slices of 256²), shared by the tests of this module."""
+    return synth_series(tmp_path_factory.mktemp("synth"), slices=24, size=256)
+
+
+def reports_in(pacs: Orthanc) -> dict[str, list[pydicom.Dataset]]:
+    """Every non-image object in the PACS (modalities SR and DOC), by SOP Class UID."""
+    found: dict[str, list[pydicom.Dataset]] = {}
+    for orthanc_id in [*pacs.find_modality("SR"), *pacs.find_modality("DOC")]:
+        ds = pydicom.dcmread(io.BytesIO(pacs.instance_file(orthanc_id)))
+        found.setdefault(str(ds.SOPClassUID), []).append(ds)
+    return found
+
+
+def check_delivered(site: NodeSite, uid: str) -> AssessmentResult:
+    """The series' SR is in Orthanc once, and parses to the ledger's result."""
+    site.wait_state(uid, SeriesState.DELIVERED)
+    job = site.job(uid)
+    assert job.state == JobState.DONE
+    assert job.sr_uid is not None and job.result_json is not None
+    recorded = AssessmentResult.from_json(job.result_json)
+    parsed = parse_sr(site.sr_in_pacs(job.sr_uid))
+    assert same_result(parsed, recorded), (parsed, recorded)
+    assert parsed.series_instance_uid == uid
+    assert len(reports_in(site.pacs)[COMPREHENSIVE_3D_SR]) == 1
+    (delivery,) = site.ledger.deliveries_of(job.id)
+    assert delivery.state == DeliveryState.CONFIRMED
+    assert delivery.confirmed_by == "find"
+    return recorded
+
+
+def status_json(site: NodeSite) -> dict[str, Any]:
+    """``qcnode status --json`` of the site."""
+    run = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--config",
+                          str(site.config)], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    report: dict[str, Any] = json.loads(run.stdout)
+    return report
+
+
+def test_embedded_defaults_with_companions(tmp_path: Path, pacs: Orthanc,
+                                           series_dir: Path) -> None:
+    """Embedded broker and workers; the destination also asks for Text SR and PDF."""
+    site = NodeSite(tmp_path / "home", pacs, companions='companions = ["text_sr", "pdf"]')
+    try:
+        site.start()
+        storescu(series_dir, site.port)
+        uid = series_uid_of(series_dir)
+        recorded = check_delivered(site, uid)
+        reports = reports_in(pacs)
+        assert sorted(reports) == sorted([COMPREHENSIVE_3D_SR, TEXT_SR_CLASS, PDF_CLASS])
+        (text_sr,) = reports[TEXT_SR_CLASS]
+        (pdf,) = reports[PDF_CLASS]
+        assert f"{recorded.score:.1f}" in text_sr.to_json()
+        assert extract_pdf(pdf).startswith(b"%PDF")
+        # Companions carry the job's time, like the SR: a rebuild is the same object.
+        sr = reports[COMPREHENSIVE_3D_SR][0]
+        assert text_sr.ContentDate == pdf.ContentDate == sr.ContentDate
+        report = status_json(site)
+        assert report["queues"] == {"gpu": 0, "io": 0}
+        assert report["counts"]["delivered"] == 1
+        assert report["failures"] == []
+    finally:
+        site.stop()
