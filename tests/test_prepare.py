@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from inference.dicom import ENHANCED_CT_IMAGE_STORAGE, PrepareError
 from inference.prepare import PreparedSeries, Window, group_series, prepare_series
@@ -18,7 +18,7 @@ from inference.synth import SynthSpec, synthesize
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> Path:
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("small")
     synthesize(SynthSpec(slices=5, size=128, seed=7), out)
     return out / "dose1"
@@ -70,8 +70,8 @@ def _enhanced(small: Path, out: Path, padding: int | None = None) -> Path:
     for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
                "RescaleIntercept", "RescaleSlope", "SliceLocation"):
         del ds[kw]
-    ds.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    ds.SOPClassUID = UID(ENHANCED_CT_IMAGE_STORAGE)
+    ds.file_meta.MediaStorageSOPClassUID = UID(ENHANCED_CT_IMAGE_STORAGE)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.NumberOfFrames = len(frames)
     shared = Dataset()
