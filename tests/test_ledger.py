@@ -266,3 +266,35 @@ def test_rolled_back_study_is_not_remembered(ledger: Ledger) -> None:
         ledger.record_instance(clash)
     ledger.record_instance(make_record(5, "1.2.78", study="1.2.77"))  # FK must hold
     assert ledger.series_info("1.2.78").study_instance_uid == "1.2.77"
+
+
+def test_failures_in_a_shared_commit_stay_with_their_caller(ledger: Ledger) -> None:
+    """Concurrent callers (SQLite: one group commit) — a conflicting record raises in
+    its own thread, leaves no series behind, and does not undo the others."""
+    ledger.record_instance(make_record(1, sha="a"))
+    workers = 12
+    barrier = threading.Barrier(workers)
+    outcome: dict[int, str] = {}
+
+    def run(n: int) -> None:
+        if n % 2:
+            rec = InstanceRecord(**{**make_record(1, sha="b").__dict__,
+                                    "relpath": f"clash-{n}.dcm",
+                                    "series_instance_uid": f"1.2.66.{n}"})
+        else:
+            rec = make_record(n, f"1.2.55.{n}")
+        barrier.wait(30)
+        try:
+            ledger.record_instance(rec)
+            outcome[n] = "ok"
+        except VersionConflict:
+            outcome[n] = "conflict"
+
+    pool = [threading.Thread(target=run, args=(n,)) for n in range(workers)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert outcome == {n: "conflict" if n % 2 else "ok" for n in range(workers)}
+    uids = {s.series_instance_uid for s in ledger.list_series()}
+    assert uids == {"1.2.3.4"} | {f"1.2.55.{n}" for n in range(0, workers, 2)}

@@ -72,7 +72,13 @@ class LedgerBase:
         # SQLite: queue this process's writers on a lock that wakes the next one at
         # once; SQLite's own busy handler sleeps in growing steps (up to 100 ms) and
         # is left for contention between processes.
-        with self._write_lock, self._write_engine.connect() as conn, conn.begin():
+        with self._write_lock, self._write_unlocked() as conn:
+            yield conn
+
+    @contextmanager
+    def _write_unlocked(self) -> Iterator[Connection]:
+        """A writing transaction; on SQLite the caller holds ``_write_lock``."""
+        with self._write_engine.connect() as conn, conn.begin():
             yield conn
 
     @contextmanager

@@ -8,6 +8,7 @@ durable transaction of a handful of Core statements.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,18 @@ class InstanceRecord:
     version: int = 1  # 2, 3… when the same SOP Instance UID arrives with different bytes
     action: str = "assess"  # the routing rule's action: "assess" or "store"
     rule: str = ""  # the rule's name
+
+
+class _Slot:
+    """One record waiting for a group commit, and its outcome."""
+
+    __slots__ = ("done", "error", "rec", "study_id")
+
+    def __init__(self, rec: InstanceRecord) -> None:
+        self.rec = rec
+        self.done = False
+        self.error: BaseException | None = None
+        self.study_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,8 @@ class InstanceAPI(LedgerBase):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._hot = _HotStatements(self._insert)
+        self._pending: list[_Slot] = []
+        self._pending_lock = threading.Lock()
 
     def versions_of(self, sop_instance_uid: str) -> list[tuple[int, str]]:
         """Every recorded ``(version, sha256)`` of a SOP Instance UID, oldest first."""
@@ -142,7 +157,8 @@ class InstanceAPI(LedgerBase):
 
         The statements are built once (:class:`_HotStatements`) and executed with
         bound parameters: building and cache-keying Core statements per call cost
-        more than SQLite itself.
+        more than SQLite itself. On SQLite, concurrent callers share one commit
+        (:meth:`_record_grouped`); the call returns only once its record is durable.
 
         Raises
         ------
@@ -152,19 +168,72 @@ class InstanceAPI(LedgerBase):
         LedgerError
             ``relpath`` is already recorded for another instance.
         """
+        if self._write_lock is None:
+            with self._write() as conn:
+                study_id = self._record_in(conn, rec)
+            self._remember_study(rec.study_instance_uid, study_id)
+            return
+        self._record_grouped(rec, self._write_lock)
+
+    def _record_in(self, conn: Connection, rec: InstanceRecord) -> int | None:
+        """Record ``rec`` in the open transaction; the study id, None for a duplicate."""
         now = utcnow()
-        with self._write() as conn:
-            study_id = self._study_id(conn, rec.study_instance_uid, now)
-            series = self._series_row(conn, rec, study_id, now)
-            reopen = series.state != SeriesState.RECEIVING
-            generation = series.generation + 1 if reopen else series.generation
-            if not self._insert_instance(conn, rec, series.id, generation, now):
-                return
-            self._update_series(conn, rec, series, generation, now)
+        study_id = self._study_id(conn, rec.study_instance_uid, now)
+        series = self._series_row(conn, rec, study_id, now)
+        reopen = series.state != SeriesState.RECEIVING
+        generation = series.generation + 1 if reopen else series.generation
+        if not self._insert_instance(conn, rec, series.id, generation, now):
+            return None
+        self._update_series(conn, rec, series, generation, now)
+        return study_id
+
+    def _remember_study(self, study_uid: str, study_id: int | None) -> None:
         # Only a committed study row may be cached (a rolled-back one does not exist).
+        if study_id is None:
+            return
         if len(self._study_ids) >= STUDY_CACHE_SIZE:
             self._study_ids.clear()
-        self._study_ids[rec.study_instance_uid] = study_id
+        self._study_ids[study_uid] = study_id
+
+    def _record_grouped(self, rec: InstanceRecord, write_lock: threading.Lock) -> None:
+        """SQLite group commit: whoever holds the write lock commits everyone's records.
+
+        Each caller queues its record and waits for the write lock. The holder takes
+        every queued record, writes each in its own savepoint (one failure does not
+        undo the others) and commits them with one fsync; callers whose record was
+        committed meanwhile just collect their result. Under concurrent associations
+        this turns N fsyncs into one, with the same durability for each caller.
+        """
+        slot = _Slot(rec)
+        with self._pending_lock:
+            self._pending.append(slot)
+        with write_lock:
+            if not slot.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._commit_batch(batch)
+        if slot.error is not None:
+            raise slot.error
+
+    def _commit_batch(self, batch: list[_Slot]) -> None:
+        try:
+            with self._write_unlocked() as conn:
+                for slot in batch:
+                    try:
+                        with conn.begin_nested():
+                            slot.study_id = self._record_in(conn, slot.rec)
+                    except Exception as exc:  # noqa: BLE001 — handed to that record's caller
+                        slot.error = exc
+        except BaseException as exc:
+            for slot in batch:
+                slot.error = slot.error or exc
+                slot.study_id = None
+            raise
+        finally:
+            for slot in batch:
+                slot.done = True
+        for slot in batch:
+            self._remember_study(slot.rec.study_instance_uid, slot.study_id)
 
     def _update_series(
         self, conn: Connection, rec: InstanceRecord, series: _SeriesRow, generation: int,
