@@ -53,9 +53,9 @@ def reports_in(pacs: Orthanc) -> dict[str, list[pydicom.Dataset]]:
     return found
 
 
-def check_delivered(site: NodeSite, uid: str) -> AssessmentResult:
+def check_delivered(site: NodeSite, uid: str, timeout: float = 120.0) -> AssessmentResult:
     """The series' SR is in Orthanc once, and parses to the ledger's result."""
-    site.wait_state(uid, SeriesState.DELIVERED)
+    site.wait_state(uid, SeriesState.DELIVERED, timeout=timeout)
     job = site.job(uid)
     assert job.state == JobState.DONE
     assert job.sr_uid is not None and job.result_json is not None
@@ -102,5 +102,44 @@ def test_embedded_defaults_with_companions(tmp_path: Path, pacs: Orthanc,
         assert report["queues"] == {"gpu": 0, "io": 0}
         assert report["counts"]["delivered"] == 1
         assert report["failures"] == []
+    finally:
+        site.stop()
+
+
+@pytest.mark.parametrize("broker_url", [REDIS_URL, RABBIT_URL], ids=["redis", "rabbitmq"])
+def test_external_broker_with_separate_workers(tmp_path: Path, pacs: Orthanc,
+                                               series_dir: Path, broker_url: str) -> None:
+    """A broker URL: the node runs listener only; ``qcnode worker`` per queue does the work."""
+    site = NodeSite(tmp_path / "home", pacs, broker=f'url = "{broker_url}"')
+    try:
+        site.start()
+        assert "worker_started" not in site.log(), "no embedded workers with a broker URL"
+        site.start_worker("gpu")
+        site.start_worker("io")
+        storescu(series_dir, site.port)
+        check_delivered(site, series_uid_of(series_dir))
+        assert "qcnode.assess" in site.log("worker-gpu", 100_000)
+        assert "qcnode.report" in site.log("worker-io", 100_000)
+        assert status_json(site)["queues"] == {"gpu": 0, "io": 0}
+    finally:
+        site.stop()
+
+
+def test_vlm_engine_on_tiny_model(tmp_path: Path, pacs: Orthanc, series_dir: Path,
+                                  tiny_gemma_dir: Path) -> None:
+    """The VLM engine's real code path (tiny random Gemma 3); job key = the engine's key."""
+    from inference.vlm import VlmEngine
+
+    engine = f'name = "vlm"\nmodel = "{tiny_gemma_dir}"\ndevice = "cpu"\nslices = 4'
+    site = NodeSite(tmp_path / "home", pacs, engine=engine)
+    try:
+        site.start()
+        storescu(series_dir, site.port)
+        uid = series_uid_of(series_dir)
+        recorded = check_delivered(site, uid, timeout=300.0)
+        expected = VlmEngine(tiny_gemma_dir, device="cpu").info
+        assert recorded.engine == expected
+        assert site.job(uid).engine_key == expected.key
+        assert expected.model_revision and expected.model_revision.startswith("sha256:")
     finally:
         site.stop()

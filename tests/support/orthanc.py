@@ -130,6 +130,14 @@ class Orthanc:
         cfg.update(self._extra)
         return cfg
 
+    def reconfigure(self, *, ae_title: str | None = None,
+                    peers: Mapping[str, int] | None = None) -> None:
+        """Change Orthanc's AE title or modality table; takes effect at the next start."""
+        if ae_title is not None:
+            self.ae_title = ae_title
+        if peers is not None:
+            self._peers = dict(peers)
+
     def start(self) -> None:
         """Start Orthanc (again, same ports and storage) and wait until REST answers."""
         if self._proc is not None and self._proc.poll() is None:
