@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 # A CPU wheel here; GPU hosts set TORCH_SPEC to a CUDA build within pyproject's range.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages the tests talk to (real peers): DCMTK, Orthanc (+ DICOMweb for OHIF),
-# Chromium (the real-viewer test drives OHIF in it; no browser download).
-SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium
+# Chromium (the real-viewer test drives OHIF in it; no browser download); VL Gothic, a
+# TrueType Japanese font the PDF quality card embeds (reportlab cannot embed CFF fonts).
+SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium fonts-vlgothic
 PYTEST_ARGS ?=
 
 .PHONY: serve test lint typecheck unit bench system-deps viewer-deps install install-dev clean

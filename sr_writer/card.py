@@ -1,8 +1,12 @@
 """The one-page "quality card" PDF (reportlab): score, findings, explanation, worst slice.
 
-Fonts: a TrueType font with wide Latin coverage is embedded (DejaVu Sans where installed,
-reportlab's bundled Vera otherwise); runs of CJK characters use reportlab's built-in
-Japanese CID font (HeiseiKakuGo-W5), which PDF readers supply themselves.
+Fonts are embedded (subset) so that the card reads the same everywhere: a TrueType font
+with wide Latin coverage (DejaVu Sans where installed, reportlab's bundled Vera
+otherwise) and, for runs of CJK characters, VL PGothic (Debian ``fonts-vlgothic``, in the
+Makefile's SYSTEM_PKGS; IPA or Takao Gothic also work). Noto CJK is not usable: reportlab
+embeds TrueType outlines only, not CFF/OpenType. Without any of these files the card
+falls back to reportlab's built-in Japanese CID font (HeiseiKakuGo-W5), which is *not*
+embedded: a PDF reader without Japanese fonts then shows no Japanese text.
 """
 
 from __future__ import annotations
@@ -31,14 +35,31 @@ from inference.result import AssessmentResult, Region
 from sr_writer import prose
 
 FONT: Final = "QcnodeSans"
-CJK_FONT: Final = "HeiseiKakuGo-W5"
+CJK_FONT: Final = "QcnodeCJK"
+#: Not embedded: used only when none of CJK_FONT_CANDIDATES is installed.
+CJK_FALLBACK: Final = "HeiseiKakuGo-W5"
 FONT_CANDIDATES: Final = (
     Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
     Path(reportlab.__file__).parent / "fonts" / "Vera.ttf",
 )
+CJK_FONT_CANDIDATES: Final = (
+    Path("/usr/share/fonts/truetype/vlgothic/VL-PGothic-Regular.ttf"),
+    Path("/usr/share/fonts/truetype/vlgothic/VL-Gothic-Regular.ttf"),
+    Path("/usr/share/fonts/opentype/ipafont-gothic/ipagp.ttf"),
+    Path("/usr/share/fonts/truetype/takao-gothic/TakaoPGothic.ttf"),
+)
 #: Longest explanation put on the card; the SR holds the full text.
 MAX_EXPLANATION: Final = 2500
 IMAGE_SIZE: Final = 80 * mm
+
+
+def cjk_font_file() -> Path | None:
+    """The embeddable CJK TrueType font in use, or None (then the CID fallback)."""
+    return next((p for p in CJK_FONT_CANDIDATES if p.exists()), None)
+
+
+def _cjk_font() -> str:
+    return CJK_FONT if CJK_FONT in pdfmetrics.getRegisteredFontNames() else CJK_FALLBACK
 
 
 def _register_fonts() -> None:
@@ -46,7 +67,11 @@ def _register_fonts() -> None:
         return
     path = next(p for p in FONT_CANDIDATES if p.exists())
     pdfmetrics.registerFont(TTFont(FONT, str(path)))
-    pdfmetrics.registerFont(UnicodeCIDFont(CJK_FONT))
+    cjk = cjk_font_file()
+    if cjk is not None:
+        pdfmetrics.registerFont(TTFont(CJK_FONT, str(cjk)))
+    else:
+        pdfmetrics.registerFont(UnicodeCIDFont(CJK_FALLBACK))
 
 
 def _is_cjk(ch: str) -> bool:
@@ -55,15 +80,16 @@ def _is_cjk(ch: str) -> bool:
 
 def markup(text: str) -> str:
     """Escape ``text`` for a Paragraph and switch CJK runs to the CJK font."""
+    font = _cjk_font()
     out, run, cjk = [], "", False
     for ch in text:
         if run and _is_cjk(ch) != cjk:
-            out.append(f'<font name="{CJK_FONT}">{escape(run)}</font>' if cjk else escape(run))
+            out.append(f'<font name="{font}">{escape(run)}</font>' if cjk else escape(run))
             run = ""
         cjk = _is_cjk(ch)
         run += ch
     if run:
-        out.append(f'<font name="{CJK_FONT}">{escape(run)}</font>' if cjk else escape(run))
+        out.append(f'<font name="{font}">{escape(run)}</font>' if cjk else escape(run))
     return "".join(out).replace("\n", "<br/>")
 
 
@@ -114,15 +140,15 @@ def _draw_image(
 
 
 def _lines(result: AssessmentResult) -> list[str]:
-    lines = [prose.score_line(result), prose.engine_line(result.engine)]
+    numbers = prose.slice_numbers(result)
+    lines = [prose.series_label(result), prose.scale_line(), prose.engine_line(result.engine)]
     worst = result.worst_slice
     if worst is not None:
-        lines.append(prose.slice_line(prose.slice_numbers(result)[worst.sop_instance_uid],
-                                      worst) + " – worst slice, shown")
-    lines += [prose.finding_line(f, prose.where(result, f.sop_instance_uid))
+        lines.append(prose.slice_label(numbers[worst.sop_instance_uid], worst)
+                     + " – worst slice, shown")
+    lines += [f"Finding: {prose.finding_line(f, numbers)}"
               for f in result.findings] or ["Findings: none"]
-    lines += [prose.evidence_line(m, prose.where(result, m.sop_instance_uid))
-              for m in result.evidence]
+    lines += [f"Measured: {prose.evidence_line(m, numbers)}" for m in result.evidence]
     return lines
 
 
@@ -147,7 +173,8 @@ def render_card(
     """
     _register_fonts()
     buf = io.BytesIO()
-    canvas = Canvas(buf, pagesize=A4, pageCompression=1)
+    # invariant: no creation time or random ID in the PDF, so equal inputs give equal bytes
+    canvas = Canvas(buf, pagesize=A4, pageCompression=1, invariant=1)
     canvas.setTitle("CT image quality card")
     width, height = A4
     body = ParagraphStyle("body", fontName=FONT, fontSize=9, leading=11.5)

@@ -38,6 +38,28 @@ Choices (concept → code → reason):
 - Explanation → DCM 111412 "Narrative Summary" TEXT in TID 1500's report-level
   "Qualitative Evaluations" container (UMLS C0034375); finding and evidence
   descriptions and notes → DCM 121106 "Comment" TEXT items in the same container.
+- Group comment → DCM 121106 "Comment", one TEXT item in each TID 1410 measurement
+  group, stating the group in words (``Slice 3 quality 1.40 of 4 (poor)``). Allowed:
+  the measurement-group templates have a pair of rows for qualitative evaluations of
+  the group's subject, coded (CODE) or in text (TEXT) — TID 1501 rows 11 and 12
+  ("… coded questions with coded or text answers"), TID 1411 rows 16 and 17, and the
+  same CODE/TEXT pair in TID 1410, the planar ROI group used here. Not allowed under
+  the NUM: TID 1419 "ROI Measurements" and TID 300 "Measurement" have no TEXT row, so
+  the comment hangs from the group container, never from a measurement. OHIF 3.13's
+  measurement panel shows it as the measurement's label (without it, "(empty)").
+  highdicom's group classes take coded evaluations only; the TEXT item is appended to
+  the built group.
+
+Basic Text SR companion (no template; PS3.3 A.35.1 relationship constraints):
+
+- Document title → LOINC 18748-4 "Diagnostic Imaging Report" (CID 7000). Not DCM
+  126000: OHIF v3 treats a 126000-titled SR as a TID 1500 measurement report and shows
+  an empty viewport for one without measurements.
+- Sections (CID 7001 headings) → LOINC 55112-7 "Summary" (score, score in words,
+  explanation), 59776-5 "Findings" (slice scores, findings, measured evidence), 55111-9
+  "Current Procedure Descriptions" (scale, algorithm, notes). Each finding is a TEXT
+  SCT 404684003 "Clinical finding" (OHIF prints DCM 121071 "Finding" items as
+  preformatted text that does not wrap); the other lines keep the SR's concept names.
 """
 
 from __future__ import annotations
@@ -74,6 +96,13 @@ PROCEDURE_IQ: Final = CodedConcept("133887000", "SCT", "Image quality analysis")
 QUALITATIVE_EVALUATIONS: Final = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 NARRATIVE_SUMMARY: Final = _std(codes.DCM.NarrativeSummary)
 COMMENT: Final = _std(codes.DCM.Comment)
+#: Text SR finding lines: not DCM 121071 "Finding", which OHIF shows unwrapped (<pre>).
+FINDING: Final = CodedConcept("404684003", "SCT", "Clinical finding")
+# Basic Text SR companion ------------------------------------------------------------
+TEXT_TITLE: Final = CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
+SUMMARY_SECTION: Final = CodedConcept("55112-7", "LN", "Summary")
+FINDINGS_SECTION: Final = CodedConcept("59776-5", "LN", "Findings")
+PROCEDURE_SECTION: Final = CodedConcept("55111-9", "LN", "Current Procedure Descriptions")
 
 # Score ------------------------------------------------------------------------------
 IMAGE_QUALITY_RATING: Final = _std(codes.DCM.ImageQualityRating)

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from inference.result import AssessmentResult
+from sr_writer import prose
 from sr_writer.card import render_card
 from sr_writer.sources import check_sources, identity_dataset
 from sr_writer.tid1500 import MANUFACTURER, SPECIFIC_CHARACTER_SET, library_order
@@ -31,12 +32,14 @@ CONVERSION_TYPE: Final = "WSD"
 
 
 def _header(identity: Dataset) -> list[str]:
-    name = str(identity.get("PatientName", "")) or "(no name)"
-    pid = str(identity.get("PatientID", "")) or "(no ID)"
-    date = str(identity.get("StudyDate", "")) or "(no date)"
+    """``Patient Muster, Jürgen (ID PID-1)`` and ``Study 2024-01-02, accession A1``."""
+    name = prose.person_name(identity.get("PatientName", "")) or "(no name)"
+    pid = str(identity.get("PatientID", "")) or "no ID"
+    date = str(identity.get("StudyDate", ""))
+    shown = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else date or "(no date)"
     accession = str(identity.get("AccessionNumber", ""))
-    study = f"Study {date}" + (f", accession {accession}" if accession else "")
-    return [f"Patient {name}, ID {pid}", study]
+    study = f"Study {shown}" + (f", accession {accession}" if accession else "")
+    return [f"Patient {name} (ID {pid})", study]
 
 
 def _source_instances(sources: Sequence[Dataset]) -> list[Dataset]:
@@ -63,7 +66,8 @@ def build_pdf(
     Parameters
     ----------
     sources, result, job_key, created, series_number
-        As for :func:`sr_writer.build_sr` (its own series and UIDs).
+        As for :func:`sr_writer.build_sr` (its own series and UIDs; the same
+        ``(job_key, created)`` gives a byte-identical dataset, PDF included).
     image
         The worst slice rendered for display (uint8 H×W or H×W×3, e.g. the prepared
         slice's ``rgb``); region coordinates are scaled from the source's Rows/Columns.

@@ -17,9 +17,19 @@ Content tree (PS3.16 TID 1500, built with highdicom's template classes):
   * ``qcnode evidence N``: a measured value with its UCUM unit on its region.
 
   Each NUM also carries its SCOORD as INFERRED FROM (TID 300 → TID 320), because OHIF's
-  measurement panel reads the coordinates from under the NUM. A group for something
-  without a region of its own uses the whole image and says so in its tracking
-  identifier (``[whole image]``; ``[series]`` when not tied to any one slice).
+  measurement panel reads the coordinates from under the NUM. Each group also holds one
+  TEXT DCM 121106 "Comment" that states the group in words (``Series quality 2.60 of 4
+  (good)``): a text qualitative evaluation of the group's subject, which TID 1410 allows
+  like TID 1501 rows 11–12 (CODE/TEXT) and TID 1411 rows 16–17; never under the NUM
+  (TID 1419 / TID 300 have no TEXT row). OHIF's measurement panel shows it as the label.
+- Regions: a group whose subject has no region of its own (the series score, a
+  series-wide finding, a measurement over the whole image) gets a *marker*: a small box
+  in the image's left margin, inset from the edges, one below the other for each
+  such group on the same image, so that the viewer's labels never stack (OHIF writes a
+  group's label at the right end of its region, half-way down). The tracking identifier
+  says so (``[series]`` or ``[whole image]``) and :func:`sr_writer.parse_sr` reads such
+  regions back as ``None``. The series group always uses a marker, so that its label is
+  not hidden under the worst slice's own label.
 - Qualitative Evaluations (UMLS C0034375, TID 1500): the score in words, the explanation
   (TEXT DCM 111412) and the descriptions and notes (TEXT DCM 121106, ``Finding N: …``).
 """
@@ -56,7 +66,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pd_codes
 
 from inference.result import AssessmentResult, EngineInfo, Region
-from sr_writer import codes
+from sr_writer import codes, prose
 from sr_writer.sources import check_sources, identity_dataset
 from sr_writer.uids import derive_uid
 
@@ -73,25 +83,46 @@ SERIES_WIDE: Final = "[series]"
 MODEL_PARAM: Final = "model revision: "
 ADAPTER_PARAM: Final = "adapter revision: "
 SPECIFIC_CHARACTER_SET: Final = "ISO_IR 192"
+#: Marker box side, margin and half the vertical pitch, as a fraction of the smaller side.
+MARKER_FRACTION: Final = 0.05
 
 
 class _Ctx:
-    """What every group builder needs: sources, job key and the algorithm."""
+    """What every group builder needs: sources, job key, algorithm, markers placed."""
 
     def __init__(self, by_uid: dict[str, Dataset], job_key: str, engine: EngineInfo) -> None:
         self.by_uid = by_uid
         self.job_key = job_key
         self.algorithm = algorithm_identification(engine)
+        self._markers: dict[tuple[str, int | None], int] = {}
 
     def image_region(
         self, region: Region | None, sop_uid: str, frame: int | None
     ) -> tuple[Region, bool]:
-        """``region``, or the whole image of ``sop_uid`` (second value True)."""
+        """``region``, or a new marker box on ``sop_uid`` (second value True)."""
         if region is not None:
             return region, False
+        return self.marker(sop_uid, frame), True
+
+    def marker(self, sop_uid: str, frame: int | None) -> Region:
+        """The next free marker box in the left margin of one frame of an image.
+
+        Side and gap are ``MARKER_FRACTION`` of the smaller image side; the first marker
+        sits three sides down (clear of the viewer's banners along the top), the next
+        ones below it, then down the middle of the image when the margin is full.
+        """
         ds = self.by_uid[sop_uid]
-        cols, rows = float(ds.Columns), float(ds.Rows)
-        return Region.box(sop_uid, 0.0, 0.0, cols, rows, frame), True
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        side = max(1.0, float(round(MARKER_FRACTION * min(rows, cols))))
+        pitch = 2 * side
+        top = 3 * side
+        per_column = max(1, int((rows - top) // pitch))
+        k = self._markers.get((sop_uid, frame), 0)
+        self._markers[(sop_uid, frame)] = k + 1
+        column, row = divmod(k, per_column)
+        x0 = side + (column % 2) * (cols // 2)
+        y0 = top + row * pitch
+        return Region.box(sop_uid, x0, y0, x0 + side, y0 + side, frame)
 
 
 def algorithm_identification(engine: EngineInfo) -> AlgorithmIdentification:
@@ -131,8 +162,13 @@ def _group(
     measurements: Sequence[Measurement] = (),
     evaluations: Sequence[QualitativeEvaluation] = (),
     algorithm: AlgorithmIdentification | None = None,
+    comment: str = "",
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
-    """A TID 1410 group; every NUM gets the region again as INFERRED FROM SCOORD."""
+    """A TID 1410 group; every NUM gets the region again as INFERRED FROM SCOORD.
+
+    ``comment`` becomes the group's TEXT DCM 121106 "Comment" (a text qualitative
+    evaluation of the group's subject, see the module docstring).
+    """
     image_region, under_num = _scoords(region, ctx.by_uid)
     group = PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
@@ -146,6 +182,10 @@ def _group(
     for item in group[0].ContentSequence:
         if item.ValueType == "NUM":
             item.ContentSequence = [*item.get("ContentSequence", []), under_num]
+    if comment:
+        group[0].ContentSequence.append(
+            TextContentItem(codes.COMMENT, comment, RelationshipTypeValues.CONTAINS)
+        )
     return group
 
 
@@ -172,23 +212,25 @@ def _groups(ctx: _Ctx, result: AssessmentResult, anchor: str) -> list[
 ]:
     """All measurement groups; ``anchor`` is the worst (or first) slice's SOP UID."""
     worst = result.worst_slice
-    region, whole = ctx.image_region(
-        worst.region if worst else None, anchor, worst.frame if worst else None
-    )
+    marker = ctx.marker(anchor, worst.frame if worst else None)
     label = QualitativeEvaluation(codes.IMAGE_QUALITY, codes.quality_label(result.score))
-    out = [_group(ctx, _marked(SERIES_GROUP, whole), region,
-                  [_score(result.score, result.uncertainty)], [label], ctx.algorithm)]
+    out = [_group(ctx, _marked(SERIES_GROUP, True, True), marker,
+                  [_score(result.score, result.uncertainty)], [label], ctx.algorithm,
+                  prose.series_label(result))]
+    numbers = prose.slice_numbers(result)
     for n, s in enumerate(result.slices, 1):
         region, whole = ctx.image_region(s.region, s.sop_instance_uid, s.frame)
         out.append(_group(ctx, _marked(f"{SLICE_GROUP} {n}", whole), region,
-                          [_score(s.score, s.uncertainty)]))
+                          [_score(s.score, s.uncertainty)],
+                          comment=prose.slice_label(n, s)))
     for n, f in enumerate(result.findings, 1):
         region, whole = ctx.image_region(f.region, f.sop_instance_uid or anchor, None)
         tracking = _marked(f"{FINDING_GROUP} {n}", whole, f.sop_instance_uid is None)
         evaluation = QualitativeEvaluation(
             codes.FINDING_CODES[f.kind], codes.SEVERITY_CODES[f.severity]
         )
-        out.append(_group(ctx, tracking, region, evaluations=[evaluation]))
+        out.append(_group(ctx, tracking, region, evaluations=[evaluation],
+                          comment=prose.finding_label(f, numbers)))
     for n, m in enumerate(result.evidence, 1):
         region, whole = ctx.image_region(m.region, m.sop_instance_uid or anchor, None)
         tracking = _marked(f"{EVIDENCE_GROUP} {n}", whole, m.sop_instance_uid is None)
@@ -197,7 +239,8 @@ def _groups(ctx: _Ctx, result: AssessmentResult, anchor: str) -> list[
             name=name, value=m.value, unit=codes.unit_code(m.unit),
             finding_sites=[FindingSite(site)] if site is not None else None,
         )
-        out.append(_group(ctx, tracking, region, [measurement]))
+        out.append(_group(ctx, tracking, region, [measurement],
+                          comment=prose.evidence_label(m, numbers)))
     return out
 
 
@@ -271,7 +314,10 @@ def build_sr(
     predecessor
         An earlier SR this one supersedes (Predecessor Documents Sequence, PS3.3 C.17.2).
     created
-        Content date/time (default: now).
+        Content Date/Time and Instance Creation Date/Time (default: now). The same
+        ``(job_key, created)`` and inputs give a byte-identical dataset; a retried or
+        redelivered job must therefore pass the time stored with the job (not now) to
+        re-create the SR it may already have sent, byte for byte.
     series_number
         Series Number of the SR's own series.
 
@@ -282,6 +328,7 @@ def build_sr(
     """
     by_uid = check_sources(sources, result)
     ordered = library_order(sources, result)
+    when = created or datetime.datetime.now()
     anchor = str(ordered[0].SOPInstanceUID)
     report = MeasurementReport(
         observation_context=observation_context(result.engine),
@@ -290,7 +337,6 @@ def build_sr(
         referenced_images=ordered,
     )
     report[0].ContentSequence.append(_qualitative_container(result))
-    when = created or datetime.datetime.now()
     sr = hd.sr.Comprehensive3DSR(
         evidence=[identity_dataset(ds) for ds in ordered],
         content=report[0],
@@ -308,8 +354,24 @@ def build_sr(
         content_date=when.date(),
         content_time=when.time(),
     )
-    sr.CodingSchemeIdentificationSequence = codes.coding_scheme_identification()
+    stamp(sr, when)
     return sr
+
+
+def stamp(sr: Dataset, when: datetime.datetime) -> None:
+    """Creation times from ``when`` and the private coding scheme's identification.
+
+    highdicom stamps Instance Creation Date/Time (PS3.3 C.12.1) and its own Contribution
+    DateTime (Contributing Equipment Sequence) with "now"; all become ``when``, so that
+    the dataset depends only on its inputs. The Coding Scheme Identification Sequence
+    (PS3.3 C.12.1) declares the private scheme.
+    """
+    sr.InstanceCreationDate = when.strftime("%Y%m%d")
+    sr.InstanceCreationTime = when.strftime("%H%M%S.%f")
+    for item in sr.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
+    sr.CodingSchemeIdentificationSequence = codes.coding_scheme_identification()
 
 
 def procedures(sources: Sequence[Dataset]) -> list[hd.sr.CodedConcept]:

@@ -8,6 +8,9 @@ Scheme UID. Anything else fails.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import io
+import itertools
 import re
 import subprocess
 import time
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -26,7 +30,7 @@ from inference.result import (
     Region,
     Severity,
 )
-from sr_writer import build_sr, parse_sr
+from sr_writer import build_pdf, build_sr, build_text_sr, parse_sr
 from sr_writer.sources import DEID_UNKNOWN
 from tests.support.ctsources import FIXED_TIME, ct_series, sample_result
 from tests.support.dicom3tools import dciodvfy
@@ -85,28 +89,76 @@ def test_sr_valid_rendered_and_round_trips(sources, tmp_path, dcmtk):
     assert roundtrip(sr, tmp_path) == result
 
 
-def test_every_group_has_an_image_region_and_num_has_scoord(sources):
-    """OHIF needs a region in every group and reads the SCOORD under the NUM."""
-    sr = build_sr(sources, sample_result(sources), job_key=JOB)
+def _groups(sr: Dataset) -> list[Dataset]:
     container = next(i for i in sr.ContentSequence
                      if i.ConceptNameCodeSequence[0].CodeValue == "126010")
-    groups = list(container.ContentSequence)
+    return list(container.ContentSequence)
+
+
+def _scoord(group: Dataset) -> tuple[str, list[tuple[float, float]]]:
+    scoord = next(i for i in group.ContentSequence if i.ValueType == "SCOORD")
+    uid = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    data = [float(v) for v in scoord.GraphicData]
+    return str(uid), list(zip(data[::2], data[1::2], strict=True))
+
+
+def test_every_group_has_an_image_region_a_comment_and_num_has_scoord(sources):
+    """OHIF needs a region in every group, reads the SCOORD under the NUM and labels its
+    measurement panel with the group's TEXT Comment (TID 1410 text evaluation row)."""
+    result = sample_result(sources)
+    sr = build_sr(sources, result, job_key=JOB)
+    groups = _groups(sr)
     assert len(groups) == 1 + 8 + 4 + 4
     for group in groups:
         kinds = [i.ValueType for i in group.ContentSequence]
         assert "SCOORD" in kinds
+        comments = [i for i in group.ContentSequence if i.ValueType == "TEXT"
+                    and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+        assert len(comments) == 1 and comments[0].RelationshipType == "CONTAINS"
         for num in (i for i in group.ContentSequence if i.ValueType == "NUM"):
             assert [c.RelationshipType for c in num.ContentSequence
                     if c.ValueType == "SCOORD"] == ["INFERRED FROM"]
+            assert "TEXT" not in {c.ValueType for c in num.ContentSequence}  # TID 1419
     series_group = groups[0]
     num = next(i for i in series_group.ContentSequence if i.ValueType == "NUM")
     assert num.ConceptNameCodeSequence[0].CodeValue == "111029"
     assert num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "{score}"
-    worst = sample_result(sources).worst_slice
-    assert worst is not None
-    scoord = next(i for i in series_group.ContentSequence if i.ValueType == "SCOORD")
-    ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
-    assert ref.ReferencedSOPInstanceUID == worst.sop_instance_uid
+    comment = next(i for i in series_group.ContentSequence if i.ValueType == "TEXT"
+                   and i.ConceptNameCodeSequence[0].CodeValue == "121106")
+    assert comment.TextValue == "Series quality 2.20 ± 0.45 of 4 (fair)"
+    worst = result.worst_slice
+    assert worst is not None and worst.region is not None
+    uid, points = _scoord(series_group)
+    assert uid == worst.sop_instance_uid
+    assert points != list(worst.region.points), "series label would hide under the slice's"
+
+
+def _label_anchor(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Where OHIF 3.13 writes a group's label: right end, half-way down."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return max(xs), (min(ys) + max(ys)) / 2
+
+
+def test_markers_are_inset_and_their_labels_do_not_stack(sources):
+    """Groups without a region of their own get marker boxes inside the image, apart."""
+    result = sample_result(sources)
+    sr = build_sr(sources, result, job_key=JOB)
+    size = float(sources[0].Columns)
+    anchors: dict[str, list[tuple[float, float]]] = {}
+    markers = 0
+    for group in _groups(sr):
+        tracking = next(str(i.TextValue) for i in group.ContentSequence
+                        if i.ConceptNameCodeSequence[0].CodeValue == "112039")
+        if not tracking.endswith(("[series]", "[whole image]")):
+            continue
+        markers += 1
+        uid, points = _scoord(group)
+        assert all(1 <= c <= size - 1 and 1 <= r <= size - 1 for c, r in points), points
+        anchors.setdefault(uid, []).append(_label_anchor(points))
+    assert markers == 1 + 1 + 3 + 3  # series, slice 2, findings and evidence without regions
+    for on_image in anchors.values():
+        ys = sorted(y for _, y in on_image)
+        assert all(b - a >= 0.05 * size for a, b in itertools.pairwise(ys)), ys
 
 
 def test_image_library_holds_only_the_assessed_slices_worst_first(sources):
@@ -244,6 +296,23 @@ def test_other_study_series_mismatch_raises(sources):
     with pytest.raises(ValueError, match="series"):
         build_sr([*sources, *other], result, job_key=JOB)
     assert generate_uid() != result.series_instance_uid
+
+
+@pytest.mark.parametrize("builder", [build_sr, build_text_sr, build_pdf])
+def test_same_job_and_time_give_identical_bytes(sources, builder):
+    """A retried job passes its stored time and re-creates the object byte for byte."""
+    result = sample_result(sources)
+
+    def encoded(created: datetime.datetime) -> bytes:
+        buf = io.BytesIO()
+        dcmwrite(buf, builder(sources, result, job_key=JOB, created=created),
+                 enforce_file_format=True)
+        return buf.getvalue()
+
+    first = encoded(FIXED_TIME)
+    assert encoded(FIXED_TIME) == first
+    later = FIXED_TIME + datetime.timedelta(seconds=1)
+    assert encoded(later) != first  # the time is really used, nothing else varies
 
 
 def test_build_time_sanity_bound(sources):

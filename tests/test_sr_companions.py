@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from sr_writer import build_pdf, build_sr, build_text_sr, extract_pdf
+from sr_writer.card import cjk_font_file
+from sr_writer.prose import person_name
 from tests.support.ctsources import ct_series, sample_result
 from tests.support.dicom3tools import dciodvfy
 from tests.test_sr import JOB, assert_valid, dsrdump
@@ -36,13 +38,34 @@ def test_text_sr_valid_without_num_and_in_prose(tmp_path, dcmtk):
 
     kinds = set(value_types(text_sr.ContentSequence))
     assert not kinds & {"NUM", "SCOORD", "SCOORD3D"}
+    title = text_sr.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("18748-4", "LN")  # not 126000
     rendered = dsrdump(text_sr, tmp_path)
-    assert "Image quality rating (series): 2.20 ± 0.45 of 4 (fair)" in rendered
+    assert "Series quality 2.20 ± 0.45 of 4 (fair)" in rendered
     assert explanation in rendered
-    assert "Finding: Streak artifact, severe (slice" in rendered
+    assert "Streak artifact, severe (slice 3) – Streaks from the left hip." in rendered
     sr = build_sr(sources, result, job_key=JOB)
     assert text_sr.SeriesInstanceUID not in (sr.SeriesInstanceUID, sources[0].SeriesInstanceUID)
     assert text_sr.StudyInstanceUID == sr.StudyInstanceUID
+
+
+def test_text_sr_reads_line_by_line_score_first_device_last():
+    """SEPARATE containers (one line per item in OHIF); summary first, device UID last."""
+    sources = ct_series(4)
+    text_sr = build_text_sr(sources, sample_result(sources), job_key=JOB)
+    assert text_sr.ContinuityOfContent == "SEPARATE"
+    top = list(text_sr.ContentSequence)
+    sections = [i for i in top if i.ValueType == "CONTAINER"]
+    assert [c.ConceptNameCodeSequence[0].CodeMeaning for c in sections] == [
+        "Summary", "Findings", "Current Procedure Descriptions"]
+    assert all(c.ContinuityOfContent == "SEPARATE" for c in sections)
+    assert top[:3] == sections  # sections before the observer context
+    assert {i.RelationshipType for i in top[3:]} == {"HAS OBS CONTEXT", "HAS CONCEPT MOD"}
+    summary = [i.ConceptNameCodeSequence[0].CodeValue for i in sections[0].ContentSequence]
+    assert summary == ["111029", "111101", "111412"]  # score, in words, explanation
+    longest = max(len(str(i.get("TextValue", ""))) for c in sections for i in c.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue != "111412")
+    assert longest <= 120  # short lines; only the explanation is long
 
 
 def _pdf_text(pdf: bytes) -> bytes:
@@ -81,6 +104,30 @@ def test_pdf_card_without_image_or_findings(tmp_path):
     card = build_pdf(sources, result, job_key=JOB)
     assert_valid(card, tmp_path)
     assert len(_pdf_text(extract_pdf(card))) > 0
+
+
+def test_pdf_card_embeds_its_japanese_font_and_formats_the_name():
+    font = cjk_font_file()
+    assert font is not None, "no CJK TrueType font: run `make system-deps` (fonts-vlgothic)"
+    sources = ct_series(2)
+    card = build_pdf(sources, sample_result(sources, explanation="画質は普通です。"),
+                     job_key=JOB)
+    pdf = extract_pdf(card)
+    assert b"HeiseiKakuGo" not in pdf  # the non-embedded CID fallback is not used
+    assert pdf.count(b"/FontFile2") >= 2  # Latin and CJK TrueType subsets embedded
+    assert b"VL-PGothic" in pdf or b"VLPGothic" in pdf or b"VL PGothic" in pdf
+
+
+@pytest.mark.parametrize(("pn", "shown"), [
+    ("Muster^Jürgen", "Muster, Jürgen"),
+    ("Muster^Jürgen^Karl^Dr.^MD", "Muster, Dr. Jürgen Karl, MD"),
+    ("Muster", "Muster"),
+    ("^Jürgen", "Jürgen"),
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "Yamada, Tarou (山田 太郎)"),
+    ("", ""),
+])
+def test_person_names_are_formatted_for_people(pn, shown):
+    assert person_name(pn) == shown
 
 
 def test_pdf_card_rejects_a_wrong_image():

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,48 @@ def _label(score: float) -> str:
     return f"Image Quality Rating: {score:.2f} {{score}}"
 
 
+class _LabelParser(HTMLParser):
+    """Text boxes cornerstone draws in the viewport's SVG layer: ``<g transform=
+    "translate(x y)"><text font-size="15px"><tspan dy="1.2em">line</tspan>…``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[dict[str, Any]] = []
+        self._open: dict[str, Any] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        move = re.fullmatch(r"translate\(([-\d.e]+)[ ,]+([-\d.e]+)\)", a.get("transform") or "")
+        if tag == "g" and "data-annotation-uid" in a and move:
+            self._open = {"x": float(move[1]), "y": float(move[2]), "size": 0.0, "lines": []}
+            self.groups.append(self._open)
+        elif tag == "text" and self._open is not None:
+            self._open["size"] = float((a.get("font-size") or "0").removesuffix("px"))
+        elif tag == "tspan" and self._open is not None:
+            self._open["lines"].append("")
+
+    def handle_data(self, data: str) -> None:
+        if self._open is not None and self._open["lines"]:
+            self._open["lines"][-1] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "g":
+            self._open = None
+
+
+def _label_boxes(html: str) -> dict[str, tuple[float, float, float]]:
+    """Each label line → (left, top, bottom) of its text box in viewport pixels (lines
+    are 1.2 em apart, as cornerstone writes them)."""
+    parser = _LabelParser()
+    parser.feed(html)
+    boxes = {}
+    for g in parser.groups:
+        height = 1.2 * g["size"] * len(g["lines"])
+        for line in g["lines"]:
+            boxes[line] = (g["x"], g["y"], g["y"] + height)
+    return boxes
+
+
 def test_sr_opens_with_the_score_on_the_worst_slice(loaded: Loaded) -> None:
     worst = loaded.result.worst_slice
     assert worst is not None
@@ -193,21 +237,23 @@ def test_sr_opens_with_the_score_on_the_worst_slice(loaded: Loaded) -> None:
         {"count": "error toasts", "selector": ERROR_TOAST},
         {"screenshot": str(ARTIFACTS / "ohif-sr-worst-slice.png")},
         {"bodyText": "page"},
+        {"saveHtml": str(ARTIFACTS / "ohif-sr-worst-slice.html")},
     ])
     _assert_no_ohif_error(report)
     shown = report["texts"]["instance"].replace("\n", "")
     expected = int(loaded.cts[WORST].InstanceNumber)
     assert shown.startswith(f"I:{expected} "), f"OHIF shows {shown!r}, not the worst slice"
     assert "Cannot read properties" not in report["texts"]["page"]
+    html = (ARTIFACTS / "ohif-sr-worst-slice.html").read_text(encoding="utf-8")
+    boxes = _label_boxes(html)
+    series, worst_label = _label(loaded.result.score), _label(worst.score)
+    assert series in boxes and worst_label in boxes, sorted(boxes)
+    (_, top_a, bottom_a), (_, top_b, bottom_b) = boxes[series], boxes[worst_label]
+    assert bottom_a <= top_b or bottom_b <= top_a, (
+        f"series label {boxes[series]} overlaps the worst slice's {boxes[worst_label]}")
+    assert min(top_a, top_b) >= 0 and min(boxes[series][0], boxes[worst_label][0]) >= 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sr_writer's Basic Text SR uses DCM 126000 'Imaging Measurement Report' as its "
-    "document title; OHIF 3.13 then treats it as TID 1500, finds no measurements and shows "
-    "an empty viewport (its text view is only for other titles). Remove this mark when the "
-    "title changes (e.g. LOINC 18748-4 'Diagnostic Imaging Report' showed as text here).",
-)
 def test_text_sr_shows_the_explanation(loaded: Loaded) -> None:
     report = _drive(loaded, "ohif-text-sr", [
         {"dblclick": f'text="{TEXT_SERIES_DESCRIPTION}"'},
