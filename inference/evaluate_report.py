@@ -61,8 +61,13 @@ def write_report(
                 if rec.id in run.predictions:
                     fh.write(json.dumps(run.predictions[rec.id].to_dict(), ensure_ascii=False)
                              + "\n")
-    (out / "report.md").write_text(markdown(data, runs), encoding="utf-8")
-    scatter(out / "scatter.png", records, runs)
+    text = markdown(data, runs)
+    try:
+        scatter(out / "scatter.png", records, runs)
+        text += "\n![predicted vs radiologist score](scatter.png)\n"
+    except ImportError:  # matplotlib comes with the [gpu] extra, not the listener install
+        text += "\n(no scatter plot: matplotlib is not installed)\n"
+    (out / "report.md").write_text(text, encoding="utf-8")
     return out
 
 
