@@ -29,7 +29,10 @@ Content tree (PS3.16 TID 1500, built with highdicom's template classes):
   group's label at the right end of its region, half-way down). The tracking identifier
   says so (``[series]`` or ``[whole image]``) and :func:`sr_writer.parse_sr` reads such
   regions back as ``None``. The series group always uses a marker, so that its label is
-  not hidden under the worst slice's own label.
+  not hidden under the worst slice's own label. Not in the writer's hands: labels of
+  two engine regions whose right ends and mid-heights nearly coincide still overlap,
+  and a long label (DCM 112183's meaning) on a region near the image's right edge runs
+  past a narrow viewport (OHIF 3.13 does not move SR labels inside the viewport).
 - Qualitative Evaluations (UMLS C0034375, TID 1500): the score in words, the explanation
   (TEXT DCM 111412) and the descriptions and notes (TEXT DCM 121106, ``Finding N: …``).
 """
