@@ -145,7 +145,9 @@ def test_truncated_pixel_data_refused_and_quarantined(
     bad = write_ct_series(tmp_path / "bad", 1, truncate_pixels=True)
     before = set((node.home / "quarantine").glob("*.reason"))
     result = storescu(node.port, bad)
-    assert "0xc210" in result.stdout.lower() + result.stderr.lower(), result.stdout + result.stderr
+    output = result.stdout + result.stderr  # DCMTK logs to stderr
+    assert "Store Response (Error: CannotUnderstand)" in output, output
+    wait_for(lambda: '"status": "0xC210"' in node.log_text(), timeout=10, what="status logged")
     reasons = set((node.home / "quarantine").glob("*.reason")) - before
     assert len(reasons) == 1
     assert "pixel data" in next(iter(reasons)).read_text()
