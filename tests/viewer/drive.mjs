@@ -91,7 +91,11 @@ async function main() {
     // e.g. {"shownTours": "[\"basicViewerTour\"]"}: OHIF's onboarding tour stays closed.
     const storage = plan.localStorage ?? {};
     await context.addInitScript((items) => {
-      for (const [key, value] of Object.entries(items)) window.localStorage.setItem(key, value);
+      // Init scripts run in every frame; a PDF or sandboxed frame has no localStorage.
+      let store = null;
+      try { store = window.localStorage; } catch { store = null; }
+      if (!store) return;
+      for (const [key, value] of Object.entries(items)) store.setItem(key, value);
     }, storage);
     const page = context.pages()[0] ?? await context.newPage();
     page.on('console', (msg) => {
