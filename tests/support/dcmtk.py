@@ -70,8 +70,8 @@ def storescu(port: int, files: Sequence[Path], *, aec: str = "QCNODE", aet: str 
              timeout: float = 300, options: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """C-STORE ``files`` in one association (never raises on a DICOM failure)."""
     return subprocess.run(
-        storescu_command(port, files, aec=aec, aet=aet, options=options), capture_output=True, text=True,
-        env=_env(), timeout=timeout, check=False,
+        storescu_command(port, files, aec=aec, aet=aet, options=options),
+        capture_output=True, text=True, env=_env(), timeout=timeout, check=False,
     )
 
 
