@@ -180,8 +180,10 @@ def test_twenty_concurrent_associations(node: RunningNode, ledger: Ledger, tmp_p
         assert proc.returncode == 0, out
     for files in series:
         uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
-        wait_for(lambda u=uid: ledger.series_info(u).instance_count == 10, timeout=30,
-                 what="instances recorded")
+        def recorded(u: str = uid) -> bool:
+            return ledger.series_info(u).instance_count == 10
+
+        wait_for(recorded, timeout=30, what="instances recorded")
         relpaths = ledger.instance_relpaths(uid)
         assert len(relpaths) == len(set(relpaths)) == 10
         assert len(list(node.spool.rglob(f"*/{uid}/*.dcm"))) == 10
