@@ -26,8 +26,10 @@ from inference.result import AssessmentResult
 from node.config import Settings, load_settings
 from node.ledger import DeliveryState, JobState, Ledger, SeriesState
 from node.ledger.instances import InstanceRecord
+from node.pipeline.app import queue_depths
 from node.pipeline.dispatch import Dispatcher
 from sr_writer import parse_sr
+from tests.support.e2e import kill_tree, same_result
 from tests.support.net import wait_for
 from tests.support.orthanc import Orthanc, running_orthanc
 
@@ -112,10 +114,10 @@ def write_config(home: Path, pacs_port: int, *, extra: str = "") -> Path:
 class Site:
     """A node home with its settings, ledger, dispatcher and a real worker process."""
 
-    def __init__(self, home: Path, pacs: Orthanc) -> None:
+    def __init__(self, home: Path, pacs: Orthanc, extra: str = "") -> None:
         self.home = home
         self.pacs = pacs
-        self.config = write_config(home, pacs.dicom_port)
+        self.config = write_config(home, pacs.dicom_port, extra=extra)
         self.settings: Settings = load_settings(self.config)
         self.ledger = Ledger.open(self.settings.ledger_url)
         self.worker: subprocess.Popen[bytes] | None = None
@@ -186,7 +188,7 @@ def test_series_to_sr_in_orthanc(site: Site) -> None:
     recorded = site.ledger.get_job(job.id)
     assert recorded.state == JobState.DONE
     assert sr.SOPInstanceUID == recorded.sr_uid
-    assert parse_sr(sr) == AssessmentResult.from_json(recorded.result_json or "")
+    assert same_result(parse_sr(sr), AssessmentResult.from_json(recorded.result_json or ""))
     (delivery,) = site.ledger.deliveries_of(job.id)
     assert delivery.state == DeliveryState.CONFIRMED
     assert delivery.confirmed_by == "find"
@@ -212,3 +214,38 @@ def test_pacs_down_first_then_up(site: Site) -> None:
     assert len(site.pacs.find_modality("SR")) == 1
     (delivery,) = site.ledger.deliveries_of(job.id)
     assert delivery.attempts >= 2
+
+
+def test_sqlite_broker_does_not_redeliver_after_sigkill(tmp_path: Path, pacs: Orthanc) -> None:
+    """A worker killed outright loses its message on the SQLite broker; the ledger recovers it.
+
+    The embedded transport deletes a message when a worker fetches it and has no
+    visibility timeout, so after SIGKILL of the worker (main and pool processes) the
+    queue is empty while the ledger still says "assessing". Re-dispatching the ``gpu``
+    stage from the ledger (what the node does when it replaces a dead worker) gets the
+    series assessed again, and one SR arrives.
+    """
+    site = Site(tmp_path / "home", pacs, extra='\n[engine]\nslices = 40\n')
+    site.start_worker()
+    try:
+        uid = record_series(site.ledger, site.settings.spool_dir,
+                            write_ct_series(site.settings.spool_dir, n=40, size=256, seed=5))
+        with Dispatcher(site.settings, site.ledger) as dispatcher:
+            job = dispatcher.dispatch(uid)
+        assert job is not None
+        wait_for(lambda: site.ledger.series_info(uid).state == SeriesState.ASSESSING,
+                 timeout=SR_TIMEOUT, interval=0.02, what=f"assessing\n{site.worker_log()}")
+        assert site.worker is not None
+        kill_tree(site.worker.pid)
+        site.worker.wait(timeout=30)
+        assert queue_depths(site.settings) == {"gpu": 0, "io": 0}, "the message is gone"
+        assert site.ledger.get_job(job.id).state == JobState.ASSESSING
+        site.start_worker()
+        with Dispatcher(site.settings, site.ledger) as dispatcher:
+            assert dispatcher.redispatch("gpu") == 1
+        wait_for(lambda: delivered(site.ledger, uid), timeout=SR_TIMEOUT,
+                 what=f"delivered after redispatch\n{site.worker_log()}")
+        assert site.ledger.get_job(job.id).attempts == 2
+        assert len(site.pacs.find_modality("SR")) == 1
+    finally:
+        site.stop()
