@@ -3,7 +3,9 @@
 Each (dose level, artifact) pair becomes its own series in one study, written as
 ``OUT/<series-name>/IM0001.dcm …`` with a ``truth.json`` sidecar: the relative dose,
 the photons per ray, the *simulated noise* (SD in HU of the noise-only reconstruction
-over soft tissue, see :mod:`inference.ctsim`) and where metal was put. The files are CT
+over soft tissue, see :mod:`inference.ctsim`) and where metal was put. Per-slice lists
+are in slice order (``IM0001.dcm`` first): ``slice_noise_hu[i]`` is null for a metal
+slice, whose streaks make "the noise" meaningless. The files are CT
 Image Storage instances (PS3.3 A.3) that dciodvfy accepts; the patient is synthetic
 (``QC^PHANTOM``). The same seed gives the same pixels and UIDs.
 """
@@ -75,8 +77,9 @@ class SeriesTruth:
     dose: float
     photons_per_ray: float
     artifact: str
-    simulated_noise_hu: float
-    slice_noise_hu: list[float] = field(default_factory=list)  # slices without metal
+    simulated_noise_hu: float  # RMS of slice_noise_hu over the slices without metal
+    #: One entry per slice in slice order; None (JSON null) on a metal slice.
+    slice_noise_hu: list[float | None] = field(default_factory=list)
     metal_slices: list[int] = field(default_factory=list)  # 0-based, in z order
     metal_centres_px: list[tuple[float, float]] = field(default_factory=list)
     sop_instance_uids: list[str] = field(default_factory=list)
@@ -180,10 +183,9 @@ def write_series(spec: SynthSpec, out: Path, dose: float, artifact: str, number:
         truth.sop_instance_uids.append(sop_uid)
         if has_metal:
             truth.metal_slices.append(i)
-        else:
-            truth.slice_noise_hu.append(_soft_tissue_sd(spec.size, u, noise))
+        truth.slice_noise_hu.append(None if has_metal else _soft_tissue_sd(spec.size, u, noise))
     truth.metal_centres_px = ctsim.metal_centres(spec.size) if metal else []
-    clean = truth.slice_noise_hu or [float("nan")]
+    clean = [sd for sd in truth.slice_noise_hu if sd is not None] or [float("nan")]
     truth.simulated_noise_hu = float(np.sqrt(np.mean(np.square(clean))))
     (folder / TRUTH_FILE).write_text(json.dumps(asdict(truth), indent=2))
     return truth

@@ -55,6 +55,22 @@ def test_measured_noise_matches_simulated_noise(dose_series) -> None:
             truth.dose, measured, truth.simulated_noise_hu)
 
 
+def test_clean_slice_noise_matches_truth_slice_by_slice(metal_series) -> None:
+    folder, truth = metal_series
+    assert [i for i, sd in enumerate(truth.slice_noise_hu) if sd is None] == truth.metal_slices
+    expected = dict(zip(truth.sop_instance_uids, truth.slice_noise_hu, strict=True))
+    checked = 0
+    for s in prepare_series([folder], k=6).slices:
+        simulated = expected[s.sop_instance_uid]
+        if simulated is None:
+            continue
+        measured = measure_slice(s.hu, s.pixel_spacing).noise.sd_hu
+        assert measured is not None and abs(measured / simulated - 1) < 0.15, (
+            s.sop_instance_uid, measured, simulated)
+        checked += 1
+    assert checked == len(truth.sop_instance_uids) - len(truth.metal_slices)
+
+
 def test_metal_streaks_found_where_they_were_put(metal_series) -> None:
     folder, truth = metal_series
     result = create_engine("physics").assess(prepare_series([folder], k=6))

@@ -40,6 +40,10 @@ def test_synth_series_valid(tmp_path: Path, syntax: str) -> None:
     assert ds.PatientName == "QC^PHANTOM" and ds.Modality == "CT"
     truth = json.loads((folders[1] / "truth.json").read_text())
     assert truth["dose"] == 1.0 and truth["metal_slices"] == [1]
+    # per-slice noise lines up with the slices: null on the metal slice
+    assert len(truth["slice_noise_hu"]) == len(truth["sop_instance_uids"]) == 4
+    assert [i for i, sd in enumerate(truth["slice_noise_hu"]) if sd is None] == [1]
+    assert all(sd > 0 for sd in truth["slice_noise_hu"] if sd is not None)
     assert truth["series_instance_uid"] == ds.SeriesInstanceUID
     assert truth["simulated_noise_hu"] > 0
     low = json.loads((folders[0] / "truth.json").read_text())
