@@ -10,6 +10,7 @@ twice still yields one SR.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,19 +87,23 @@ class Dispatcher:
         if job.state in REPORT_STAGES and job.result_json:
             self._send_report(job, paths)
             return job
+        started = time.perf_counter()
         prepared = self._prepare(paths)
-        sources = encode_sources(_by_uid(paths), [s.sop_instance_uid for s in prepared.slices])
+        uids = [s.sop_instance_uid for s in prepared.slices]
+        sources = encode_sources(_by_uid(paths, uids), uids)
         if info.state == SeriesState.COMPLETE:
             self.ledger.set_series_state(series_uid, SeriesState.QUEUED,
                                          generation=info.generation)
         sent = self.app.send_task(TASK_ASSESS, args=[job.id, b64(prepared.to_bytes()), sources])
-        log.info("job_queued", series_uid=series_uid, job_id=job.id, task_id=sent.id)
+        log.info("job_queued", series_uid=series_uid, job_id=job.id, task_id=sent.id,
+                 prepare_seconds=round(time.perf_counter() - started, 3))
         return self.ledger.move_job(job.id, JobState.PENDING if job.state == JobState.PENDING
                                     else job.state, task_id=sent.id)
 
     def _send_report(self, job: JobInfo, paths: list[Path]) -> None:
         result = AssessmentResult.from_json(job.result_json or "")
-        sources = encode_sources(_by_uid(paths), referenced_uids(result))
+        uids = list(referenced_uids(result))
+        sources = encode_sources(_by_uid(paths, uids), uids)
         wanted = wanted_companions(destinations_of(
             self.settings, self.ledger.series_info(job.series_instance_uid)))
         image = encode_image(worst_image(self._prepare(paths), result)) \
@@ -138,9 +143,29 @@ class Dispatcher:
         return jobs
 
 
-def _by_uid(paths: list[Path]) -> dict[str, Path]:
-    found: dict[str, Path] = {}
+def _by_uid(paths: list[Path], uids: list[str]) -> dict[str, Path]:
+    """The files of the instances ``uids``.
+
+    Spool files are named ``<SOP Instance UID>.dcm`` (``.vN.dcm`` for a later version):
+    the named file is checked by reading its header; other files are read only when a
+    name does not lead to the instance.
+    """
+    newest: dict[str, tuple[int, Path]] = {}
     for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        found[str(ds.SOPInstanceUID)] = path
+        stem, _, version = path.name.removesuffix(".dcm").partition(".v")
+        rank = int(version) if version.isdigit() else 1
+        if stem not in newest or rank > newest[stem][0]:
+            newest[stem] = (rank, path)
+    found: dict[str, Path] = {}
+    for uid in uids:
+        if uid in newest and _sop_uid(newest[uid][1]) == uid:
+            found[uid] = newest[uid][1]
+    if len(found) < len(set(uids)):
+        for path in paths:
+            found.setdefault(_sop_uid(path), path)
     return found
+
+
+def _sop_uid(path: Path) -> str:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    return str(ds.SOPInstanceUID)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from functools import lru_cache
 
 import structlog
@@ -101,7 +102,9 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
             if engine.info.key != job.engine_key:
                 raise EngineError(f"this worker's engine is {engine.info.key}, "
                                   f"the job was created for {job.engine_key}")
+            started = time.perf_counter()
             result = engine.assess(prepared)
+            seconds = time.perf_counter() - started
         except NON_RETRYABLE as exc:
             ledger.dead_letter_job(job_id, f"assessment: {exc}")
             return
@@ -111,7 +114,7 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
         job = ledger.move_job(job_id, JobState.REPORTING, result_json=result.to_json())
         ledger.set_series_state(job.series_instance_uid, SeriesState.REPORTING,
                                 generation=job.generation)
-        log.info("assessed", score=result.score)
+        log.info("assessed", score=result.score, seconds=round(seconds, 3))
     result = AssessmentResult.from_json(job.result_json or "")
     image = encode_image(worst_image(prepared, result)) \
         if "pdf" in wanted_companions(_destinations(settings, ledger, job)) else None
@@ -178,11 +181,14 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
     result = AssessmentResult.from_json(job.result_json)
     predecessor = _predecessor(ledger, job)
     try:
+        started = time.perf_counter()
         reports = _build(job, result, sources_b64, destinations, image_b64, predecessor)
     except ValueError as exc:
         ledger.dead_letter_job(job_id, f"SR: {exc}")
         return
     sr = reports.sr
+    log.info("sr_built", objects=len(reports.objects),
+             seconds=round(time.perf_counter() - started, 3))
     job = ledger.move_job(job_id, JobState.DELIVERING, sr_uid=str(sr.SOPInstanceUID),
                           superseded_sr_uid=str(predecessor.SOPInstanceUID)
                           if predecessor is not None else None)
@@ -223,6 +229,8 @@ def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
         ledger.move_delivery(delivery.id, DeliveryState.DEAD, error=error, count_attempt=True)
         ledger.dead_letter_job(job.id, error)
         return False
+    log.info("sent", destination=name, confirmed_by=receipt.confirmation,
+             seconds=round(receipt.seconds, 3))
     ledger.move_delivery(delivery.id, DeliveryState.SENT, count_attempt=True)
     ledger.move_delivery(delivery.id, DeliveryState.CONFIRMED,
                          confirmed_by=ConfirmedBy(receipt.confirmation))
