@@ -3,7 +3,9 @@
 Files and folders in; one result per series out (human-readable, or one JSON object per
 line with ``--json``); optionally a TID 1500 SR per series in ``--sr-out DIR``. Every
 problem (non-CT input, one-slice series, corrupt pixel data, a missing model directory)
-is one line on stderr naming it, and a non-zero exit code; never a traceback.
+is one line on stderr naming it, and a non-zero exit code; never a traceback. A file that
+is not a DICOM image instance is skipped with a one-line warning naming it and why; the
+rest is still assessed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from inference.dicom import Header, PrepareError
 from inference.engine import Engine, EngineError, create_engine, engine_window
-from inference.prepare import PreparedSeries, prepare_series, scan_series
+from inference.prepare import PreparedSeries, prepare_series, scan
 from inference.result import AssessmentResult
 
 EXIT_OK = 0
@@ -31,6 +33,10 @@ PROGRESS_MIN_INSTANCES = 50
 
 def _fail(message: str) -> None:
     print(f"qcnode assess: {message}", file=sys.stderr)
+
+
+def _warn_skipped(path: Path, reason: str) -> None:
+    print(f"qcnode assess: warning: skipped {path}: {reason}", file=sys.stderr)
 
 
 def _human(result: AssessmentResult) -> str:
@@ -84,10 +90,13 @@ def assess_main(args: argparse.Namespace) -> int:
     try:
         engine = create_engine(args.engine, model=args.model, adapter=args.adapter)
         window = engine_window(args.engine, model=args.model, adapter=args.adapter)
-        groups = scan_series(list(args.paths))
+        found = scan(list(args.paths))
     except (EngineError, PrepareError, OSError, ValueError, ImportError) as exc:
         _fail(str(exc))
         return EXIT_FAILURE
+    for path, reason in found.skipped:
+        _warn_skipped(path, reason)
+    groups = found.series
     if not groups:
         _fail(f"no DICOM image instances found in {', '.join(map(str, args.paths))}")
         return EXIT_FAILURE

@@ -250,11 +250,9 @@ def _read_raster(path: Path) -> NDArray[np.float32]:
 
 def _dicom_plane(record: Record) -> tuple[Any, NDArray[np.float32], Any]:
     """(header, HU, frame ref) of a DICOM record's plane."""
-    from inference.dicom import read_header, read_hu
+    from inference.dicom import parse_header, read_hu
 
-    header = read_header(record.image)
-    if header is None:
-        raise ValueError("not a DICOM image instance")
+    header = parse_header(record.image)  # NotAnImageError (a ValueError) says why
     if header.modality != "CT" or not header.frames:
         raise ValueError(f"not a CT image (modality {header.modality or '?'})")
     refs = [f for f in header.frames if f.frame == record.frame or record.frame is None]

@@ -78,16 +78,33 @@ def iter_files(paths: Sequence[Path]) -> Iterator[Path]:
             raise PrepareError(f"{path}: no such file or folder")
 
 
-def read_header(path: Path) -> Header | None:
-    """Parse the header of ``path``; None when it is not a DICOM image instance."""
+class NotAnImageError(ValueError):
+    """A file is not a readable DICOM image instance; the message says why in one line."""
+
+
+def parse_header(path: Path) -> Header:
+    """Parse the header of ``path`` (pixel data is not read).
+
+    Raises
+    ------
+    NotAnImageError
+        ``path`` is not DICOM (no PS3.10 preamble), its header cannot be parsed, it lacks
+        the Series/SOP Instance UIDs, or it is not an image (no Rows, PS3.3 C.7.6.3).
+    """
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError):
-        return None
+    except InvalidDicomError as exc:
+        raise NotAnImageError("not a DICOM file (no PS3.10 preamble or meta header)") from exc
+    except (EOFError, OSError, ValueError, KeyError) as exc:
+        raise NotAnImageError(f"unreadable DICOM header ({type(exc).__name__}: {exc})"
+                              ) from exc
     series = str(ds.get("SeriesInstanceUID", ""))
     sop = str(ds.get("SOPInstanceUID", ""))
-    if not series or not sop or "Rows" not in ds:
-        return None
+    if not series or not sop:
+        raise NotAnImageError("no Series Instance UID or SOP Instance UID")
+    if "Rows" not in ds:
+        raise NotAnImageError(
+            f"not an image instance (no Rows; SOP class {ds.get('SOPClassUID', '?')})")
     frames = tuple(_frames(ds, path)) if str(ds.get("Modality", "")) == "CT" else ()
     return Header(
         path=path,
@@ -98,6 +115,14 @@ def read_header(path: Path) -> Header | None:
         sop_class_uid=str(ds.get("SOPClassUID", "")),
         frames=frames,
     )
+
+
+def read_header(path: Path) -> Header | None:
+    """:func:`parse_header`, or None when ``path`` is not a DICOM image instance."""
+    try:
+        return parse_header(path)
+    except NotAnImageError:
+        return None
 
 
 def _floats(value: Any, n: int, default: Sequence[float]) -> tuple[float, ...]:

@@ -23,9 +23,10 @@ from inference.dicom import (
     CT_SOP_CLASSES,
     FrameRef,
     Header,
+    NotAnImageError,
     PrepareError,
     iter_files,
-    read_header,
+    parse_header,
     read_hu,
 )
 from inference.screen import Screen, screen
@@ -35,9 +36,11 @@ __all__ = [
     "PrepareError",
     "PreparedSeries",
     "PreparedSlice",
+    "Scan",
     "Window",
     "group_series",
     "prepare_series",
+    "scan",
     "scan_series",
 ]
 
@@ -176,14 +179,32 @@ class PreparedSeries:
         )
 
 
-def scan_series(paths: Sequence[Path]) -> dict[str, list[Header]]:
-    """Files/folders → series UID → parsed headers (non-DICOM files are skipped)."""
+@dataclass(frozen=True)
+class Scan:
+    """What :func:`scan` found: headers by series UID, and each skipped file with why."""
+
+    series: dict[str, list[Header]]
+    skipped: tuple[tuple[Path, str], ...]
+
+
+def scan(paths: Sequence[Path]) -> Scan:
+    """Files/folders → series UID → parsed headers, plus the files that are not DICOM
+    image instances (with the reason), so a caller can report them."""
     groups: dict[str, list[Header]] = {}
+    skipped: list[tuple[Path, str]] = []
     for path in iter_files(paths):
-        header = read_header(path)
-        if header is not None:
-            groups.setdefault(header.series_instance_uid, []).append(header)
-    return groups
+        try:
+            header = parse_header(path)
+        except NotAnImageError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        groups.setdefault(header.series_instance_uid, []).append(header)
+    return Scan(groups, tuple(skipped))
+
+
+def scan_series(paths: Sequence[Path]) -> dict[str, list[Header]]:
+    """Files/folders → series UID → parsed headers (non-image files are left out)."""
+    return scan(paths).series
 
 
 def group_series(paths: Sequence[Path]) -> dict[str, list[Path]]:

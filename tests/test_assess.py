@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from inference.synth import SynthSpec, synthesize
 
 QCNODE = Path(sys.executable).parent / "qcnode"
+WARNING = "qcnode assess: warning: skipped "
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -30,7 +32,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("qcnode assess:")]
+    lines = [ln for ln in proc.stderr.splitlines()
+             if ln.startswith("qcnode assess:") and not ln.startswith(WARNING)]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
 
 
@@ -76,3 +79,33 @@ def test_assess_bad_inputs(study: Path, tmp_path: Path) -> None:
     _one_line_error(_run(str(study), "--engine", "vlm", "--model", str(tmp_path / "nope")),
                     "model directory")
     _one_line_error(_run(str(tmp_path / "missing")), "no such file")
+
+
+def test_assess_reports_each_skipped_file_and_assesses_the_rest(study: Path,
+                                                                 tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    files = sorted((study / "dose1").glob("*.dcm"))
+    for f in files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "notes.txt").write_text("not DICOM")
+    (folder / "cut.dcm").write_bytes(files[0].read_bytes()[:300])  # cut before the UIDs
+    no_image = pydicom.dcmread(files[0])
+    del no_image.Rows
+    del no_image.PixelData
+    no_image.SOPInstanceUID = generate_uid()
+    no_image.save_as(folder / "noimage.dcm")
+    proc = _run(str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["series_instance_uid"] for r in rows] == [no_image.SeriesInstanceUID]
+    warnings = {}
+    for line in proc.stderr.splitlines():
+        if line.startswith(WARNING):
+            path, _, why = line[len(WARNING):].partition(": ")
+            warnings[Path(path).name] = why
+    assert set(warnings) == {"notes.txt", "cut.dcm", "noimage.dcm"}, proc.stderr
+    assert "not a DICOM file" in warnings["notes.txt"]
+    assert "no Series Instance UID or SOP Instance UID" in warnings["cut.dcm"]
+    assert "not an image instance" in warnings["noimage.dcm"]
+    assert "Traceback" not in proc.stderr
