@@ -31,6 +31,7 @@ import structlog
 
 from inference.card import DEFAULT_CARD
 from inference.dataset import Record, load_prepared, load_rgb, read_manifest, write_manifest
+from inference.physics import PhysicsEngine
 from inference.prepare import Window
 
 log = structlog.get_logger(__name__)
@@ -47,7 +48,6 @@ TEACHER_INSTRUCTION = (
     "give a numerical score or a rating word."
 )
 _SCORE_LINE = re.compile(r"^\s*(score|rating)\b.*$", re.IGNORECASE | re.MULTILINE)
-_SCORE_SENTENCE = re.compile(r"\b(score|rating|rated)\b", re.IGNORECASE)
 
 
 class TeacherError(RuntimeError):
@@ -117,21 +117,15 @@ def clean_teacher_text(text: str) -> str:
     return " ".join(_SCORE_LINE.sub("", text).split())
 
 
-def without_scores(text: str) -> str:
-    """``text`` minus every sentence that states a score or rating (the engine's own
-    estimate must neither contradict the label in a training answer nor anchor a teacher)."""
-    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
-    return " ".join(s for s in sentences if not _SCORE_SENTENCE.search(s)).strip()
-
-
-def physics_draft(record: Record, engine: Any) -> str:
+def physics_draft(record: Record, engine: PhysicsEngine) -> str:
     """The physics engine's description of the record's image: its measurements in words,
-    without the engine's own score."""
-    result = engine.assess(load_prepared(record, Window()))
-    return without_scores(str(result.explanation))
+    without the engine's own score (which must neither contradict the label in a training
+    answer nor anchor a teacher)."""
+    return engine.describe(load_prepared(record, Window()))
 
 
-def draft(record: Record, engine: Any, teacher: Teacher | None, window: Window) -> str:
+def draft(record: Record, engine: PhysicsEngine, teacher: Teacher | None,
+          window: Window) -> str:
     """The explanation for one record (physics; teacher if given). Never reads the score."""
     try:
         measured: str | None = physics_draft(record, engine)
@@ -151,9 +145,7 @@ def explain_records(
     window: Window = DEFAULT_CARD.window,
 ) -> tuple[list[Record], list[tuple[Record, str]]]:
     """Records with explanations filled in, and the records that failed (with why)."""
-    from inference.engine import create_engine
-
-    engine = create_engine("physics")
+    engine = PhysicsEngine()
     out: list[Record] = []
     failed: list[tuple[Record, str]] = []
     for rec in records:

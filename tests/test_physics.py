@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from inference.engine import create_engine
+from inference.physics import PhysicsEngine
 from inference.physics.measures import measure_slice
 from inference.prepare import prepare_series
 from inference.result import FindingKind
@@ -106,3 +108,14 @@ def test_deterministic_and_fast(dose_series) -> None:
     assert first.explanation.startswith("Noise ")
     names = {m.name for m in first.evidence}
     assert {"noise_hu", "noise_fat_hu", "edge_width_mm", "cnr"} <= names
+
+
+def test_describe_is_the_explanation_without_its_score_sentence(dose_series) -> None:
+    out, _ = dose_series
+    series = prepare_series([_folder(out, 0.0625)], k=2)
+    engine = PhysicsEngine()
+    text, result = engine.describe(series), engine.assess(series)
+    assert text.startswith("Noise ") and "HU" in text
+    assert not re.search(r"\b(score|rating|rated)\b", text, re.IGNORECASE)
+    assert result.explanation.startswith(text + " Score ")
+    assert result.explanation.count("Score") == 1

@@ -9,7 +9,7 @@ and the series result is assembled with coded findings, evidence and an explanat
 from __future__ import annotations
 
 from inference.physics.measures import SliceMeasures, measure_slice
-from inference.physics.report import build_result
+from inference.physics.report import build_result, describe_measurements
 from inference.physics.scoring import DEFAULT_THRESHOLDS, ScoreThresholds
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult, EngineInfo
@@ -40,3 +40,10 @@ class PhysicsEngine:
         if not series.slices:
             raise ValueError(f"series {series.series_instance_uid} has no prepared slices")
         return build_result(series, self.measure(series), self.thresholds, self.info)
+
+    def describe(self, series: PreparedSeries) -> str:
+        """The measurements in plain words, without a score (the assessment's explanation
+        minus its score sentence); raises ValueError like :meth:`assess`."""
+        if not series.slices:
+            raise ValueError(f"series {series.series_instance_uid} has no prepared slices")
+        return describe_measurements(series, self.measure(series), self.thresholds)

@@ -184,35 +184,64 @@ def _median_item_by(items: list[_Scored], key: Callable[[_Scored], float]) -> _S
     return ordered[(len(ordered) - 1) // 2]
 
 
-def build_result(series: PreparedSeries, measures: Sequence[SliceMeasures],
-                 t: ScoreThresholds, info: EngineInfo) -> AssessmentResult:
-    """The series result from per-slice measures (same order as ``series.slices``)."""
+@dataclass(frozen=True)
+class _Described:
+    """Everything of a series result but its score: the scored slices, findings,
+    evidence and the measurement sentences."""
+
+    scored: list[_Scored]
+    findings: list[Finding]
+    evidence: list[Measurement]
+    texts: list[str]
+
+    def measurements_text(self) -> str:
+        return " ".join(t for t in self.texts if t)
+
+
+def _describe(series: PreparedSeries, measures: Sequence[SliceMeasures],
+              t: ScoreThresholds) -> _Described:
     scored = _score_slices(series, measures, t)
-    score, uncertainty = series_score([x.score for x in scored],
-                                      [x.uncertainty for x in scored], t)
-    findings: list[Finding] = []
-    evidence: list[Measurement] = []
-    texts = []
+    out = _Described(scored, [], [], [])
     for part in (_noise, _streaks, _edge_and_contrast):
         f, e, text = part(scored, t)
-        findings += f
-        evidence += e
-        texts.append(text)
+        out.findings.extend(f)
+        out.evidence.extend(e)
+        out.texts.append(text)
     frac, cut = _truncation(series)
     level = severity(frac, TRUNCATION_BORDER)
     if level is not Severity.NONE:
-        findings.append(Finding(FindingKind.TRUNCATED_FOV, level,
-                                f"body reaches {frac:.0%} of the image border",
-                                cut.sop_instance_uid))
-        texts.append(f"The body is cut by the field of view at slice {cut.index + 1}.")
-    texts.append(f"Score {score:.1f} of 4 ({score_label(score)}), from {len(scored)} of "
-                 f"{series.total_slices} slices.")
+        out.findings.append(Finding(FindingKind.TRUNCATED_FOV, level,
+                                    f"body reaches {frac:.0%} of the image border",
+                                    cut.sop_instance_uid))
+        out.texts.append(f"The body is cut by the field of view at slice {cut.index + 1}.")
+    return out
+
+
+def describe_measurements(series: PreparedSeries, measures: Sequence[SliceMeasures],
+                          t: ScoreThresholds) -> str:
+    """The measurements in plain words — noise, streaks, edge sharpness, contrast, field
+    of view — without the engine's score sentence (:func:`build_result` adds that).
+
+    For text that must not carry a competing score, e.g. training explanations.
+    """
+    return _describe(series, measures, t).measurements_text()
+
+
+def build_result(series: PreparedSeries, measures: Sequence[SliceMeasures],
+                 t: ScoreThresholds, info: EngineInfo) -> AssessmentResult:
+    """The series result from per-slice measures (same order as ``series.slices``)."""
+    described = _describe(series, measures, t)
+    scored = described.scored
+    score, uncertainty = series_score([x.score for x in scored],
+                                      [x.uncertainty for x in scored], t)
+    score_text = (f"Score {score:.1f} of 4 ({score_label(score)}), from {len(scored)} of "
+                  f"{series.total_slices} slices.")
     return AssessmentResult(
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
         score=score, uncertainty=uncertainty,
-        explanation=" ".join(t for t in texts if t), engine=info,
+        explanation=f"{described.measurements_text()} {score_text}", engine=info,
         slices=tuple(SliceScore(x.slice.sop_instance_uid, x.score, x.uncertainty,
                                 x.slice.frame) for x in scored),
-        findings=tuple(findings), evidence=tuple(evidence),
+        findings=tuple(described.findings), evidence=tuple(described.evidence),
     )
