@@ -1,0 +1,244 @@
+"""End-to-end benchmark: last C-STORE response → SR stored in Orthanc, on embedded defaults.
+
+Run: ``.venv/bin/python bench/e2e.py [--slices 300] [--quiet 2.0] [--series 20]
+[--throughput-slices 60]``.
+
+What it does, all with real processes on loopback:
+
+1. ``qcnode synth`` writes 30 slices of 512×512; they are tiled into a 300-slice series
+   (new SOP Instance UIDs and positions every 30 slices): the pixel content repeats, the
+   sizes and the pipeline's work (300 headers, 48 screened decodes, K = 8 assessed) are
+   those of a real 300-slice series.
+2. A real Orthanc and ``qcnode serve`` (SQLite ledger, embedded SQLite broker, embedded
+   workers, physics engine, ``quiet_seconds`` = ``--quiet``) start in a temp directory.
+3. A warm-up series goes through first (worker imports, first SR build).
+4. Latency: the series is sent with pynetdicom (one association, TCP_NODELAY); the
+   clock starts at the last C-STORE response and stops when Orthanc's REST API lists
+   the SR (polled every 10 ms). The parts come from the node's JSON log events and the
+   ledger: quiet period (last instance → series closed), preparation (closed → task
+   queued), broker hop to ``gpu``, assessment, hop to ``io``, SR build, delivery.
+5. Throughput: ``--series`` series of ``--throughput-slices`` slices sent back to back
+   (one association each); series/min from the first C-STORE to the last SR in
+   Orthanc, and the listener's ingest rate (images/s) while the pipeline works,
+   against the rate for the idle node in step 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.net import free_port, wait_for  # noqa: E402
+from tests.support.orthanc import Orthanc  # noqa: E402
+
+NODE_AE = "QCNODE"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CONFIG = """\
+[node]
+ae_title = "{ae}"
+port = {port}
+home = "{home}"
+[completion]
+quiet_seconds = {quiet}
+poll_seconds = 0.05
+[logging]
+json = "always"
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {pacs_port}
+confirm = "find"
+"""
+
+
+def make_series(source: Sequence[Path], slices: int) -> list[pydicom.Dataset]:
+    """``slices`` datasets tiled from ``source``, with fresh study/series/instance UIDs."""
+    base = [pydicom.dcmread(p) for p in sorted(source)]
+    study, series = generate_uid(), generate_uid()
+    thickness = float(base[0].get("SliceThickness", 1.0) or 1.0)
+    result = []
+    for i in range(slices):
+        ds = base[i % len(base)].copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        pos = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [pos[0], pos[1], i * thickness]
+        ds.SliceLocation = i * thickness
+        result.append(ds)
+    return result
+
+
+def send(datasets: Sequence[pydicom.Dataset], port: int) -> tuple[float, float]:
+    """C-STORE all in one association; (time of the first request, of the last response)."""
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(CT_IMAGE_STORAGE, [EXPLICIT_LE])
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    if not assoc.is_established:
+        raise RuntimeError("association to qcnode failed")
+    first = time.time()
+    last = first
+    for ds in datasets:
+        status = assoc.send_c_store(ds)
+        last = time.time()
+        if status.Status != 0:
+            raise RuntimeError(f"C-STORE status {status.Status:#06x}")
+    assoc.release()
+    return first, last
+
+
+def events(log: Path) -> list[dict[str, Any]]:
+    """The node's JSON log events (embedded workers share its stdout)."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            event["t"] = dt.datetime.fromisoformat(event["timestamp"]).timestamp()
+            found.append(event)
+    return found
+
+
+def first_event(evs: list[dict[str, Any]], name: str, after: float,
+                **match: Any) -> dict[str, Any]:
+    for e in evs:
+        if e["event"].startswith(name) and e["t"] >= after and \
+                all(e.get(k) == v for k, v in match.items()):
+            return e
+    raise LookupError(f"no {name} event after {after}")
+
+
+class Bench:
+    """Orthanc + ``qcnode serve`` in a temp directory."""
+
+    def __init__(self, work: Path, quiet: float) -> None:
+        self.work = work
+        self.port = free_port()
+        self.pacs = Orthanc(work / "orthanc", {NODE_AE: self.port})
+        self.home = work / "home"
+        self.home.mkdir(parents=True)
+        self.config = self.home / "qcnode.toml"
+        self.config.write_text(CONFIG.format(ae=NODE_AE, port=self.port, home=self.home,
+                                             quiet=quiet, pacs_port=self.pacs.dicom_port))
+        self.log = self.home / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Bench:
+        self.pacs.start()
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                env={**os.environ, "TCP_NODELAY": "1"})
+        wait_for(lambda: "listening on" in self.log.read_text(errors="replace"),
+                 timeout=120, what="qcnode serve")
+        wait_for(lambda: self.log.read_text(errors="replace").count(" ready.") >= 2,
+                 timeout=180, what="embedded workers ready")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=120)
+        self.pacs.stop()
+
+    def sr_count(self) -> int:
+        return len(self.pacs.find_modality("SR"))
+
+    def wait_srs(self, n: int, timeout: float = 600.0) -> float:
+        """Poll Orthanc until it holds ``n`` SRs; the time they were seen."""
+        wait_for(lambda: self.sr_count() >= n, timeout=timeout, interval=0.01,
+                 what=f"{n} SRs in Orthanc")
+        return time.time()
+
+
+def latency(bench: Bench, series: list[pydicom.Dataset], quiet: float) -> dict[str, Any]:
+    before = bench.sr_count()
+    first, last = send(series, bench.port)
+    seen = bench.wait_srs(before + 1)
+    uid = str(series[0].SeriesInstanceUID)
+    wait_for(lambda: any(e["event"] == "delivered" and e.get("series_uid") == uid
+                         for e in events(bench.log)), timeout=60, what="delivered event")
+    evs = events(bench.log)
+    closed = first_event(evs, "series.closed", first, series_uid=uid)
+    queued = first_event(evs, "job_queued", first, series_uid=uid)
+    job = queued["job_id"]
+    got_assess = first_event(evs, "Task qcnode.assess", queued["t"])
+    assessed = first_event(evs, "assessed", queued["t"], job_id=job)
+    got_report = first_event(evs, "Task qcnode.report", assessed["t"])
+    built = first_event(evs, "sr_built", assessed["t"], job_id=job)
+    sent = first_event(evs, "sent", built["t"], job_id=job)
+    return {
+        "trigger": closed["trigger"], "images": len(series), "ingest_images_per_s": len(series) / (last - first),
+        "total_s": seen - last, "quiet_configured_s": quiet,
+        "quiet_s": closed["t"] - last, "prepare_s": queued["prepare_seconds"],
+        "dispatch_s": queued["t"] - closed["t"],
+        "hop_gpu_s": got_assess["t"] - queued["t"], "assess_s": assessed["seconds"],
+        "assess_task_s": assessed["t"] - got_assess["t"],
+        "hop_io_s": got_report["t"] - assessed["t"], "sr_build_s": built["seconds"],
+        "deliver_s": sent["seconds"], "report_task_s": sent["t"] - got_report["t"],
+        "seen_in_orthanc_after_send_s": seen - sent["t"],
+    }
+
+
+def throughput(bench: Bench, batches: list[list[pydicom.Dataset]]) -> dict[str, float]:
+    before = bench.sr_count()
+    windows = [send(batch, bench.port) for batch in batches]
+    done = bench.wait_srs(before + len(batches))
+    images = sum(len(b) for b in batches)
+    start, end = windows[0][0], windows[-1][1]
+    return {"series": len(batches), "images": images,
+            "series_per_min": len(batches) / ((done - start) / 60),
+            "ingest_images_per_s_while_busy": images / (end - start),
+            "send_s": end - start, "last_sr_after_last_image_s": done - end}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--quiet", type=float, default=2.0)
+    parser.add_argument("--series", type=int, default=20)
+    parser.add_argument("--throughput-slices", type=int, default=60)
+    parser.add_argument("--runs", type=int, default=3, help="latency runs (median shown)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="qcnode-bench-e2e-") as tmp:
+        work = Path(tmp)
+        subprocess.run([sys.executable, "-m", "node.cli", "synth", str(work / "synth"),
+                        "--slices", "30", "--size", "512"], check=True, cwd=ROOT,
+                       capture_output=True)
+        source = sorted((work / "synth").rglob("*.dcm"))
+        with Bench(work, args.quiet) as bench:
+            send(make_series(source, 30), bench.port)
+            bench.wait_srs(1)
+            runs = [latency(bench, make_series(source, args.slices), args.quiet)
+                    for i in range(args.runs)]
+            median = {k: statistics.median(r[k] for r in runs) for k in runs[0]
+                      if k != "trigger"}
+            batches = [make_series(source, args.throughput_slices)
+                       for i in range(args.series)]
+            rate = throughput(bench, batches)
+    print(json.dumps({"latency_runs": runs, "latency_median": median, "throughput": rate},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
