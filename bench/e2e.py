@@ -187,7 +187,8 @@ def latency(bench: Bench, series: list[pydicom.Dataset], quiet: float) -> dict[s
     built = first_event(evs, "sr_built", assessed["t"], job_id=job)
     sent = first_event(evs, "sent", built["t"], job_id=job)
     return {
-        "trigger": closed["trigger"], "images": len(series), "ingest_images_per_s": len(series) / (last - first),
+        "trigger": closed["trigger"], "images": len(series),
+        "ingest_images_per_s": len(series) / (last - first),
         "total_s": seen - last, "quiet_configured_s": quiet,
         "quiet_s": closed["t"] - last, "prepare_s": queued["prepare_seconds"],
         "dispatch_s": queued["t"] - closed["t"],
