@@ -53,6 +53,7 @@ _WANTED = {
     0x0008103E: "series_description", 0x0020000D: "study_instance_uid",
     0x0020000E: "series_instance_uid", 0x00280002: "samples", 0x00280008: "frames",
     0x00280010: "rows", 0x00280011: "columns", 0x00280100: "bits_allocated",
+    0x00280004: "photometric",
 }
 _US_FIELDS = frozenset({"samples", "rows", "columns", "bits_allocated"})
 _MAX_DEPTH = 32
@@ -183,14 +184,15 @@ def _meta(buf: _Buf, size: int) -> tuple[str, int]:
     return syntax, pos
 
 
-def _scan_dataset(scan: _Scanner, pos: int) -> tuple[dict[str, str | int], str]:
-    """Collect the wanted attributes; return them and a pixel-data verdict."""
+def _scan_dataset(scan: _Scanner, pos: int) -> dict[str, str | int]:
+    """Collect the wanted attributes, checking every top-level element is complete."""
     found: dict[str, str | int] = {}
     while pos < scan.end:
         tag, vr, length, value_pos = scan.header(pos)
         bits = _PIXEL_TAGS.get(tag)
         if bits is not None:
-            return found, _check_pixels(scan, found, value_pos, length, bits)
+            pos = _check_pixels(scan, found, value_pos, length, bits)
+            continue
         name = _WANTED.get(tag)
         if name is not None and length != _UNDEFINED:
             scan._need(value_pos, length)
@@ -199,7 +201,7 @@ def _scan_dataset(scan: _Scanner, pos: int) -> tuple[dict[str, str | int], str]:
             else:
                 found[name] = scan.text(value_pos, length)
         pos = scan.skip_value(value_pos, vr, length, 0)
-    return found, ""
+    return found
 
 
 def _number(found: dict[str, str | int], name: str, default: int | None = None) -> int:
@@ -215,27 +217,29 @@ def _number(found: dict[str, str | int], name: str, default: int | None = None) 
 
 def _check_pixels(
     scan: _Scanner, found: dict[str, str | int], pos: int, length: int, bits: int
-) -> str:
-    """Check the pixel data value at ``pos``; raise MalformedDataset when incomplete."""
+) -> int:
+    """Check the pixel data value at ``pos`` (MalformedDataset when incomplete); its end."""
     frames = _number(found, "frames", 1)
     if length == _UNDEFINED:
-        fragments, _ = _fragments(scan, pos)
+        fragments, end = _fragments(scan, pos)
         if fragments < max(frames, 1):
             raise MalformedDataset(
                 f"encapsulated pixel data has {fragments} fragment(s) for {frames} frame(s)"
             )
-        return "encapsulated"
+        return end
     if pos + length > scan.end:
         raise MalformedDataset("pixel data is longer than the data received")
     sample_bits = bits or _number(found, "bits_allocated")
+    samples = _number(found, "samples", 1)
+    if found.get("photometric") == "YBR_FULL_422":  # 2 samples per pixel (PS3.3 C.7.6.3.1.2)
+        samples = 2
     total_bits = (
-        _number(found, "rows") * _number(found, "columns") * frames
-        * _number(found, "samples", 1) * sample_bits
+        _number(found, "rows") * _number(found, "columns") * frames * samples * sample_bits
     )
     expected = (total_bits + 7) // 8
     if length < expected:
         raise MalformedDataset(f"pixel data has {length} bytes, the image needs {expected}")
-    return "native"
+    return pos + length
 
 
 def _uid(found: dict[str, str | int], name: str) -> str:
@@ -258,7 +262,7 @@ def _scan_file(buf: _Buf, size: int) -> InstanceHeader:
         little=syntax != EXPLICIT_VR_BIG_ENDIAN,
         implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN,
     )
-    found, _ = _scan_dataset(scan, start)
+    found = _scan_dataset(scan, start)
     return InstanceHeader(
         sop_instance_uid=_uid(found, "sop_instance_uid"),
         sop_class_uid=_uid(found, "sop_class_uid"),
