@@ -20,8 +20,8 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 from inference.result import AssessmentResult
 from sr_writer import prose
 from sr_writer.card import render_card
+from sr_writer.document import MANUFACTURER, SPECIFIC_CHARACTER_SET, library_order
 from sr_writer.sources import check_sources, identity_dataset
-from sr_writer.tid1500 import MANUFACTURER, SPECIFIC_CHARACTER_SET, library_order
 from sr_writer.uids import derive_uid
 
 PDF_SERIES_NUMBER: Final = 9903

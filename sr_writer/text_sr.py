@@ -40,15 +40,13 @@ from pydicom.uid import BasicTextSRStorage
 
 from inference.result import AssessmentResult
 from sr_writer import codes, prose
-from sr_writer.sources import check_sources, identity_dataset
-from sr_writer.tid1500 import (
-    MANUFACTURER,
-    SPECIFIC_CHARACTER_SET,
+from sr_writer.document import (
+    document_attributes,
     library_order,
     observation_context,
     stamp,
 )
-from sr_writer.uids import derive_uid
+from sr_writer.sources import check_sources
 
 TEXT_SERIES_NUMBER: Final = 9902
 TEXT_SERIES_DESCRIPTION: Final = "Image quality report, text (qcnode)"
@@ -150,21 +148,11 @@ def build_text_sr(
     ordered = library_order(sources, result)
     when = created or datetime.datetime.now()
     sr = BasicTextSR(
-        evidence=[identity_dataset(ds) for ds in ordered],
         content=_content(result, by_uid),
-        series_instance_uid=derive_uid(job_key, "text-sr-series"),
-        series_number=series_number,
-        sop_instance_uid=derive_uid(job_key, "text-sr-instance"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=False,
-        is_final=False,
-        is_verified=False,
-        previous_versions=[predecessor] if predecessor is not None else None,
-        specific_character_set=SPECIFIC_CHARACTER_SET,
-        series_description=TEXT_SERIES_DESCRIPTION,
-        content_date=when.date(),
-        content_time=when.time(),
+        **document_attributes(ordered, job_key=job_key, role="text-sr",
+                              series_number=series_number,
+                              series_description=TEXT_SERIES_DESCRIPTION,
+                              predecessor=predecessor, when=when),
     )
     stamp(sr, when)
     return sr

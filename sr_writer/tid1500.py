@@ -50,14 +50,11 @@ from highdicom.sr import (
     CodeContentItem,
     ContainerContentItem,
     CoordinatesForMeasurement,
-    DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageRegion,
     Measurement,
     MeasurementProperties,
     MeasurementReport,
-    ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
@@ -66,14 +63,20 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as pd_codes
 
 from inference.result import AssessmentResult, EngineInfo, Region
 from sr_writer import codes, prose
-from sr_writer.sources import check_sources, identity_dataset
+from sr_writer.document import (
+    MANUFACTURER,
+    document_attributes,
+    library_order,
+    observation_context,
+    procedures,
+    stamp,
+)
+from sr_writer.sources import check_sources
 from sr_writer.uids import derive_uid
 
-MANUFACTURER: Final = "qcnode"
 SR_SERIES_NUMBER: Final = 9901
 SERIES_DESCRIPTION: Final = "Image quality report (qcnode)"
 #: Tracking identifier prefixes and markers (parse.py reads them back).
@@ -85,7 +88,6 @@ WHOLE: Final = "[whole image]"
 SERIES_WIDE: Final = "[series]"
 MODEL_PARAM: Final = "model revision: "
 ADAPTER_PARAM: Final = "adapter revision: "
-SPECIFIC_CHARACTER_SET: Final = "ISO_IR 192"
 #: Marker box side, margin and half the vertical pitch, as a fraction of the smaller side.
 MARKER_FRACTION: Final = 0.05
 
@@ -270,30 +272,6 @@ def _qualitative_container(result: AssessmentResult) -> ContainerContentItem:
     return container
 
 
-def library_order(sources: Sequence[Dataset], result: AssessmentResult) -> list[Dataset]:
-    """The sources with the worst slice first (TID 1600 image library order)."""
-    worst = result.worst_slice
-    if worst is None:
-        return list(sources)
-    first = [ds for ds in sources if ds.SOPInstanceUID == worst.sop_instance_uid]
-    return first + [ds for ds in sources if ds.SOPInstanceUID != worst.sop_instance_uid]
-
-
-def observation_context(engine: EngineInfo) -> ObservationContext:
-    """TID 1001/1002/1004: the device observer is the algorithm, not a person."""
-    device = DeviceObserverIdentifyingAttributes(
-        uid=derive_uid(engine.key, "device-observer"),
-        name=engine.name,
-        manufacturer_name=MANUFACTURER,
-        model_name=engine.version,
-    )
-    return ObservationContext(
-        observer_device_context=ObserverContext(
-            observer_type=pd_codes.cid270.Device, observer_identifying_attributes=device
-        )
-    )
-
-
 def build_sr(
     sources: Sequence[Dataset],
     result: AssessmentResult,
@@ -341,43 +319,13 @@ def build_sr(
     )
     report[0].ContentSequence.append(_qualitative_container(result))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[identity_dataset(ds) for ds in ordered],
         content=report[0],
-        series_instance_uid=derive_uid(job_key, "sr-series"),
-        series_number=series_number,
-        sop_instance_uid=derive_uid(job_key, "sr-instance"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=False,
-        is_final=False,
-        is_verified=False,
-        previous_versions=[predecessor] if predecessor is not None else None,
-        specific_character_set=SPECIFIC_CHARACTER_SET,
-        series_description=SERIES_DESCRIPTION,
-        content_date=when.date(),
-        content_time=when.time(),
+        **document_attributes(ordered, job_key=job_key, role="sr",
+                              series_number=series_number,
+                              series_description=SERIES_DESCRIPTION,
+                              predecessor=predecessor, when=when),
     )
     stamp(sr, when)
     return sr
 
 
-def stamp(sr: Dataset, when: datetime.datetime) -> None:
-    """Creation times from ``when`` and the private coding scheme's identification.
-
-    highdicom stamps Instance Creation Date/Time (PS3.3 C.12.1) and its own Contribution
-    DateTime (Contributing Equipment Sequence) with "now"; all become ``when``, so that
-    the dataset depends only on its inputs. The Coding Scheme Identification Sequence
-    (PS3.3 C.12.1) declares the private scheme.
-    """
-    sr.InstanceCreationDate = when.strftime("%Y%m%d")
-    sr.InstanceCreationTime = when.strftime("%H%M%S.%f")
-    for item in sr.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
-    sr.CodingSchemeIdentificationSequence = codes.coding_scheme_identification()
-
-
-def procedures(sources: Sequence[Dataset]) -> list[hd.sr.CodedConcept]:
-    """Procedure reported: CT (for CT sources) and image quality analysis."""
-    modalities = {str(ds.Modality) for ds in sources}
-    return ([codes.PROCEDURE_CT] if modalities == {"CT"} else []) + [codes.PROCEDURE_IQ]
