@@ -29,6 +29,14 @@ PDF_SERIES_DESCRIPTION: Final = "Image quality card (qcnode)"
 DOCUMENT_TITLE: Final = "CT image quality card"
 #: SC Equipment Module: "WSD" = workstation.
 CONVERSION_TYPE: Final = "WSD"
+#: Patient and General Study attributes (PS3.3 C.7.1.1, C.7.2.1) copied from the identity
+#: dataset (:func:`sr_writer.sources.identity_dataset`) into the PDF instance.
+IDENTITY_KEYS: Final = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+    "AccessionNumber", "StudyDescription",
+)
 
 
 def _header(identity: Dataset) -> list[str]:
@@ -84,12 +92,15 @@ def build_pdf(
     grid_ds = by_uid[worst.sop_instance_uid] if worst else ordered[0]
     pdf = render_card(result, _header(identity), image, (int(grid_ds.Rows), int(grid_ds.Columns)))
     when = created or datetime.datetime.now()
+    return _encapsulate(pdf, identity, ordered, job_key=job_key, when=when,
+                        series_number=series_number)
+
+
+def _encapsulate(pdf: bytes, identity: Dataset, ordered: Sequence[Dataset], *, job_key: str,
+                 when: datetime.datetime, series_number: int) -> Dataset:
+    """The Encapsulated PDF instance's modules (PS3.3 A.45.1) around ``pdf``."""
     ds = Dataset()
-    for key in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
-                "PatientSex", "PatientIdentityRemoved", "DeidentificationMethod",
-                "DeidentificationMethodCodeSequence", "StudyInstanceUID", "StudyDate",
-                "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-                "StudyDescription"):
+    for key in IDENTITY_KEYS:
         if key in identity:
             ds[key] = identity[key]
     ds.SpecificCharacterSet = SPECIFIC_CHARACTER_SET
