@@ -35,6 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from inference.dicom import FrameRef, Header, parse_header, read_hu
 from inference.prepare import PreparedSeries, PreparedSlice, Window, prepare_series
 from inference.result import SCORE_MAX, SCORE_MIN
 
@@ -248,10 +249,8 @@ def _read_raster(path: Path) -> NDArray[np.float32]:
     return np.clip(arr, 0.0, 1.0)
 
 
-def _dicom_plane(record: Record) -> tuple[Any, NDArray[np.float32], Any]:
+def _dicom_plane(record: Record) -> tuple[Header, NDArray[np.float32], FrameRef]:
     """(header, HU, frame ref) of a DICOM record's plane."""
-    from inference.dicom import parse_header, read_hu
-
     header = parse_header(record.image)  # NotAnImageError (a ValueError) says why
     if header.modality != "CT" or not header.frames:
         raise ValueError(f"not a CT image (modality {header.modality or '?'})")
@@ -274,8 +273,12 @@ def load_rgb(record: Record, window: Window) -> NDArray[np.uint8]:
         raise ValueError(f"record {record.id} is a whole series, not one image")
     if is_dicom(record.image):
         return window.apply(_dicom_plane(record)[1])
-    gray = np.rint(_read_raster(record.image) * 255.0).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=-1)
+    return _gray_rgb(_read_raster(record.image))
+
+
+def _gray_rgb(gray: NDArray[np.float32]) -> NDArray[np.uint8]:
+    """Grey values in [0, 1] as an H×W×3 uint8 image."""
+    return np.repeat(np.rint(gray * 255.0).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def load_pil(record: Record, window: Window) -> Image.Image:
@@ -310,8 +313,8 @@ def load_prepared(record: Record, window: Window, k: int = 8) -> PreparedSeries:
     gray = _read_raster(record.image)
     center, width = record.window or (40.0, 350.0)
     hu = (gray * np.float32(width) + np.float32(center - width / 2.0)).astype(np.float32)
-    rgb = np.repeat(np.rint(gray * 255.0).astype(np.uint8)[..., None], 3, axis=-1)
-    slc = PreparedSlice(record_uid(record, "sop"), None, 0.0, hu, RASTER_SPACING_MM, rgb)
+    slc = PreparedSlice(record_uid(record, "sop"), None, 0.0, hu, RASTER_SPACING_MM,
+                        _gray_rgb(gray))
     return PreparedSeries(
         record_uid(record, "study"), record_uid(record, "series"), "CT", record.id,
         (slc,), 1, window,
