@@ -58,6 +58,7 @@ def send_parallel(port: int, groups: list[list[Path]], aec: str) -> float:
 
 @contextmanager
 def qcnode(tmp: Path, processes: int = 1) -> Iterator[tuple[int, int]]:
+    tmp.mkdir(parents=True, exist_ok=True)
     home = tmp / "qc"
     sections = default_sections(home, free_port())
     sections["logging"] = {"level": "WARNING", "json": "always"}
