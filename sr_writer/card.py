@@ -48,6 +48,8 @@ CJK_FONT_CANDIDATES: Final = (
     Path("/usr/share/fonts/opentype/ipafont-gothic/ipagp.ttf"),
     Path("/usr/share/fonts/truetype/takao-gothic/TakaoPGothic.ttf"),
 )
+#: U+2E80, start of the CJK Radicals Supplement: from here on, text uses the CJK font.
+CJK_FIRST_CODEPOINT: Final = 0x2E80
 #: Longest explanation put on the card; the SR holds the full text.
 MAX_EXPLANATION: Final = 2500
 IMAGE_SIZE: Final = 80 * mm
@@ -75,7 +77,7 @@ def _register_fonts() -> None:
 
 
 def _is_cjk(ch: str) -> bool:
-    return ord(ch) >= 0x2E80
+    return ord(ch) >= CJK_FIRST_CODEPOINT
 
 
 def markup(text: str) -> str:
