@@ -3,6 +3,13 @@
 ``physics`` (the embedded default, numpy/scipy) is always available; ``vlm`` imports
 :mod:`inference.vlm` (torch, transformers) only when asked for, so callers that only use
 the physics engine never import torch.
+
+Errors: everything that stops an engine from being built is an :class:`EngineError`
+(:class:`~inference.card.CardError`, :class:`~inference.vlm.source.ModelDirectoryError`
+and :class:`~inference.vlm.prompting.PromptError` are subclasses, and also
+``ValueError``). The VLM's directories are checked by the torch-free
+:func:`inference.vlm.source.resolve_source` before torch is imported, so a hub id or a
+missing directory fails at once with the message that names ``--model DIR``.
 """
 
 from __future__ import annotations
@@ -11,14 +18,13 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from inference.errors import EngineError
 from inference.prepare import PreparedSeries, Window
 from inference.result import AssessmentResult, EngineInfo
 
+__all__ = ["ENGINE_NAMES", "Engine", "EngineError", "create_engine", "engine_window"]
+
 ENGINE_NAMES = ("physics", "vlm")
-
-
-class EngineError(RuntimeError):
-    """An engine cannot be built or used (bad name, missing model directory, …)."""
 
 
 @runtime_checkable
@@ -35,19 +41,22 @@ class Engine(Protocol):
         ...
 
 
-def _check_dir(path: Path | None, what: str) -> None:
-    if path is not None and not Path(path).is_dir():
-        raise EngineError(f"{what} directory {path} does not exist (give a local directory)")
-
-
 def create_engine(
     name: str, *, model: Path | None = None, adapter: Path | None = None,
-    device: str = "auto",
+    device: str = "auto", max_batch: int | None = None,
 ) -> Engine:
     """Build the engine called ``name`` ("physics" or "vlm").
 
     The VLM needs a local ``model`` directory (and optionally a LoRA ``adapter``
-    directory); nothing is fetched from a hub.
+    directory); nothing is fetched from a hub. ``max_batch`` bounds the slices per
+    forward pass (default: the model card's).
+
+    Raises
+    ------
+    EngineError
+        For an unknown name, a missing ``model``, a hub id or missing directory
+        (:class:`~inference.vlm.source.ModelDirectoryError`) or a bad model card
+        (:class:`~inference.card.CardError`).
     """
     if name == "physics":
         from inference.physics import PhysicsEngine
@@ -56,10 +65,10 @@ def create_engine(
     if name == "vlm":
         if model is None:
             raise EngineError("the vlm engine needs --model DIR (a local model directory)")
-        _check_dir(model, "model")
-        _check_dir(adapter, "adapter")
+        source: Any = import_module("inference.vlm.source")
+        source.resolve_source(model, adapter)  # torch-free: fails before torch loads
         vlm: Any = import_module("inference.vlm")
-        engine: Engine = vlm.VlmEngine(model, adapter, device=device)
+        engine: Engine = vlm.VlmEngine(model, adapter, device=device, max_batch=max_batch)
         return engine
     raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
 

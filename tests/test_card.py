@@ -16,8 +16,10 @@ from inference.card import (
     PUBLISHED_PROMPT,
     CardError,
     ModelCard,
+    ScoreFormat,
     resolve_card,
 )
+from inference.errors import EngineError
 from inference.prepare import Window
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +38,23 @@ def test_default_card_is_the_published_recipe() -> None:
     assert DEFAULT_CARD.score_tokens == ("0", "1", "2", "3", "4")
     assert DEFAULT_CARD.greedy is True
     assert DEFAULT_CARD.image_size == 896
+    assert DEFAULT_CARD.score_format == ScoreFormat(decimals=1, separator=".")
+    assert DEFAULT_CARD.max_batch == 8
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("Score: {score:.1f}\nReasoning: {reasoning}", ScoreFormat(1, ".")),
+        ("Score: {score:.1f}/4\nReasoning: {reasoning}", ScoreFormat(1, ".")),
+        ("Score: {score:.0f}\nReasoning: {reasoning}", ScoreFormat(0, "")),
+        ("Score: {score:.0f}/4 because {reasoning}", ScoreFormat(0, "")),
+    ],
+)
+def test_the_answer_template_fixes_the_score_format(
+    template: str, expected: ScoreFormat
+) -> None:
+    assert replace(DEFAULT_CARD, answer_template=template).score_format == expected
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
@@ -59,6 +78,15 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         ({"window_mode": "rainbow"}, "window_mode"),
         ({"score_tokens": ["1"]}, "score_tokens"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_batch": True}, "max_batch"),
+        ({"answer_template": "Score: {score:g}\nReasoning: {reasoning}"},
+         "same number of decimals"),
+        ({"answer_template": "Score: {score:.2f}\nReasoning: {reasoning}"},
+         "at most one decimal"),
+        ({"score_tokens": ["a", "b", "c", "d", "e"]}, r"score_tokens\[0\] 'a'"),
+        ({"answer_template": "Score: {score:.1f}\nReasoning: {reasoning}",
+          "answer_prefix": "Score:"}, "does not start with score_tokens"),
         ({"explain_slices": ["random"]}, "explain_slices"),
         ({"answer_template": "Rating {score}"}, "answer_template"),
         ({"colour": "red"}, "unknown model card field"),
@@ -69,6 +97,10 @@ def test_bad_card_fields_are_named(change: dict[str, object], message: str) -> N
     data = {**DEFAULT_CARD.to_dict(), **change}
     with pytest.raises(CardError, match=message):
         ModelCard.from_dict(data)
+
+
+def test_card_errors_are_engine_errors_and_value_errors() -> None:
+    assert issubclass(CardError, EngineError) and issubclass(CardError, ValueError)
 
 
 def test_unreadable_and_missing_cards(tmp_path: Path) -> None:
@@ -97,9 +129,18 @@ def test_card_lookup_prefers_the_adapter(tmp_path: Path) -> None:
 def test_card_parsing_and_findings_never_import_torch() -> None:
     code = (
         "import sys\n"
+        "from pathlib import Path\n"
         "import inference.card, inference.vlm, inference.vlm.parsing, inference.vlm.findings\n"
+        "from inference.engine import EngineError, create_engine\n"
         "inference.card.resolve_card(None)\n"
         "inference.vlm.findings.extract_findings('moderate noise')\n"
+        "try:\n"
+        "    create_engine('vlm', model=Path('google/medgemma-4b-it'))\n"
+        "except EngineError as exc:\n"
+        "    assert 'hub id' in str(exc) and '--model DIR' in str(exc), exc\n"
+        "    assert isinstance(exc, inference.vlm.ModelDirectoryError)\n"
+        "else:\n"
+        "    raise AssertionError('a hub id was accepted')\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     proc = subprocess.run(

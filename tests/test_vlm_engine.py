@@ -77,10 +77,11 @@ def test_loads_4bit_nf4_double_quant_fp32_compute_on_cpu(engine: VlmEngine) -> N
 def test_batched_readout_equals_hand_softmax_of_plain_forward(
     engine: VlmEngine, tiny_gemma_dir: Path
 ) -> None:
+    """The first digit's distribution p(d) (the decimal read-out builds on it)."""
     series = _series()
     readouts = engine.read_slices(series.slices)
-    # The same thing by hand, one slice at a time, unquantised weights through the
-    # engine's own 4-bit model (the quantised weights are what the read-out uses).
+    # The same thing by hand, one slice at a time, through the engine's own 4-bit model
+    # (the quantised weights are what the read-out uses).
     lm = engine.loaded
     processor = AutoProcessor.from_pretrained(tiny_gemma_dir, local_files_only=True)
     text = prompt_text(processor, engine.card) + engine.card.answer_prefix
@@ -94,9 +95,10 @@ def test_batched_readout_equals_hand_softmax_of_plain_forward(
         p /= p.sum()
         expected = float((p * np.arange(5)).sum())
         std = float(np.sqrt((p * (np.arange(5) - expected) ** 2).sum()))
-        np.testing.assert_allclose(readout.probabilities, p, atol=1e-5)
-        assert readout.expected == pytest.approx(expected, abs=1e-5)
-        assert readout.std == pytest.approx(std, abs=1e-5)
+        np.testing.assert_allclose(readout.digit_probabilities, p, atol=1e-5)
+        assert readout.digit_expected == pytest.approx(expected, abs=1e-5)
+        digit_only = SliceReadout.from_digits(readout.digit_probabilities)
+        assert digit_only.std == pytest.approx(std, abs=1e-5)
     spread = max(r.expected for r in readouts) - min(r.expected for r in readouts)
     assert spread > 1e-3, "images must change the read-out"
 
@@ -145,8 +147,8 @@ def test_deciding_slices_and_aggregate() -> None:
         (4, "worst"), (0, "median"),
     ]
     assert deciding_slices([2.0], ("worst", "median", "best")) == [(0, "worst")]
-    a = SliceReadout((0.0, 0.0, 1.0, 0.0, 0.0), (0.0, 1.0, 2.0, 3.0, 4.0))
-    b = SliceReadout((0.0, 0.0, 0.0, 0.0, 1.0), (0.0, 1.0, 2.0, 3.0, 4.0))
+    a = SliceReadout.from_digits((0.0, 0.0, 1.0, 0.0, 0.0))
+    b = SliceReadout.from_digits((0.0, 0.0, 0.0, 0.0, 1.0))
     assert aggregate([a, b]) == (3.0, 1.0)
 
 
@@ -244,7 +246,7 @@ def test_create_engine_builds_the_vlm(tiny_gemma_dir: Path, tiny_adapter_dir: Pa
 def test_disagreement_between_text_and_readout_is_noted(engine: VlmEngine) -> None:
     from inference.vlm.engine import _disagreement
 
-    readout = SliceReadout((0.0, 0.0, 0.1, 0.8, 0.1), (0.0, 1.0, 2.0, 3.0, 4.0))
+    readout = SliceReadout.from_digits((0.0, 0.0, 0.1, 0.8, 0.1))
     assert _disagreement("worst", readout, 3.2, None, engine.card) == []
     (note,) = _disagreement("worst", readout, 1.0, None, engine.card)
     assert "says score 1" in note and "3.00" in note

@@ -1,13 +1,14 @@
 """The MedGemma VLM engine (torch, transformers, peft, bitsandbytes).
 
-Modules: :mod:`~inference.vlm.loading` (local directories, 4-bit, adapter),
+Modules: :mod:`~inference.vlm.source` (local directories, torch-free),
+:mod:`~inference.vlm.loading` (4-bit, adapter),
 :mod:`~inference.vlm.prompting` (card → prompt and inputs, shared with training),
 :mod:`~inference.vlm.readout` (score probabilities, generation),
 :mod:`~inference.vlm.parsing` and :mod:`~inference.vlm.findings` (torch-free text
 handling), :mod:`~inference.vlm.engine` (:class:`VlmEngine`).
 
-Attributes are imported lazily so that ``inference.vlm.parsing`` and
-``inference.vlm.findings`` can be used without importing torch.
+Attributes are imported lazily so that ``inference.vlm.source``, ``inference.vlm.parsing``
+and ``inference.vlm.findings`` can be used without importing torch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 _LAZY = {
     "VlmEngine": "inference.vlm.engine",
     "LoadedModel": "inference.vlm.engine",
-    "ModelDirectoryError": "inference.vlm.loading",
+    "ModelDirectoryError": "inference.vlm.source",
     "PromptError": "inference.vlm.prompting",
 }
 

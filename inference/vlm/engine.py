@@ -1,7 +1,8 @@
 """``VlmEngine``: MedGemma + QLoRA as an :class:`inference.engine.Engine`.
 
-Per series: one batched forward pass reads the score distribution of every selected
-slice (:mod:`inference.vlm.readout`); the series score is the mean of the slices'
+Per series: batched forward passes (at most ``max_batch`` slices each) read the score
+distribution of every selected slice (:mod:`inference.vlm.readout`: the digit and, for
+``Score: X.X`` answers, the decimal digit); the series score is the mean of the slices'
 expected scores and its uncertainty the standard deviation of the mixture of their
 distributions. Only the slices that decide the series score (by default the worst and
 the median, from the card) get a generated explanation; its written score is parsed and
@@ -21,6 +22,7 @@ import structlog
 import torch
 
 from inference.card import ModelCard
+from inference.errors import EngineError
 from inference.prepare import PreparedSeries, PreparedSlice
 from inference.result import AssessmentResult, EngineInfo, Finding, SliceScore
 from inference.vlm.findings import extract_findings, merge_findings
@@ -38,7 +40,8 @@ from inference.vlm.readout import SliceReadout, generate_answers, read_scores
 
 ENGINE_NAME = "vlm"
 #: Bump when the read-out, aggregation or parsing changes what a result means.
-ENGINE_VERSION = "1.0"
+#: 1.1: the read-out reads the decimal digit of ``Score: X.X`` answers (was: digit only).
+ENGINE_VERSION = "1.1"
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +77,10 @@ class VlmEngine:
         ``"auto"`` (GPU if visible), ``"cuda"``, ``"cuda:1"`` or ``"cpu"``.
     quantize
         Load the base 4-bit NF4 (default); false loads it in the compute dtype.
+    max_batch
+        At most this many slices per forward pass; ``None`` takes the card's
+        ``max_batch``. A setting of the host (GPU memory), so it is not part of
+        :attr:`info`: results do not depend on it.
 
     The directories and the card are checked at construction (a hub id or a missing
     directory raises :class:`~inference.vlm.loading.ModelDirectoryError`); the model
@@ -82,11 +89,14 @@ class VlmEngine:
 
     def __init__(
         self, model_dir: Path | str, adapter_dir: Path | str | None = None,
-        device: str = "auto", *, quantize: bool = True,
+        device: str = "auto", *, quantize: bool = True, max_batch: int | None = None,
     ) -> None:
         self._source = resolve_source(model_dir, adapter_dir)
         self._device = device
         self._quantize = quantize
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise EngineError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.max_batch: int = max_batch if max_batch is not None else self.card.max_batch
 
     @property
     def card(self) -> ModelCard:
@@ -127,20 +137,21 @@ class VlmEngine:
         return self._result(series, readouts, explained)
 
     def read_slices(self, slices: tuple[PreparedSlice, ...]) -> list[SliceReadout]:
-        """The score distribution of each slice (one batched forward pass)."""
+        """The score distribution of each slice (batches of at most :attr:`max_batch`)."""
         lm = self.loaded
         images = [to_image(s.rgb) for s in slices]
         return read_scores(
             lm.model, lm.processor, self.card, lm.tokens, images,
-            dtype=lm.dtype, device=lm.device,
+            dtype=lm.dtype, device=lm.device, max_batch=self.max_batch,
         )
 
     def generate(self, slices: tuple[PreparedSlice, ...]) -> list[str]:
-        """Full generated answers for ``slices`` (batched)."""
+        """Full generated answers for ``slices`` (batches of at most :attr:`max_batch`)."""
         lm = self.loaded
         images = [to_image(s.rgb) for s in slices]
         return generate_answers(
-            lm.model, lm.processor, self.card, images, dtype=lm.dtype, device=lm.device
+            lm.model, lm.processor, self.card, images, dtype=lm.dtype, device=lm.device,
+            max_batch=self.max_batch,
         )
 
     # Internals -------------------------------------------------------------------

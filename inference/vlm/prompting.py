@@ -7,12 +7,14 @@ becomes ``<start_of_image>`` and is expanded by the processor to the image token
 Training renders prompt and answer together with the same chat template
 (:func:`messages` with ``answer``), tokenized as one text; :func:`score_tokens` checks
 that teacher-forcing the answer prefix after the prompt gives exactly those tokens, so
-the score position means the same thing in training and in the read-out.
+the score position means the same thing in training and in the read-out; for answers
+written ``Score: X.X`` it also finds the separator and decimal-digit tokens exactly as a
+training answer (:meth:`~inference.card.ModelCard.answer`) tokenizes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,23 +24,44 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from inference.card import ModelCard
+from inference.errors import EngineError
 
 
-class PromptError(ValueError):
+class PromptError(EngineError, ValueError):
     """The card and the tokenizer do not fit together (e.g. a score is not one token)."""
 
 
 @dataclass(frozen=True)
 class ScoreTokens:
-    """Token ids for reading the score: the teacher-forced prefix and one id per score."""
+    """Token ids for reading the score.
+
+    Attributes
+    ----------
+    prefix_ids
+        Teacher-forced after the prompt (``Score: ``); the next token is the score digit.
+    digit_ids
+        One id per score digit (score i ↔ ``digit_ids[i]``).
+    separator_ids
+        Between the digit and the decimal digit (``.``); empty when no decimal is read.
+    decimal_ids
+        The ten decimal digits 0–9 after the separator; empty when the card's answer
+        format has no decimal.
+    """
 
     prefix_ids: tuple[int, ...]
     digit_ids: tuple[int, ...]
+    separator_ids: tuple[int, ...] = ()
+    decimal_ids: tuple[int, ...] = ()
 
     @property
     def values(self) -> tuple[float, ...]:
         """The score each digit stands for (0, 1, 2, …)."""
         return tuple(float(i) for i in range(len(self.digit_ids)))
+
+    @property
+    def decimals(self) -> int:
+        """1 when the decimal digit is read, else 0."""
+        return 1 if self.decimal_ids else 0
 
 
 def messages(card: ModelCard, answer: str | None = None) -> list[dict[str, Any]]:
@@ -69,11 +92,14 @@ def score_tokens(tokenizer: Any, card: ModelCard, prompt: str) -> ScoreTokens:
     is what gets teacher-forced, and each score must add exactly one token, whatever
     the tokenizer does with the space before the digit.
 
+    When the card writes one decimal (``Score: X.X``), the separator and decimal-digit
+    tokens are found the same way, from training answers ``card.answer(d.e, …)``.
+
     Raises
     ------
     PromptError
-        If the prompt's tokens change when the answer follows, or a score string is
-        not a single token.
+        If the prompt's tokens change when the answer follows, or a score string (or a
+        decimal digit) is not a single token.
     """
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -93,7 +119,47 @@ def score_tokens(tokenizer: Any, card: ModelCard, prompt: str) -> ScoreTokens:
             f"score strings {bad} are not single tokens after {card.answer_prefix!r}; "
             "the score read-out needs one token per score"
         )
-    return ScoreTokens(tuple(common[len(base):]), tuple(tail[0] for tail in tails))
+    digits = tuple(tail[0] for tail in tails)
+    separator: tuple[int, ...] = ()
+    decimal: tuple[int, ...] = ()
+    if card.score_format.decimals:
+        separator, decimal = _decimal_tokens(encode, prompt, card, common, digits)
+    return ScoreTokens(tuple(common[len(base):]), digits, separator, decimal)
+
+
+def _decimal_tokens(
+    encode: Callable[[str], list[int]], prompt: str, card: ModelCard,
+    head: Sequence[int], digits: Sequence[int],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Separator ids and the ten decimal-digit ids, as training answers tokenize them.
+
+    Every digit below the top score is followed by ``.0``–``.9`` (the top score only by
+    ``.0``, which is not read). Each answer must start with ``head`` + its digit id; the
+    tokens common to all of them after that are the separator; then each decimal digit
+    must be one token, the same whichever digit precedes it.
+    """
+    tails: dict[tuple[int, int], list[int]] = {}
+    for d in range(len(digits) - 1):
+        for e in range(10):
+            ids = encode(prompt + card.answer(round(d + e / 10, 1), "x"))
+            if ids[: len(head)] != list(head) or ids[len(head): len(head) + 1] != [digits[d]]:
+                raise PromptError(
+                    f"the score digit {card.score_tokens[d]!r} of answer "
+                    f"{card.answer(round(d + e / 10, 1), '')!r} is not the token read after "
+                    f"{card.answer_prefix!r}; the decimal read-out needs them to agree"
+                )
+            tails[(d, e)] = ids[len(head) + 1:]
+    separator = _common_prefix(list(tails.values()))
+    decimal_of: dict[int, set[int]] = {e: set() for e in range(10)}
+    for (_, e), tail in tails.items():
+        decimal_of[e].add(tail[len(separator)])
+    ids = [next(iter(found)) for found in decimal_of.values() if len(found) == 1]
+    if len(ids) != 10 or len(set(ids)) != 10:
+        raise PromptError(
+            f"the decimal digits after {card.score_format.separator!r} are not ten distinct "
+            "single tokens; the decimal read-out needs one token per decimal digit"
+        )
+    return tuple(separator), tuple(ids)
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
