@@ -7,6 +7,7 @@ site); it needs no spool. ``gpu`` runs with prefetch 1 (one long task at a time)
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from node.pipeline.app import GPU, IO, create_app, queue_name
@@ -31,6 +32,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"--queues takes gpu, io or gpu,io (not {args.queues!r})", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.logging.level, settings.logging.json_output)
+    # highdicom narrates every copied module at INFO; keep its warnings only.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING,
+                                                logging.getLevelName(settings.logging.level)))
     app = create_app(settings)
     register(app, settings)
     queues = ",".join(queue_name(settings, q) for q in stages)
