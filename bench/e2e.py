@@ -26,6 +26,7 @@ What it does, all with real processes on loopback:
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -51,6 +52,7 @@ from tests.support.orthanc import Orthanc  # noqa: E402
 NODE_AE = "QCNODE"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+PIXEL_DATA = 0x7FE00010
 CONFIG = """\
 [node]
 ae_title = "{ae}"
@@ -70,20 +72,31 @@ confirm = "find"
 """
 
 
-def make_series(source: Sequence[Path], slices: int) -> list[pydicom.Dataset]:
-    """``slices`` datasets tiled from ``source``, with fresh study/series/instance UIDs."""
-    base = [pydicom.dcmread(p) for p in sorted(source)]
+def load_base(source: Sequence[Path]) -> list[tuple[pydicom.Dataset, bytes]]:
+    """The synth slices as (header without pixels, pixel bytes)."""
+    return [(pydicom.dcmread(p, stop_before_pixels=True), pydicom.dcmread(p).PixelData)
+            for p in sorted(source)]
+
+
+def make_series(base: list[tuple[pydicom.Dataset, bytes]],
+                slices: int) -> list[pydicom.Dataset]:
+    """``slices`` datasets tiled from ``base``, with fresh study/series/instance UIDs.
+
+    Headers are deep copies; the pixel bytes (immutable) are shared between copies.
+    """
     study, series = generate_uid(), generate_uid()
-    thickness = float(base[0].get("SliceThickness", 1.0) or 1.0)
+    thickness = float(base[0][0].get("SliceThickness", 1.0) or 1.0)
     result = []
     for i in range(slices):
-        ds = base[i % len(base)].copy()
+        header, pixels = base[i % len(base)]
+        ds = copy.deepcopy(header)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = i + 1
         pos = [float(v) for v in ds.ImagePositionPatient]
         ds.ImagePositionPatient = [pos[0], pos[1], i * thickness]
         ds.SliceLocation = i * thickness
+        ds.add_new(PIXEL_DATA, "OW", pixels)
         result.append(ds)
     return result
 
@@ -100,6 +113,8 @@ def send(datasets: Sequence[pydicom.Dataset], port: int) -> tuple[float, float]:
     for ds in datasets:
         status = assoc.send_c_store(ds)
         last = time.time()
+        if "Status" not in status:
+            raise RuntimeError(f"no C-STORE response (association {assoc.is_established=})")
         if status.Status != 0:
             raise RuntimeError(f"C-STORE status {status.Status:#06x}")
     assoc.release()
@@ -219,13 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=20)
     parser.add_argument("--throughput-slices", type=int, default=60)
     parser.add_argument("--runs", type=int, default=3, help="latency runs (median shown)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep everything (logs, ledger, Orthanc) here instead of a temp dir")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="qcnode-bench-e2e-") as tmp:
-        work = Path(tmp)
+        work = args.workdir or Path(tmp)
         subprocess.run([sys.executable, "-m", "node.cli", "synth", str(work / "synth"),
                         "--slices", "30", "--size", "512"], check=True, cwd=ROOT,
                        capture_output=True)
-        source = sorted((work / "synth").rglob("*.dcm"))
+        source = load_base(sorted((work / "synth").rglob("*.dcm")))
         with Bench(work, args.quiet) as bench:
             send(make_series(source, 30), bench.port)
             bench.wait_srs(1)
