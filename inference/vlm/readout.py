@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from inference.card import ModelCard
+from inference.errors import EngineError
 from inference.vlm.prompting import ScoreTokens, encode_batch
 
 #: A decimal digit e after digit d means d + e / DECIMAL_BASE.
@@ -166,6 +167,11 @@ def _decimal_distribution(
     """
     rows = attention_mask.shape[0]
     heads = tokens.digit_ids[:-1]  # the top score is written only as X.0
+    if not hasattr(cache, "batch_repeat_interleave"):
+        raise EngineError(
+            f"the model returned no usable KV cache ({type(cache).__name__}); the decimal "
+            "score read-out continues the prompt pass's cache"
+        )
     cache.batch_repeat_interleave(len(heads))
     ext = torch.tensor(
         [[d, *tokens.separator_ids] for d in heads], dtype=torch.long,
