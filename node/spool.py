@@ -121,18 +121,20 @@ class Spool:
         return self.root / header.study_instance_uid / header.series_instance_uid
 
     def store(
-        self, src: Path, header: InstanceHeader, known: list[tuple[int, str]] | None = None
+        self, src: Path, header: InstanceHeader, known: list[tuple[int, str]] | None = None,
+        *, sha256: str | None = None,
     ) -> Stored:
         """Move the received file ``src`` into the spool, durably.
 
         ``known`` are the ``(version, sha256)`` pairs the ledger already holds for this
         SOP Instance UID; versions found on disk count too. Identical bytes are not
         stored twice (``src`` is removed); different bytes become the next version.
+        ``sha256`` is the file's digest when the caller computed it while writing.
         The file and its directory are fsync'd before this returns.
         """
         size = src.stat().st_size
         self.check_room(size)
-        sha = file_sha256(src)
+        sha = sha256 or file_sha256(src)
         directory = self.series_dir(header)
         versions = dict(known or [])
         version = 1

@@ -1,0 +1,438 @@
+"""A lean DICOM acceptor: one thread per connection, data sets streamed to files.
+
+Why not pynetdicom here: its acceptor decodes every PDU into primitives, passes them
+through a DUL thread, a state machine, queues and a second reactor thread (several
+thread hand-offs and ~4 ms of CPU per 512×512 image on the benchmark machine, more than
+the rest of the receive path). Here one thread per association reads the socket and
+writes each P-DATA-TF data fragment straight from a reused buffer into the temporary
+Part 10 file, hashing it on the way (PS3.8 §9.3.5, §E.2). pynetdicom still does all of
+qcnode's sending (:mod:`node.scu`).
+
+State handling follows PS3.8 §9.2 for an acceptor: A-ASSOCIATE-RQ must arrive within
+the ACSE timeout (ARTIM) or the connection is closed; an established association that
+stays silent longer than the network timeout, sends an unexpected or malformed PDU, or
+references an unaccepted presentation context is aborted (A-ABORT, source service
+provider); A-RELEASE-RQ is answered A-RELEASE-RP and the connection closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from node import dimse
+from node import upperlayer as ul
+from node.logs import get_logger
+
+log = get_logger(__name__)
+
+#: Receive buffer (reused per connection) and the socket buffer sizes asked for.
+BUFFER_BYTES = 1 << 20
+SOCKET_BUFFER_BYTES = 4 << 20
+#: An A-ASSOCIATE-RQ longer than this is refused (every storage context fits in ~20 KB).
+MAX_ASSOCIATE_RQ = 1 << 20
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One association's identity (for logs and the ledger)."""
+
+    assoc_id: str
+    calling_ae: str
+    address: str
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A received C-STORE data set, in a temporary Part 10 file (PS3.7 §9.3.1)."""
+
+    path: Path
+    abstract_syntax: str
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    size: int
+    sha256: str
+    write_error: bool  # the file could not be written completely (disk full)
+
+
+class Services(Protocol):
+    """What the acceptor asks of the node (implemented by :class:`node.scp.Listener`)."""
+
+    def admits(self, calling_ae: str, address: str) -> bool: ...
+    def opened(self, peer: Peer) -> None: ...
+    def closed(self, peer: Peer, *, aborted: bool) -> None: ...
+    def echo(self, peer: Peer) -> int: ...
+    def store(self, peer: Peer, request: StoreRequest) -> int: ...
+
+
+@dataclass(frozen=True)
+class AcceptorConfig:
+    """Limits and identity of the acceptor (from ``[node]``)."""
+
+    ae_title: str
+    max_pdu: int
+    acse_timeout: float
+    network_timeout: float
+    tmp_dir: Path
+    supported: dict[str, tuple[str, ...]]
+    implementation_uid: str
+    implementation_version: str
+
+
+class Aborted(Exception):
+    """The association ends without release (peer abort, EOF, timeout, protocol error)."""
+
+
+class _Reader:
+    """Exact reads from a socket through one reused buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(BUFFER_BYTES)
+        self.view = memoryview(self.buf)
+
+    def exact(self, count: int) -> bytes:
+        """Exactly ``count`` bytes (small reads: headers, commands)."""
+        chunks, got = [], 0
+        while got < count:
+            n = self.sock.recv_into(self.view, min(count - got, BUFFER_BYTES))
+            if n == 0:
+                raise Aborted("connection closed by the peer")
+            chunks.append(bytes(self.view[:n]))
+            got += n
+        return b"".join(chunks)
+
+    def stream(self, count: int, sink: Callable[[memoryview], None]) -> None:
+        """Pass ``count`` bytes to ``sink`` in buffer-sized pieces, without copying."""
+        while count > 0:
+            n = self.sock.recv_into(self.view, min(count, BUFFER_BYTES))
+            if n == 0:
+                raise Aborted("connection closed by the peer")
+            sink(self.view[:n])
+            count -= n
+
+
+class _Incoming:
+    """The data set of one C-STORE being written to its temporary file."""
+
+    def __init__(self, path: Path, header: bytes) -> None:
+        self.path = path
+        self.hash = hashlib.sha256(header)
+        self.size = 0
+        self.error = False
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 — closed by finish/discard
+        self.write(memoryview(header))
+
+    def write(self, data: memoryview) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+        if self.error:
+            return
+        try:
+            written = 0
+            while written < len(data):
+                written += self.file.write(data[written:]) or 0
+        except OSError:
+            self.error = True  # keep reading the data set, answer "out of resources"
+
+    def finish(self) -> None:
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Connection:
+    """One association, from A-ASSOCIATE-RQ to release or abort (PS3.8 §9.2)."""
+
+    def __init__(
+        self, sock: socket.socket, address: str, config: AcceptorConfig, services: Services,
+        over_limit: bool,
+    ) -> None:
+        self.sock, self.address, self.config = sock, address, config
+        self.services, self.over_limit = services, over_limit
+        self.reader = _Reader(sock)
+        self.contexts: dict[int, ul.Accepted] = {}
+        self.peer_max_pdu = 0
+        self.incoming: _Incoming | None = None
+        self._pending: tuple[int, dimse.Command] | None = None
+
+    # Association establishment --------------------------------------------------------
+    def run(self) -> None:
+        """Serve the connection until it ends; never raises."""
+        peer: Peer | None = None
+        aborted = True
+        try:
+            self.sock.settimeout(self.config.acse_timeout)
+            peer = self._establish()
+            if peer is None:
+                return
+            self.sock.settimeout(self.config.network_timeout)
+            aborted = not self._serve(peer)
+        except (Aborted, OSError, ul.ProtocolError, dimse.CommandError) as exc:
+            if peer is not None:
+                log.info("association aborted", reason=type(exc).__name__)
+                self._send_quietly(ul.abort(ul.ABORT_REASON_NOT_SPECIFIED))
+        except Exception:  # a bug must end this association only, never the listener
+            log.exception("association failed")
+            self._send_quietly(ul.abort(ul.ABORT_REASON_NOT_SPECIFIED))
+        finally:
+            if self.incoming is not None:
+                self.incoming.discard()
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            if peer is not None:
+                self.services.closed(peer, aborted=aborted)
+
+    def _send_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(data)
+
+    def _establish(self) -> Peer | None:
+        pdu_type, length = ul.pdu_header(self.reader.exact(6))
+        if pdu_type != ul.A_ASSOCIATE_RQ or length > MAX_ASSOCIATE_RQ:
+            self._send_quietly(ul.abort(ul.ABORT_UNEXPECTED_PDU))
+            return None
+        request = ul.parse_associate_rq(self.reader.exact(length))
+        reject = self._rejection(request)
+        if reject is not None:
+            self._send_quietly(ul.associate_rj(*reject))
+            return None
+        results = ul.negotiate(request, self.config.supported)
+        self.contexts = {
+            pcid: ul.Accepted(request.contexts[pcid][0], ts)
+            for pcid, (result, ts) in results.items() if result == ul.PC_ACCEPTANCE
+        }
+        self.peer_max_pdu = request.max_pdu
+        self.sock.sendall(ul.associate_ac(
+            request, results, max_pdu=self.config.max_pdu,
+            implementation_uid=self.config.implementation_uid,
+            implementation_version=self.config.implementation_version,
+        ))
+        peer = Peer(uuid.uuid4().hex[:16], request.calling_ae, self.address)
+        self.services.opened(peer)
+        return peer
+
+    def _rejection(self, request: ul.AssociateRequest) -> tuple[int, int, int] | None:
+        """(result, source, reason) of an A-ASSOCIATE-RJ, or None to accept (§9.3.4)."""
+        if not request.protocol_version & ul.PROTOCOL_VERSION:
+            return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_PROVIDER_ACSE,
+                    ul.RJ_PROTOCOL_VERSION_NOT_SUPPORTED)
+        if request.application_context != ul.APPLICATION_CONTEXT:
+            return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
+                    ul.RJ_APPLICATION_CONTEXT_NOT_SUPPORTED)
+        if request.called_ae != self.config.ae_title:
+            log.warning("association rejected", reason="called AE not ours",
+                        calling_ae=request.calling_ae, address=self.address)
+            return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
+                    ul.RJ_CALLED_AE_NOT_RECOGNISED)
+        if not self.services.admits(request.calling_ae, self.address):
+            log.warning("association rejected", reason="calling AE/host not allowed",
+                        calling_ae=request.calling_ae, address=self.address)
+            return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
+                    ul.RJ_CALLING_AE_NOT_RECOGNISED)
+        if self.over_limit:
+            log.warning("association rejected", reason="association limit",
+                        calling_ae=request.calling_ae, address=self.address)
+            return (ul.RJ_REJECTED_TRANSIENT, ul.RJ_SOURCE_SERVICE_PROVIDER_PRESENTATION,
+                    ul.RJ_LOCAL_LIMIT_EXCEEDED)
+        return None
+
+    # Data transfer ----------------------------------------------------------------------
+    def _serve(self, peer: Peer) -> bool:
+        """Handle PDUs until release (True) or abort by the peer (False)."""
+        command = bytearray()
+        while True:
+            pdu_type, length = ul.pdu_header(self.reader.exact(6))
+            if pdu_type == ul.P_DATA_TF:
+                self._p_data(peer, length, command)
+            elif pdu_type == ul.A_RELEASE_RQ:
+                self.reader.exact(length)
+                self.sock.sendall(ul.release_rp())
+                return True
+            elif pdu_type == ul.A_ABORT:
+                self.reader.exact(length)
+                return False
+            else:
+                raise ul.ProtocolError(f"unexpected PDU type {pdu_type}")
+
+    def _p_data(self, peer: Peer, length: int, command: bytearray) -> None:
+        """Walk the PDVs of one P-DATA-TF PDU (PS3.8 §9.3.5, Annex E)."""
+        while length > 0:
+            if length < 6:
+                raise ul.ProtocolError("PDV header runs past the PDU")
+            head = self.reader.exact(6)
+            pdv_len = int.from_bytes(head[:4], "big")
+            pcid, control = head[4], head[5]
+            if pdv_len < 2 or pdv_len + 4 > length or pcid not in self.contexts:
+                raise ul.ProtocolError("malformed PDV or unaccepted presentation context")
+            length -= 4 + pdv_len
+            value_len = pdv_len - 2
+            last = bool(control & 0x02)
+            if control & 0x01:
+                command += self.reader.exact(value_len)
+                if len(command) > dimse.MAX_COMMAND_BYTES:
+                    raise dimse.CommandError("command set too long")
+                if last:
+                    self._command(peer, pcid, bytes(command))
+                    command.clear()
+            else:
+                self._data(peer, pcid, value_len, last)
+
+    def _command(self, peer: Peer, pcid: int, raw: bytes) -> None:
+        request = dimse.decode_command(raw)
+        if self.incoming is not None or self._pending is not None:
+            raise ul.ProtocolError("a new command before the previous data set ended")
+        if request.field == dimse.C_ECHO_RQ and not request.has_data_set:
+            self._respond(pcid, request, self.services.echo(peer))
+        elif request.field == dimse.C_STORE_RQ and request.has_data_set:
+            context = self.contexts[pcid]
+            self._pending = (pcid, request)
+            self.incoming = _Incoming(
+                self.config.tmp_dir / f"{uuid.uuid4().hex}.part",
+                dimse.part10_header(
+                    request.sop_class_uid, request.sop_instance_uid, context.transfer_syntax,
+                    implementation_uid=self.config.implementation_uid,
+                    implementation_version=self.config.implementation_version,
+                    source_ae=peer.calling_ae,
+                ),
+            )
+        else:
+            raise ul.ProtocolError(f"unsupported DIMSE command 0x{request.field:04X}")
+
+    def _data(self, peer: Peer, pcid: int, value_len: int, last: bool) -> None:
+        incoming, pending = self.incoming, self._pending
+        if incoming is None or pending is None or pending[0] != pcid:
+            raise ul.ProtocolError("data set fragment without its C-STORE command")
+        self.reader.stream(value_len, incoming.write)
+        if not last:
+            return
+        incoming.finish()
+        self.incoming, self._pending = None, None
+        context = self.contexts[pcid]
+        request = pending[1]
+        try:
+            status = self.services.store(peer, StoreRequest(
+                path=incoming.path, abstract_syntax=context.abstract_syntax,
+                transfer_syntax=context.transfer_syntax, sop_class_uid=request.sop_class_uid,
+                sop_instance_uid=request.sop_instance_uid, size=incoming.size,
+                sha256=incoming.hash.hexdigest(), write_error=incoming.error,
+            ))
+        finally:
+            incoming.path.unlink(missing_ok=True)  # refused, duplicate or failed
+        self._respond(pcid, request, status)
+
+    def _respond(self, pcid: int, request: dimse.Command, status: int) -> None:
+        message = dimse.response(request, status)
+        pdus = ul.p_data(pcid, message, command=True, max_pdu=self.peer_max_pdu)
+        self.sock.sendall(b"".join(pdus))
+
+
+class AcceptorServer:
+    """Listening socket, accept thread, one :class:`Connection` thread per peer.
+
+    Connections beyond ``max_per_host`` from one address are closed at once; beyond
+    ``max_associations`` in all they get A-ASSOCIATE-RJ (transient, local limit
+    exceeded). Both limits count connections, so idle sockets count too, but each one
+    is closed after the ACSE timeout if it does not send an A-ASSOCIATE-RQ.
+    """
+
+    def __init__(
+        self, host: str, port: int, config: AcceptorConfig, services: Services, *,
+        max_associations: int, max_per_host: int, reuse_port: bool,
+    ) -> None:
+        self.config, self.services = config, services
+        self.max_associations, self.max_per_host = max_associations, max_per_host
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self._lock = threading.Lock()
+        self._per_host: dict[str, int] = {}
+        self._open: dict[threading.Thread, socket.socket] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="qcnode-listener",
+                                        daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` bound."""
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Start accepting in a background thread."""
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, addr = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            self._admit(client, str(addr[0]))
+
+    def _admit(self, client: socket.socket, host: str) -> None:
+        with self._lock:
+            if self._per_host.get(host, 0) >= self.max_per_host:
+                log.warning("connection refused", reason="per-host association limit",
+                            address=host, limit=self.max_per_host)
+                client.close()
+                return
+            self._per_host[host] = self._per_host.get(host, 0) + 1
+            over = len(self._open) >= self.max_associations
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+            client.setblocking(True)
+            conn = Connection(client, host, self.config, self.services, over)
+            thread = threading.Thread(target=self._run, args=(conn, host),
+                                      name="qcnode-association", daemon=True)
+            self._open[thread] = client
+        thread.start()
+
+    def _run(self, conn: Connection, host: str) -> None:
+        try:
+            conn.run()
+        finally:
+            with self._lock:
+                self._open.pop(threading.current_thread(), None)
+                left = self._per_host.get(host, 1) - 1
+                if left > 0:
+                    self._per_host[host] = left
+                else:
+                    self._per_host.pop(host, None)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting; let associations finish within ``timeout``, then cut them."""
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._open)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = list(self._open.items())
+        for thread, client in left:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            thread.join(5.0)
