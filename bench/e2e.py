@@ -196,7 +196,7 @@ def latency(bench: Bench, series: list[pydicom.Dataset], quiet: float) -> dict[s
     closed = first_event(evs, "series.closed", first, series_uid=uid)
     queued = first_event(evs, "job_queued", first, series_uid=uid)
     job = queued["job_id"]
-    got_assess = first_event(evs, "Task qcnode.assess", queued["t"])
+    got_assess = first_event(evs, f"Task qcnode.assess[{queued['task_id']}]", queued["t"])
     assessed = first_event(evs, "assessed", queued["t"], job_id=job)
     got_report = first_event(evs, "Task qcnode.report", assessed["t"])
     built = first_event(evs, "sr_built", assessed["t"], job_id=job)

@@ -26,6 +26,7 @@ from node.ledger import JobInfo, JobState, Ledger, SeriesState
 from node.pipeline.app import GPU, IO, TASK_ASSESS, TASK_REPORT, create_app, queue_name
 from node.pipeline.payload import b64, encode_sources, engine_key
 from node.pipeline.reports import destinations_of, encode_image, wanted_companions, worst_image
+from node.pipeline.speculate import Speculator
 from sr_writer.sources import referenced_uids
 
 log = structlog.get_logger(__name__)
@@ -40,15 +41,22 @@ REDISPATCH_SERIES = (SeriesState.QUEUED, SeriesState.ASSESSING, SeriesState.REPO
 class Dispatcher:
     """Sends series to the workers; ``on_complete`` is the completion monitor's hook."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, app: Celery | None = None) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger, app: Celery | None = None, *,
+                 speculate: bool = False) -> None:
         self.settings = settings
         self.ledger = ledger
         self.app = app if app is not None else create_app(settings)
         self.engine_key = engine_key(settings)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcnode-dispatch")
+        self._speculator: Speculator | None = None
+        if speculate:
+            self._speculator = Speculator(ledger, settings.spool_dir, self._prepare,
+                                          settings.completion.quiet_seconds).__enter__()
 
     def close(self) -> None:
-        """Finish queued preparations and stop the thread."""
+        """Stop speculating, finish queued preparations and stop the thread."""
+        if self._speculator is not None:
+            self._speculator.__exit__(None, None, None)
         self._pool.shutdown(wait=True, cancel_futures=False)
 
     def __enter__(self) -> Dispatcher:
@@ -83,20 +91,27 @@ class Dispatcher:
         self.ledger.supersede_older_jobs(series_uid, info.generation)
         if job.state in FINISHED_JOBS:
             return job
-        paths = [self.settings.spool_dir / p for p in self.ledger.instance_relpaths(series_uid)]
+        key = tuple(sorted(self.ledger.instance_relpaths(series_uid)))
+        paths = [self.settings.spool_dir / p for p in key]
         if job.state in REPORT_STAGES and job.result_json:
             self._send_report(job, paths)
             return job
         started = time.perf_counter()
-        prepared = self._prepare(paths)
+        ready = self._speculator.take(series_uid, key) if self._speculator else None
+        if ready is None:
+            prepared = self._prepare(paths)
+            payload = prepared.to_bytes()
+        else:
+            prepared, payload = ready
         uids = [s.sop_instance_uid for s in prepared.slices]
         sources = encode_sources(_by_uid(paths, uids), uids)
         if info.state == SeriesState.COMPLETE:
             self.ledger.set_series_state(series_uid, SeriesState.QUEUED,
                                          generation=info.generation)
-        sent = self.app.send_task(TASK_ASSESS, args=[job.id, b64(prepared.to_bytes()), sources])
+        sent = self.app.send_task(TASK_ASSESS, args=[job.id, b64(payload), sources])
         log.info("job_queued", series_uid=series_uid, job_id=job.id, task_id=sent.id,
-                 prepare_seconds=round(time.perf_counter() - started, 3))
+                 prepare_seconds=round(time.perf_counter() - started, 3),
+                 speculated=ready is not None)
         return self.ledger.move_job(job.id, JobState.PENDING if job.state == JobState.PENDING
                                     else job.state, task_id=sent.id)
 

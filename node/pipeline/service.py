@@ -9,6 +9,8 @@
 On entry it opens its own ledger connection (safe beside the listener's), starts one
 ``qcnode worker`` child per queue when no broker URL is configured (the embedded
 default), and re-sends every unfinished job from the ledger (a restart after a crash).
+Series are prepared speculatively during their quiet period
+(:mod:`node.pipeline.speculate`).
 With ``[broker] url`` set, workers run elsewhere (``qcnode worker --queues gpu|io``).
 This module never imports torch.
 """
@@ -55,7 +57,8 @@ class Pipeline:
         settings.node.home.mkdir(parents=True, exist_ok=True)
         try:
             ledger = self._stack.enter_context(Ledger.open(settings.ledger_url))
-            self.dispatcher = self._stack.enter_context(Dispatcher(settings, ledger))
+            self.dispatcher = self._stack.enter_context(
+                Dispatcher(settings, ledger, speculate=True))
             if embedded(settings):
                 self.workers = self._stack.enter_context(
                     EmbeddedWorkers(self.config, on_restart=self._worker_restarted))

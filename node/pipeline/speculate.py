@@ -1,0 +1,107 @@
+"""Speculative preparation: prepare a series during its quiet period, not after it.
+
+A series closes only after its quiet period (no open association, no new instance for
+``quiet_seconds``). Preparing it (headers of every file, screened decodes, windowing:
+1–2 s for 300 slices) can start as soon as its associations are released and it has
+been quiet for a short lead time. :meth:`Speculator.take` hands the result to the
+dispatcher at completion only if the series' files are still exactly those prepared
+(same relative paths, so no instance or new version arrived since); otherwise the
+dispatcher prepares again. The work is wasted only for a series that receives more
+images after its senders let go, which is rare.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from inference.prepare import PreparedSeries
+from node.ledger import Ledger, OpenSeries
+from node.ledger.models import utcnow
+
+log = structlog.get_logger(__name__)
+
+POLL_SECONDS = 0.1
+#: Prepared series kept at most (8 windowed 512² slices ≈ 14 MB each).
+MAX_CACHED = 8
+#: Start when the series has been quiet this long (or half its quiet period if shorter).
+LEAD_SECONDS = 0.5
+
+Prepare = Callable[[list[Path]], PreparedSeries]
+Key = tuple[str, ...]
+#: A prepared series and its task payload (:meth:`PreparedSeries.to_bytes`, ~1 s for 8
+#: slices of 512², so it is made ahead of time too).
+Ready = tuple[PreparedSeries, bytes]
+
+
+class Speculator:
+    """A thread preparing quiet, not yet complete series (a context manager)."""
+
+    def __init__(self, ledger: Ledger, spool: Path, prepare: Prepare,
+                 quiet_seconds: float) -> None:
+        self._ledger = ledger
+        self._spool = spool
+        self._prepare = prepare
+        self._lead = dt.timedelta(seconds=min(LEAD_SECONDS, quiet_seconds / 2))
+        self._cache: OrderedDict[str, tuple[Key, Ready | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qcnode-speculate",
+                                        daemon=True)
+
+    def __enter__(self) -> Speculator:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def key(self, series_uid: str) -> Key:
+        """What identifies the series' content: its files' relative paths, sorted."""
+        return tuple(sorted(self._ledger.instance_relpaths(series_uid)))
+
+    def take(self, series_uid: str, key: Key) -> Ready | None:
+        """The series prepared from exactly ``key``'s files (and its payload), or None."""
+        with self._lock:
+            cached = self._cache.pop(series_uid, None)
+        if cached is None or cached[0] != key:
+            return None
+        return cached[1]
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                for series in self._ledger.open_series():
+                    if self._stop.is_set():
+                        return
+                    if self._due(series, utcnow()):
+                        self._speculate(series.series_instance_uid)
+            except Exception as exc:  # noqa: BLE001 - an optimisation must never stop the node
+                log.warning("speculation_failed", error=type(exc).__name__)
+
+    def _due(self, series: OpenSeries, now: dt.datetime) -> bool:
+        return (series.action == "assess" and not series.busy
+                and now - series.last_instance_at >= self._lead)
+
+    def _speculate(self, series_uid: str) -> None:
+        key = self.key(series_uid)
+        with self._lock:
+            cached = self._cache.get(series_uid)
+        if cached is not None and cached[0] == key:
+            return
+        try:
+            prepared = self._prepare([self._spool / p for p in key])
+            ready: Ready | None = (prepared, prepared.to_bytes())
+        except Exception as exc:  # noqa: BLE001 - dispatch prepares again and reports it
+            log.info("speculation_skipped", series_uid=series_uid, error=type(exc).__name__)
+            ready = None
+        with self._lock:
+            self._cache[series_uid] = (key, ready)
+            while len(self._cache) > MAX_CACHED:
+                self._cache.popitem(last=False)
