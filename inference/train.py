@@ -173,12 +173,12 @@ def _args_from_cli(ns: argparse.Namespace) -> TrainArgs:
 
 def main(ns: argparse.Namespace) -> int:
     """``qcnode train`` handler; errors are one line on stderr, exit code 1."""
-    from inference.vlm.loading import ModelDirectoryError
+    from inference.errors import EngineError
 
     try:
         args = _args_from_cli(ns)
         state = run(args, process_index=_process_index()).state
-    except (TrainArgsError, ManifestError, TrainDataError, ModelDirectoryError) as exc:
+    except (TrainArgsError, ManifestError, TrainDataError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     last = state.history[-1]["loss"] if state.history else math.nan
