@@ -35,7 +35,7 @@ from node.logs import get_logger
 log = get_logger(__name__)
 
 #: Receive buffer (reused per connection) and the socket buffer sizes asked for.
-BUFFER_BYTES = 1 << 20
+BUFFER_BYTES = 256 << 10
 SOCKET_BUFFER_BYTES = 4 << 20
 #: An A-ASSOCIATE-RQ longer than this is refused (every storage context fits in ~20 KB).
 MAX_ASSOCIATE_RQ = 1 << 20
@@ -161,7 +161,7 @@ class Connection:
     ) -> None:
         self.sock, self.address, self.config = sock, address, config
         self.services, self.over_limit = services, over_limit
-        self.reader = _Reader(sock)
+        self.reader: _Reader
         self.contexts: dict[int, ul.Accepted] = {}
         self.peer_max_pdu = 0
         self.incoming: _Incoming | None = None
@@ -173,6 +173,7 @@ class Connection:
         peer: Peer | None = None
         aborted = True
         try:
+            self.reader = _Reader(self.sock)
             self.sock.settimeout(self.config.acse_timeout)
             peer = self._establish()
             if peer is None:

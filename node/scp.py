@@ -73,7 +73,8 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 #: Verification (PS3.4 Annex A) needs no dataset: the uncompressed syntaxes suffice.
 ECHO_TRANSFER_SYNTAXES = (pyuid.ExplicitVRLittleEndian, pyuid.ImplicitVRLittleEndian)
 
-_STRIPES = 64
+#: Per-UID lock stripes (duplicates of one SOP Instance UID are stored one at a time).
+_STRIPES = 4096
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 #: qcnode's Implementation Class UID and Version Name (PS3.7 D.3.3.2, PS3.10 §7.1).
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.10365451129798785511095758564847613115"

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from pathlib import Path
 from node.dicomio import InstanceHeader, is_valid_uid
 
 _CHUNK = 1 << 20
+#: Directories whose fsync state is kept before idle entries are dropped.
+_DIR_STATES = 1024
 SUFFIX = ".dcm"
 
 
@@ -61,6 +64,55 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirectorySync:
+    """fsync of directories shared by concurrent callers (a group commit for renames).
+
+    A caller that renamed a file into ``directory`` needs one fsync of ``directory``
+    that *started after* its rename. Each caller takes a ticket; whoever holds the
+    directory's lock fsyncs once for every ticket issued so far, and callers whose
+    ticket was covered meanwhile return without an fsync of their own. With 20
+    associations writing into one series directory this turns 20 directory fsyncs
+    into one or two, with the same guarantee for each caller.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirs: dict[Path, _DirState] = {}
+
+    def sync(self, directory: Path) -> None:
+        """Return once an fsync of ``directory`` began after this call began."""
+        with self._lock:
+            state = self._dirs.get(directory)
+            if state is None:
+                if len(self._dirs) >= _DIR_STATES:
+                    self._dirs = {d: s for d, s in self._dirs.items() if s.users}
+                state = self._dirs[directory] = _DirState()
+            state.requested += 1
+            state.users += 1
+            ticket = state.requested
+        try:
+            with state.lock:
+                if state.synced >= ticket:
+                    return
+                with self._lock:
+                    covered = state.requested
+                fsync_dir(directory)
+                state.synced = covered
+        finally:
+            with self._lock:
+                state.users -= 1
+
+
+class _DirState:
+    __slots__ = ("lock", "requested", "synced", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requested = 0
+        self.synced = 0
+        self.users = 0
 
 
 def _fsync_file(path: Path) -> None:
@@ -100,6 +152,7 @@ class Spool:
         self.quarantine_dir = home / "quarantine"
         self.min_free_bytes = min_free_bytes
         self.min_free_percent = min_free_percent
+        self._dir_sync = DirectorySync()
         for directory in (self.root, self.tmp, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -168,7 +221,7 @@ class Spool:
             if exc.errno != errno.EXDEV:
                 raise
             self._copy_across(src, target)
-        fsync_dir(target.parent)
+        self._dir_sync.sync(target.parent)
         if new_dirs:  # new series (and study) directories must be durable in their parents
             fsync_dir(target.parent.parent)
             fsync_dir(self.root)
