@@ -1,0 +1,173 @@
+"""The listener's own Upper Layer (node.acceptor) against pynetdicom as the requestor.
+
+pynetdicom is a real, independent DICOM implementation: it proposes what scanners
+propose (role selection, SOP class extended negotiation, several transfer syntaxes) and
+checks our A-ASSOCIATE-AC and C-STORE-RSP. A raw socket checks the byte-level limits
+(the requestor's Maximum Length, unexpected PDUs) that pynetdicom does not enforce.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+)
+from pynetdicom import AE, build_role
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+from node import upperlayer as ul
+from node.config import Settings
+from node.scp import STATUS_SUCCESS, Listener
+from node.spool import Spool
+from tests.support.dcmtk import write_ct_series
+
+FIND_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.1.1"  # Patient Root Q/R FIND: not ours
+VERIFICATION = "1.2.840.10008.1.1"
+RESULT_ACCEPTED = 0x00
+RESULT_ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
+RESULT_TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+
+
+@pytest.fixture()
+def listener(tmp_path: Path) -> Iterator[Listener]:
+    settings = Settings.model_validate({
+        "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0,
+                 "home": str(tmp_path), "acse_timeout": 2.0, "network_timeout": 5.0},
+        "senders": [{"ae_title": "*", "host": "127.0.0.1"}],
+        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0},
+    })
+    spool = Spool(settings.spool_dir, tmp_path)
+    scp = Listener(settings, spool, None)
+    scp.start()
+    try:
+        yield scp
+    finally:
+        scp.stop(5.0)
+
+
+def test_negotiation_roles_extended_negotiation_and_store(
+    listener: Listener, tmp_path: Path
+) -> None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, JPEG2000Lossless])
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, ["1.2.3.4.5.6"])  # no such transfer syntax
+    ae.add_requested_context(FIND_SOP_CLASS, [ImplicitVRLittleEndian])
+    ae.add_requested_context(VERIFICATION)
+    ext = SOPClassExtendedNegotiation()
+    ext.sop_class_uid = CTImageStorage
+    ext.service_class_application_information = b"\x01"
+    roles = build_role(CTImageStorage, scu_role=True, scp_role=True)
+    host, port = listener.address
+    assoc = ae.associate(host, port, ae_title="QCNODE", ext_neg=[roles, ext])
+    try:
+        assert assoc.is_established
+        results = [(str(cx.abstract_syntax), cx.result, str(cx.transfer_syntax[0]))
+                   for cx in assoc.accepted_contexts + assoc.rejected_contexts]
+        # Ours preferred: the compressed syntax the sender also proposed.
+        assert (CTImageStorage, RESULT_ACCEPTED, JPEG2000Lossless) in results
+        assert any(a == CTImageStorage and r == RESULT_TRANSFER_SYNTAXES_NOT_SUPPORTED
+                   for a, r, _ in results)
+        assert any(a == FIND_SOP_CLASS and r == RESULT_ABSTRACT_SYNTAX_NOT_SUPPORTED
+                   for a, r, _ in results)
+        assert assoc.send_c_echo().Status == STATUS_SUCCESS
+        ds = pydicom.dcmread(write_ct_series(tmp_path / "ct", 1)[0])
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        status = assoc.send_c_store(ds)  # pynetdicom converts: Explicit VR LE context
+        assert status.Status == STATUS_SUCCESS
+    finally:
+        assoc.release()
+    assert not assoc.is_aborted
+    stored = list(listener.spool.root.rglob(f"{ds.SOPInstanceUID}.dcm"))
+    assert len(stored) == 1
+    back = pydicom.dcmread(stored[0])
+    assert back.PixelData == ds.PixelData
+    assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+
+def _item(kind: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(value)) + value
+
+
+def _associate_rq(max_length: int) -> bytes:
+    context = bytes([1, 0, 0, 0]) + _item(0x30, VERIFICATION.encode()) + _item(
+        0x40, ImplicitVRLittleEndian.encode())
+    user = _item(0x51, struct.pack(">L", max_length)) + _item(0x52, b"1.2.3.4")
+    body = (struct.pack(">HH", 1, 0) + b"QCNODE".ljust(16) + b"RAWPEER".ljust(16)
+            + bytes(32) + _item(0x10, ul.APPLICATION_CONTEXT.encode())
+            + _item(0x20, context) + _item(0x50, user))
+    return struct.pack(">BBL", ul.A_ASSOCIATE_RQ, 0, len(body)) + body
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    head = b""
+    while len(head) < 6:
+        chunk = sock.recv(6 - len(head))
+        assert chunk, "connection closed"
+        head += chunk
+    kind, _, length = struct.unpack(">BBL", head)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        assert chunk, "connection closed"
+        body += chunk
+    return kind, body
+
+
+def _echo_rq() -> bytes:
+    def element(tag: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", 0, tag, len(value)) + value
+
+    body = (element(0x0002, VERIFICATION.encode()) + element(0x0100, b"\x30\x00")
+            + element(0x0110, b"\x07\x00") + element(0x0800, b"\x01\x01"))
+    command = element(0x0000, struct.pack("<L", len(body))) + body
+    pdv = struct.pack(">LBB", len(command) + 2, 1, 0x03) + command
+    return struct.pack(">BBL", ul.P_DATA_TF, 0, len(pdv)) + pdv
+
+
+def test_requestor_maximum_length_honoured_and_unexpected_pdu_aborts(
+    listener: Listener,
+) -> None:
+    max_length = 32  # the C-ECHO-RSP (~70 bytes) must come in several PDUs
+    with socket.create_connection(listener.address, timeout=10) as sock:
+        sock.sendall(_associate_rq(max_length))
+        kind, _ = _read_pdu(sock)
+        assert kind == ul.A_ASSOCIATE_AC
+        sock.sendall(_echo_rq())
+        command = b""
+        while True:
+            kind, body = _read_pdu(sock)
+            assert kind == ul.P_DATA_TF and len(body) <= max_length
+            pdv_length, pcid, control = struct.unpack(">LBB", body[:6])
+            assert pcid == 1 and control & 0x01 and pdv_length == len(body) - 4
+            command += body[6:]
+            if control & 0x02:
+                break
+        assert len(command) > max_length
+        status_at = command.index(struct.pack("<HHL", 0, 0x0900, 2))
+        assert command[status_at + 8 : status_at + 10] == struct.pack("<H", STATUS_SUCCESS)
+        sock.sendall(struct.pack(">BBL", ul.A_ASSOCIATE_AC, 0, 0))  # not allowed now
+        kind, body = _read_pdu(sock)
+        assert kind == ul.A_ABORT
+        assert sock.recv(16) == b""  # and the node closed the connection
+
+
+def test_called_ae_must_be_ours(listener: Listener) -> None:
+    with socket.create_connection(listener.address, timeout=10) as sock:
+        rq = bytearray(_associate_rq(0))
+        rq[10:26] = b"SOMEONEELSE".ljust(16)
+        sock.sendall(bytes(rq))
+        kind, body = _read_pdu(sock)
+        assert kind == ul.A_ASSOCIATE_RJ
+        assert body[1:] == bytes([ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
+                                  ul.RJ_CALLED_AE_NOT_RECOGNISED])
