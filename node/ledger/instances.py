@@ -13,9 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, bindparam, select, update
+from sqlalchemy import Table, and_, bindparam, select, update
 
 from node.ledger.base import LedgerBase, LedgerError, VersionConflict
+from node.ledger.hotpath import (
+    CoreExecutor,
+    Executor,
+    SQLiteExecutor,
+    StatementCache,
+    sqlite_write_transaction,
+)
 from node.ledger.models import (
     Association,
     Base,
@@ -137,6 +144,7 @@ class InstanceAPI(LedgerBase):
         compiled = self._hot.versions.compile(dialect=self.engine.dialect)
         self._versions_sql = str(compiled)
         self._versions_positional = bool(compiled.positional)
+        self._statements = StatementCache(self.engine.dialect)
         self._pending: list[_Slot] = []
         self._pending_lock = threading.Lock()
 
@@ -189,12 +197,12 @@ class InstanceAPI(LedgerBase):
         """
         if self._write_lock is None:
             with self._write() as conn:
-                study_id = self._record_in(conn, rec)
+                study_id = self._record_in(CoreExecutor(conn), rec)
             self._remember_study(rec.study_instance_uid, study_id)
             return
         self._record_grouped(rec, self._write_lock)
 
-    def _record_in(self, conn: Connection, rec: InstanceRecord) -> int | None:
+    def _record_in(self, conn: Executor, rec: InstanceRecord) -> int | None:
         """Record ``rec`` in the open transaction; the study id, None for a duplicate."""
         now = utcnow()
         study_id = self._study_id(conn, rec.study_instance_uid, now)
@@ -236,11 +244,12 @@ class InstanceAPI(LedgerBase):
 
     def _commit_batch(self, batch: list[_Slot]) -> None:
         try:
-            with self._write_unlocked() as conn:
+            with sqlite_write_transaction(self.engine) as cursor:
+                ex = SQLiteExecutor(cursor, self._statements)
                 for slot in batch:
                     try:
-                        with conn.begin_nested():
-                            slot.study_id = self._record_in(conn, slot.rec)
+                        with ex.savepoint():
+                            slot.study_id = self._record_in(ex, slot.rec)
                     except Exception as exc:  # noqa: BLE001 — handed to that record's caller
                         slot.error = exc
         except BaseException as exc:
@@ -255,18 +264,18 @@ class InstanceAPI(LedgerBase):
             self._remember_study(slot.rec.study_instance_uid, slot.study_id)
 
     def _update_series(
-        self, conn: Connection, rec: InstanceRecord, series: _SeriesRow, generation: int,
+        self, conn: Executor, rec: InstanceRecord, series: _SeriesRow, generation: int,
         now: dt.datetime,
     ) -> None:
         hot = self._hot
         reopen = generation != series.generation
         count = 1 if rec.version == 1 else 0
         if reopen:
-            conn.execute(
+            conn.run(
                 hot.reopen_series,
                 {"sid": series.id, "now": now, "inc": count, "gen": generation},
             )
-            conn.execute(
+            conn.run(
                 hot.insert_event,
                 {
                     "series_id": series.id, "at": now, "generation": generation,
@@ -276,27 +285,29 @@ class InstanceAPI(LedgerBase):
                 },
             )
         else:
-            conn.execute(hot.touch_series, {"sid": series.id, "now": now, "inc": count})
-        conn.execute(hot.link_assoc, {"series_id": series.id, "assoc_id": rec.assoc_id})
+            conn.run(hot.touch_series, {"sid": series.id, "now": now, "inc": count})
+        conn.run(hot.link_assoc, {"series_id": series.id, "assoc_id": rec.assoc_id})
 
-    def _study_id(self, conn: Connection, study_uid: str, now: dt.datetime) -> int:
+    def _study_id(self, conn: Executor, study_uid: str, now: dt.datetime) -> int:
         cached = self._study_ids.get(study_uid)
         if cached is not None:
             return cached
         hot = self._hot
-        study_id = conn.execute(hot.select_study, {"uid": study_uid}).scalar()
+        study_id = conn.scalar(hot.select_study, {"uid": study_uid})
         if study_id is None:
-            conn.execute(hot.insert_study, {"study_uid": study_uid, "created_at": now})
-            study_id = conn.execute(hot.select_study, {"uid": study_uid}).scalar_one()
+            conn.run(hot.insert_study, {"study_uid": study_uid, "created_at": now})
+            study_id = conn.scalar(hot.select_study, {"uid": study_uid})
+            if study_id is None:
+                raise LedgerError("study row missing right after its insert")
         return int(study_id)
 
     def _series_row(
-        self, conn: Connection, rec: InstanceRecord, study_id: int, now: dt.datetime
+        self, conn: Executor, rec: InstanceRecord, study_id: int, now: dt.datetime
     ) -> _SeriesRow:
         hot = self._hot
-        row = conn.execute(hot.select_series, {"uid": rec.series_instance_uid}).first()
+        row = conn.first(hot.select_series, {"uid": rec.series_instance_uid})
         if row is None:
-            conn.execute(
+            conn.run(
                 hot.insert_series,
                 {
                     "series_uid": rec.series_instance_uid, "study_id": study_id,
@@ -308,16 +319,18 @@ class InstanceAPI(LedgerBase):
                     "state_changed_at": now,
                 },
             )
-            row = conn.execute(hot.select_series, {"uid": rec.series_instance_uid}).one()
-        return _SeriesRow(int(row.id), str(row.state), int(row.generation))
+            row = conn.first(hot.select_series, {"uid": rec.series_instance_uid})
+            if row is None:
+                raise LedgerError("series row missing right after its insert")
+        return _SeriesRow(int(row[0]), str(row[1]), int(row[2]))
 
     def _insert_instance(
-        self, conn: Connection, rec: InstanceRecord, series_id: int, generation: int,
+        self, conn: Executor, rec: InstanceRecord, series_id: int, generation: int,
         now: dt.datetime,
     ) -> bool:
         """Insert the instance row; False when it is already there with the same bytes."""
         hot = self._hot
-        inserted = conn.execute(
+        inserted = conn.first(
             hot.insert_instance,
             {
                 "sop_uid": rec.sop_instance_uid, "version": rec.version,
@@ -326,12 +339,12 @@ class InstanceAPI(LedgerBase):
                 "size": rec.size, "transfer_syntax_uid": rec.transfer_syntax_uid,
                 "assoc_id": rec.assoc_id, "calling_ae": rec.calling_ae, "received_at": now,
             },
-        ).first()
+        )
         if inserted is not None:
             return True
-        existing = conn.execute(
+        existing = conn.scalar(
             hot.select_version, {"uid": rec.sop_instance_uid, "version": rec.version}
-        ).scalar()
+        )
         if existing is None:
             raise LedgerError("spool path is already recorded for another instance")
         if existing != rec.sha256:
