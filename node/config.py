@@ -174,7 +174,7 @@ class RuleSettings(_Section):
     A rule matches when every given criterion matches (empty = any): modality,
     SOP Class UID, and a regular expression searched in the Series Description.
     ``assess`` queues the series; ``store`` keeps it and records it as ignored;
-    ``reject`` refuses the C-STORE (status 0xA900 class, nothing kept).
+    ``reject`` refuses the C-STORE (0x0124 Refused: Not Authorized, nothing kept).
     """
 
     name: str = Field(min_length=1, max_length=64)
