@@ -61,12 +61,17 @@ class InstanceRecord:
 
 
 class _Slot:
-    """One record waiting for a group commit, and its outcome."""
+    """One piece of work waiting for a group commit, and its outcome.
 
-    __slots__ = ("done", "error", "rec", "study_id")
+    ``work`` runs inside the shared transaction and returns the id of the study row it
+    used (remembered in the study cache after the commit) or None.
+    """
 
-    def __init__(self, rec: InstanceRecord) -> None:
-        self.rec = rec
+    __slots__ = ("done", "error", "study_id", "study_uid", "work")
+
+    def __init__(self, work: Callable[[Executor], int | None], study_uid: str | None) -> None:
+        self.work = work
+        self.study_uid = study_uid
         self.done = False
         self.error: BaseException | None = None
         self.study_id: int | None = None
@@ -125,6 +130,13 @@ class _HotStatements:
             close_trigger=None,
         )
         self.link_assoc = insert(_table(SeriesAssociation)).on_conflict_do_nothing()
+        assocs = _table(Association)
+        self.open_assoc = insert(assocs).on_conflict_do_nothing()
+        self.close_assoc = (
+            update(assocs)
+            .where(and_(assocs.c.id == bindparam("aid"), assocs.c.closed_at.is_(None)))
+            .values(closed_at=bindparam("now"), aborted=bindparam("ab"))
+        )
         self.insert_event = insert(events)
 
 
@@ -200,7 +212,8 @@ class InstanceAPI(LedgerBase):
                 study_id = self._record_in(CoreExecutor(conn), rec)
             self._remember_study(rec.study_instance_uid, study_id)
             return
-        self._record_grouped(rec, self._write_lock)
+        self._grouped(_Slot(lambda ex: self._record_in(ex, rec), rec.study_instance_uid),
+                      self._write_lock)
 
     def _record_in(self, conn: Executor, rec: InstanceRecord) -> int | None:
         """Record ``rec`` in the open transaction; the study id, None for a duplicate."""
@@ -222,16 +235,16 @@ class InstanceAPI(LedgerBase):
             self._study_ids.clear()
         self._study_ids[study_uid] = study_id
 
-    def _record_grouped(self, rec: InstanceRecord, write_lock: threading.Lock) -> None:
-        """SQLite group commit: whoever holds the write lock commits everyone's records.
+    def _grouped(self, slot: _Slot, write_lock: threading.Lock) -> None:
+        """SQLite group commit: whoever holds the write lock commits everyone's work.
 
         Each caller queues its record and waits for the write lock. The holder takes
         every queued record, writes each in its own savepoint (one failure does not
         undo the others) and commits them with one fsync; callers whose record was
         committed meanwhile just collect their result. Under concurrent associations
         this turns N fsyncs into one, with the same durability for each caller.
+        Association rows (opened / closed) take the same path.
         """
-        slot = _Slot(rec)
         with self._pending_lock:
             self._pending.append(slot)
         with write_lock:
@@ -249,7 +262,7 @@ class InstanceAPI(LedgerBase):
                 for slot in batch:
                     try:
                         with ex.savepoint():
-                            slot.study_id = self._record_in(ex, slot.rec)
+                            slot.study_id = slot.work(ex)
                     except Exception as exc:  # noqa: BLE001 — handed to that record's caller
                         slot.error = exc
         except BaseException as exc:
@@ -261,7 +274,8 @@ class InstanceAPI(LedgerBase):
             for slot in batch:
                 slot.done = True
         for slot in batch:
-            self._remember_study(slot.rec.study_instance_uid, slot.study_id)
+            if slot.study_uid is not None:
+                self._remember_study(slot.study_uid, slot.study_id)
 
     def _update_series(
         self, conn: Executor, rec: InstanceRecord, series: _SeriesRow, generation: int,
@@ -356,24 +370,26 @@ class InstanceAPI(LedgerBase):
     # Associations ---------------------------------------------------------------
     def association_opened(self, assoc_id: str, calling_ae: str, address: str) -> None:
         """Record that an association (PS3.8 §7.1) was accepted."""
-        with self._write() as conn:
-            conn.execute(
-                self._insert(Association)
-                .values(
-                    id=assoc_id, calling_ae=calling_ae[:16], address=address[:64],
-                    opened_at=utcnow(), aborted=False,
-                )
-                .on_conflict_do_nothing()
-            )
+        params = {"id": assoc_id, "calling_ae": calling_ae[:16], "address": address[:64],
+                  "opened_at": utcnow(), "aborted": False}
+        self._write_hot(self._hot.open_assoc, params)
 
     def association_closed(self, assoc_id: str, *, aborted: bool = False) -> None:
         """Record that an association was released (or aborted, A-ABORT / lost)."""
-        with self._write() as conn:
-            conn.execute(
-                update(Association)
-                .where(and_(Association.id == assoc_id, Association.closed_at.is_(None)))
-                .values(closed_at=utcnow(), aborted=aborted)
-            )
+        self._write_hot(self._hot.close_assoc,
+                        {"aid": assoc_id, "now": utcnow(), "ab": aborted})
+
+    def _write_hot(self, stmt: Any, params: dict[str, Any]) -> None:
+        """One hot statement in its own durable transaction (grouped on SQLite)."""
+        if self._write_lock is None:
+            with self._write() as conn:
+                CoreExecutor(conn).run(stmt, params)
+            return
+
+        def work(ex: Executor) -> None:
+            ex.run(stmt, params)
+
+        self._grouped(_Slot(work, None), self._write_lock)
 
     def close_stale_associations(self) -> int:
         """Mark every still-open association aborted; returns how many.
