@@ -22,12 +22,14 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from inference.prepare import prepare_series
 from inference.result import AssessmentResult
 from node.config import Settings, load_settings
 from node.ledger import DeliveryState, JobState, Ledger, SeriesState
 from node.ledger.instances import InstanceRecord
 from node.pipeline.app import queue_depths
 from node.pipeline.dispatch import Dispatcher
+from node.pipeline.speculate import Speculator
 from sr_writer import parse_sr
 from tests.support.e2e import kill_tree, same_result
 from tests.support.net import wait_for
@@ -78,8 +80,8 @@ def write_ct_series(spool: Path, n: int = 12, size: int = 128, seed: int = 0) ->
     return paths
 
 
-def record_series(ledger: Ledger, spool: Path, paths: list[Path]) -> str:
-    """Record files as the listener does, then close the series (trigger ``quiet``)."""
+def record_instances(ledger: Ledger, spool: Path, paths: list[Path]) -> None:
+    """Record files as the listener does (one ``record_instance`` per file)."""
     for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         data = path.read_bytes()
@@ -92,6 +94,11 @@ def record_series(ledger: Ledger, spool: Path, paths: list[Path]) -> str:
             sha256=hashlib.sha256(data).hexdigest(), calling_ae="SCANNER", assoc_id="a1",
             action="assess", rule="ct",
         ))
+
+
+def record_series(ledger: Ledger, spool: Path, paths: list[Path]) -> str:
+    """Record files as the listener does, then close the series (trigger ``quiet``)."""
+    record_instances(ledger, spool, paths)
     uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
     assert ledger.close_series(uid, 1, "quiet")
     return uid
@@ -249,3 +256,32 @@ def test_sqlite_broker_does_not_redeliver_after_sigkill(tmp_path: Path, pacs: Or
         assert len(site.pacs.find_modality("SR")) == 1
     finally:
         site.stop()
+
+
+def test_speculative_preparation_is_used_only_for_unchanged_files(tmp_path: Path) -> None:
+    """A quiet, still open series is prepared ahead; a new instance invalidates it."""
+    spool = tmp_path / "spool"
+    paths = write_ct_series(spool, n=10, seed=7)
+    with Ledger.open(f"sqlite:///{tmp_path / 'ledger.sqlite3'}") as ledger:
+        record_instances(ledger, spool, paths[:9])
+        uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+        with Speculator(ledger, spool, lambda p: prepare_series(p, k=4),
+                        quiet_seconds=0.2) as speculator:
+            first = speculator.key(uid)
+            assert len(first) == 9
+            wait_for(lambda: speculator.prepared_key(uid) == first, timeout=60,
+                     what="speculative preparation of 9 instances")
+            record_instances(ledger, spool, paths[9:])
+            second = speculator.key(uid)
+            wait_for(lambda: speculator.prepared_key(uid) == second, timeout=60,
+                     what="preparation again after a new instance")
+            assert speculator.take(uid, first) is None, "stale files must not be used"
+            wait_for(lambda: speculator.prepared_key(uid) == second, timeout=60,
+                     what="prepared again after the stale take")
+            ready = speculator.take(uid, second)
+    assert ready is not None
+    prepared, payload = ready
+    expected = prepare_series([spool / p for p in second], k=4)
+    assert [s.sop_instance_uid for s in prepared.slices] == \
+        [s.sop_instance_uid for s in expected.slices]
+    assert payload == prepared.to_bytes()

@@ -66,6 +66,12 @@ class Speculator:
         """What identifies the series' content: its files' relative paths, sorted."""
         return tuple(sorted(self._ledger.instance_relpaths(series_uid)))
 
+    def prepared_key(self, series_uid: str) -> Key | None:
+        """The files the series was last prepared from (None if not prepared)."""
+        with self._lock:
+            cached = self._cache.get(series_uid)
+        return cached[0] if cached is not None and cached[1] is not None else None
+
     def take(self, series_uid: str, key: Key) -> Ready | None:
         """The series prepared from exactly ``key``'s files (and its payload), or None."""
         with self._lock:
