@@ -27,6 +27,7 @@ from inference.result import AssessmentResult
 from node.config import Settings, load_settings
 from node.ledger import JobInfo, Ledger, SeriesState
 from node.ledger.base import NotFound
+from node.pipeline.app import GPU, IO, create_app, queue_name
 from tests.support.net import free_port, wait_for
 from tests.support.orthanc import Orthanc
 
@@ -132,6 +133,17 @@ def kill_tree(pid: int) -> None:
             os.kill(victim, signal.SIGKILL)
 
 
+def delete_queues(settings: Settings) -> None:
+    """Remove this run's queues and exchange from a shared broker (Redis, RabbitMQ)."""
+    app = create_app(settings)
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        for stage in (GPU, IO):
+            channel.queue_delete(queue=queue_name(settings, stage))
+        channel.exchange_delete(exchange=f"{settings.broker.queue_prefix}qcnode")
+        channel.close()
+
+
 def _rounded(value: Any) -> Any:
     """Floats to 12 significant digits (an SR stores numbers as 16-character DS)."""
     if isinstance(value, float) and math.isfinite(value):
@@ -223,6 +235,8 @@ class NodeSite:
                 proc.kill()
                 proc.wait()
         self.serve, self.workers = None, []
+        if self.settings.broker.url:
+            delete_queues(self.settings)
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
