@@ -1,10 +1,13 @@
 """Ingest benchmark: DCMTK storescu → qcnode, DCMTK storescp and Orthanc, in one run.
 
-Run ``.venv/bin/python bench/ingest.py [--images 500] [--rss-images 2000]``. It writes a
-512×512 CT series with pydicom, sends it with ``/usr/bin/storescu`` (``TCP_NODELAY=1``)
-to each receiver on 127.0.0.1 (free ports, temporary homes), and prints images/s and
-MB/s for each and the ratio qcnode / storescp; then 20 concurrent storescu senders to
-qcnode; then the listener's RSS while it receives ``--rss-images`` distinct images.
+Run ``.venv/bin/python bench/ingest.py [--images 500] [--rounds 3] [--rss-images 2000]``.
+It writes a 512×512 CT series with pydicom, sends it with ``/usr/bin/storescu``
+(``TCP_NODELAY=1``) to each receiver on 127.0.0.1 (free ports, temporary homes), and
+prints images/s and MB/s for each and the ratio qcnode / storescp; then 20 concurrent
+storescu senders to qcnode; then the listener's RSS while it receives ``--rss-images``
+distinct images. Each round measures every receiver once, back to back (a fresh
+qcnode each time), so a round's ratio compares runs under the same machine load; the
+medians over the rounds are printed at the end with the load average.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,13 +61,17 @@ def send_parallel(port: int, groups: list[list[Path]], aec: str) -> float:
 
 
 @contextmanager
-def qcnode(tmp: Path, processes: int = 1) -> Iterator[tuple[int, int]]:
+def qcnode(tmp: Path, processes: int = 1, *, store_only: bool = False
+           ) -> Iterator[tuple[int, int]]:
+    """A ``qcnode serve``; ``store_only``: one rule that stores and ignores every series
+    (no assessment runs in the process, so its RSS is the receiving side's)."""
     tmp.mkdir(parents=True, exist_ok=True)
     home = tmp / "qc"
     sections = default_sections(home, free_port())
     sections["logging"] = {"level": "WARNING", "json": "always"}
     sections["node"]["listener_processes"] = processes
-    config = write_config(tmp / "qcnode.toml", sections)
+    tables = {"rules": [{"name": "keep", "action": "store"}]} if store_only else {}
+    config = write_config(tmp / "qcnode.toml", sections, tables)
     node = start_node(config, home, tmp / "qcnode.log")
     try:
         yield node.port, node.proc.pid
@@ -110,6 +118,12 @@ def orthanc(tmp: Path) -> Iterator[int]:
         proc.wait(30)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -129,38 +143,76 @@ def measure(name: str, files: list[Path], runner: Callable[[], float]) -> float:
     return report(name, len(files), size, runner())
 
 
+def one_round(tmp: Path, series: list[Path]) -> dict[str, float]:
+    """storescp, Orthanc, qcnode with 1 and with 20 senders, back to back."""
+    rates: dict[str, float] = {}
+    tmp.mkdir(parents=True)
+    with storescp(tmp) as port:
+        rates["storescp"] = measure("DCMTK storescp", series,
+                                    lambda: send(port, series, "STORESCP"))
+    with orthanc(tmp) as port:
+        rates["orthanc"] = measure("Orthanc", series, lambda: send(port, series, "ORTHANC"))
+    for name, senders in (("qcnode 1", 1), ("qcnode 20", 20)):
+        groups = [series[i::senders] for i in range(senders)]
+        with qcnode(tmp / name.replace(" ", "")) as (port, pid):
+            before = cpu_seconds(pid)
+
+            def run(port: int = port, groups: list[list[Path]] = groups) -> float:
+                if len(groups) == 1:
+                    return send(port, groups[0], "QCNODE")
+                return send_parallel(port, groups, "QCNODE")
+
+            rates[name] = measure(
+                f"qcnode ({senders} sender{'s' if senders > 1 else ''})", series, run
+            )
+            cpu_ms = (cpu_seconds(pid) - before) / len(series) * 1000
+            print(f"{'':<28} listener CPU {cpu_ms:.2f} ms/image", flush=True)
+    print(f"ratio qcnode / storescp: {rates['qcnode 1'] / rates['storescp']:.2f} (1 sender), "
+          f"{rates['qcnode 20'] / rates['storescp']:.2f} (20 senders)", flush=True)
+    return rates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rss-images", type=int, default=2000)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="qcnode-bench-"))
     try:
         series = write_ct_series(tmp / "series", args.images, size=512)
         print(f"series: {len(series)} × 512×512 CT, "
-              f"{sum(f.stat().st_size for f in series) / 1e6:.0f} MB", flush=True)
-        with storescp(tmp) as port:
-            base = measure("DCMTK storescp", series, lambda: send(port, series, "STORESCP"))
-        with orthanc(tmp) as port:
-            measure("Orthanc", series, lambda: send(port, series, "ORTHANC"))
-        with qcnode(tmp / "a") as (port, _):
-            ours = measure("qcnode (1 sender)", series, lambda: send(port, series, "QCNODE"))
-        groups = [series[i::20] for i in range(20)]
-        with qcnode(tmp / "b") as (port, _):
-            measure("qcnode (20 senders)", series,
-                    lambda: send_parallel(port, groups, "QCNODE"))
-        print(f"ratio qcnode / storescp: {ours / base:.2f}", flush=True)
-        rss_run(tmp, args.rss_images)
+              f"{sum(f.stat().st_size for f in series) / 1e6:.0f} MB; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        rounds = []
+        for i in range(args.rounds):
+            print(f"round {i + 1}", flush=True)
+            rounds.append(one_round(tmp / f"round{i}", series))
+        print(f"medians over {len(rounds)} rounds (load average now "
+              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}):", flush=True)
+        for name in rounds[0] if rounds else ():
+            print(f"  {name:<12} {statistics.median(r[name] for r in rounds):7.1f} img/s",
+                  flush=True)
+        for name in ("qcnode 1", "qcnode 20") if rounds else ():
+            ratio = statistics.median(r[name] / r["storescp"] for r in rounds)
+            print(f"  ratio {name} / storescp (median of rounds): {ratio:.2f}", flush=True)
+        if args.rss_images:
+            rss_run(tmp, args.rss_images, store_only=True)
+            rss_run(tmp, args.rss_images, store_only=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
-def rss_run(tmp: Path, count: int) -> None:
+def rss_run(tmp: Path, count: int, *, store_only: bool) -> None:
     """Peak RSS of the listener process while it receives ``count`` distinct images."""
-    chunks = [write_ct_series(tmp / f"rss{i}", min(500, count - i * 500), size=512)
+    what = ("store-only rule" if store_only
+            else "default rules: each completed series is assessed in the same process")
+    print(f"RSS of qcnode serve ({what}):", flush=True)
+    chunks = [write_ct_series(tmp / f"rss{int(store_only)}-{i}", min(500, count - i * 500),
+                              size=512)
               for i in range((count + 499) // 500)]
-    with qcnode(tmp / "c") as (port, pid):
+    with qcnode(tmp / f"c{int(store_only)}", store_only=store_only) as (port, pid):
         samples: list[tuple[int, int]] = []
         done = threading.Event()
         sent = [0]
@@ -177,8 +229,8 @@ def rss_run(tmp: Path, count: int) -> None:
             print(f"  after {sent[0]:>5} images: RSS {rss_kib(pid) / 1024:6.1f} MiB", flush=True)
         done.set()
         thread.join()
-        print(f"listener peak RSS over {sent[0]} images: {rss_kib(pid, 'VmHWM') / 1024:.1f} MiB",
-              flush=True)
+        print(f"  peak RSS (VmHWM) over {sent[0]} images: "
+              f"{rss_kib(pid, 'VmHWM') / 1024:.1f} MiB", flush=True)
 
 
 if __name__ == "__main__":
