@@ -35,7 +35,8 @@ import structlog
 from pydicom import uid as pyuid
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from node.acceptor import AcceptorConfig, AcceptorServer, Peer, StoreRequest
+from node.acceptor import AcceptorConfig, Peer, StoreRequest
+from node.acceptor_server import AcceptorServer
 from node.config import Settings
 from node.dicomio import InstanceHeader, MalformedDataset, read_header
 from node.ledger.instances import InstanceRecord

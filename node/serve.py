@@ -166,8 +166,9 @@ def main(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     configure_logging(settings.logging.level, settings.logging.json_output)
-    # pynetdicom streams each dataset to tempfile's directory: keep it on the spool's
-    # filesystem so accepting an instance is a rename, not a copy.
+    # The listener writes data sets into <home>/tmp itself (node.acceptor); other
+    # temporary files of this process go there too, on the spool's filesystem, and a
+    # restart removes whatever a crash left (Spool.clean_temp).
     tmp = settings.node.home / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(tmp.resolve())
