@@ -6,8 +6,12 @@ and deliveries with their last error. ``--json`` prints one JSON object (keys be
 for scripts; without it, a short text summary. Output holds UIDs only, no patient data.
 
 JSON keys: ``counts`` {state: n}, ``oldest_waiting`` (object or null), ``series``
-[objects, most recently changed first, at most ``--limit``], ``failures`` [objects],
-``queues`` {``gpu``/``io``: messages waiting, null if the broker cannot be asked}.
+[objects, most recently changed first, at most ``--limit``; each with its current
+job's ``sr_uid``, ``report_path`` (the SR kept under ``<home>/reports``),
+``destinations`` (deliveries made) and a ``note``, e.g. "no destinations; report kept
+at ..."], ``failures`` [objects], ``queues`` {``gpu``/``io``: messages waiting, null if
+the broker cannot be asked} and ``queues_note`` (why they are null, else null). Status
+never creates the embedded broker's file: without it the depths are null.
 
 ``qcnode retry SERIES|--failed`` re-queues dead-lettered work (see :func:`retry_main`).
 """
@@ -19,10 +23,11 @@ import datetime as dt
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from node.config import ConfigError, Settings, load_settings
-from node.ledger import FailureInfo, Ledger, SeriesInfo, SeriesState
+from node.ledger import FailureInfo, JobState, Ledger, SeriesInfo, SeriesState
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -36,6 +41,25 @@ WAITING_STATES = (
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def report_entry(ledger: Ledger, info: SeriesInfo, reports: Path) -> dict[str, Any]:
+    """The series' current job's SR: UID, kept file, deliveries, and a note for admins."""
+    jobs = [j for j in ledger.jobs_of_series(info.series_instance_uid)
+            if j.generation == info.generation]
+    job = jobs[-1] if jobs else None
+    entry: dict[str, Any] = {"sr_uid": None, "report_path": None, "destinations": None,
+                             "note": None}
+    if job is None or job.report_path is None:
+        return entry
+    path = str(reports / job.report_path)
+    entry.update(sr_uid=job.sr_uid, report_path=path)
+    if job.state == JobState.DONE:
+        sent = len(ledger.deliveries_of(job.id))
+        entry["destinations"] = sent
+        if sent == 0:
+            entry["note"] = f"no destinations; report kept at {path}"
+    return entry
 
 
 def series_entry(info: SeriesInfo) -> dict[str, Any]:
@@ -79,14 +103,21 @@ def oldest_waiting(ledger: Ledger, now: dt.datetime) -> dict[str, Any] | None:
     }
 
 
-def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
-    """Everything ``qcnode status`` shows, as a JSON-ready dict."""
+def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
+                 reports: Path | None = None) -> dict[str, Any]:
+    """Everything ``qcnode status`` shows, as a JSON-ready dict.
+
+    ``reports`` is the node's reports directory (``<home>/reports``); report paths
+    are shown under it (relative to it when None).
+    """
     now = dt.datetime.now(dt.UTC)
+    root = reports if reports is not None else Path()
     return {
         "generated_at": _iso(now),
         "counts": {state.value: n for state, n in ledger.series_counts().items()},
         "oldest_waiting": oldest_waiting(ledger, now),
-        "series": [series_entry(s) for s in ledger.list_series(limit=limit)],
+        "series": [series_entry(s) | report_entry(ledger, s, root)
+                   for s in ledger.list_series(limit=limit)],
         "failures": [failure_entry(f) for f in ledger.list_failed()],
     }
 
@@ -108,10 +139,15 @@ def render_text(report: dict[str, Any]) -> str:
                 f"{s['series_instance_uid']:<64}  {s['state']:<10} "
                 f"{s['instance_count']:>6}  {s['trigger'] or '-'}"
             )
+            if s.get("note"):
+                lines.append(f"  {s['note']}")
+            elif s.get("report_path"):
+                lines.append(f"  report {s['report_path']}")
     queues = report.get("queues")
     if queues is not None:
         depth = ", ".join(f"{q} {'?' if n is None else n}" for q, n in queues.items())
-        lines.append(f"queue depths: {depth}")
+        note = report.get("queues_note")
+        lines.append(f"queue depths: {depth}{f' ({note})' if note else ''}")
     lines.append(f"failures: {len(report['failures'])}")
     for f in report["failures"]:
         where = f"→ {f['destination']}" if f["destination"] else "(assessment)"
@@ -136,11 +172,14 @@ def main(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_FAILURE
     limit = getattr(args, "limit", None) or DEFAULT_LIMIT
-    with Ledger.open(settings.ledger_url) as ledger:
-        report = build_report(ledger, limit=limit)
-    from node.pipeline.app import queue_depths
+    from node.pipeline.app import GPU, IO, missing_broker, queue_depths
+    from node.pipeline.reports import reports_root
 
-    report["queues"] = queue_depths(settings)
+    with Ledger.open(settings.ledger_url) as ledger:
+        report = build_report(ledger, limit=limit, reports=reports_root(settings).resolve())
+    report["queues_note"] = missing_broker(settings)
+    report["queues"] = ({GPU: None, IO: None} if report["queues_note"]
+                        else queue_depths(settings))
     if getattr(args, "json", False):
         print(json.dumps(report, indent=2))
     else:

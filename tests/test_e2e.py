@@ -22,6 +22,7 @@ import pytest
 from inference.result import AssessmentResult
 from node.ledger import DeliveryState, JobState, SeriesState
 from sr_writer import extract_pdf, parse_sr
+from tests.support.dicom3tools import dciodvfy
 from tests.support.e2e import NODE_AE, NodeSite, same_result, series_uid_of, storescu, synth_series
 from tests.support.orthanc import Orthanc, running_orthanc
 
@@ -98,10 +99,45 @@ def test_embedded_defaults_with_companions(tmp_path: Path, pacs: Orthanc,
         # Companions carry the job's time, like the SR: a rebuild is the same object.
         sr = reports[COMPREHENSIVE_3D_SR][0]
         assert text_sr.ContentDate == pdf.ContentDate == sr.ContentDate
+        # Every object sent is also kept in <home>/reports/<Study UID>/.
+        kept = site.home / "reports" / str(sr.StudyInstanceUID)
+        assert sorted(p.name for p in kept.iterdir()) == sorted(
+            f"{ds.SOPInstanceUID}.dcm" for ds in (sr, text_sr, pdf))
+        assert pydicom.dcmread(kept / f"{pdf.SOPInstanceUID}.dcm").EncapsulatedDocument \
+            == pdf.EncapsulatedDocument
         report = status_json(site)
         assert report["queues"] == {"gpu": 0, "io": 0}
         assert report["counts"]["delivered"] == 1
         assert report["failures"] == []
+    finally:
+        site.stop()
+
+
+def test_embedded_defaults_without_destination_keeps_the_report(tmp_path: Path,
+                                                                  series_dir: Path) -> None:
+    """No destination (the ``make serve`` default): the SR is kept in ``<home>/reports``."""
+    site = NodeSite(tmp_path / "home", None)
+    try:
+        site.start()
+        storescu(series_dir, site.port)
+        uid = series_uid_of(series_dir)
+        site.wait_state(uid, SeriesState.DELIVERED)
+        job = site.job(uid)
+        assert job.state == JobState.DONE and job.report_path is not None
+        assert site.ledger.deliveries_of(job.id) == []
+        path = (site.home / "reports" / job.report_path).resolve()
+        sr = pydicom.dcmread(path)
+        assert str(sr.SOPInstanceUID) == job.sr_uid
+        assert job.report_path == f"{sr.StudyInstanceUID}/{sr.SOPInstanceUID}.dcm"
+        assert [p.name for p in path.parent.iterdir()] == [path.name], "temp file left"
+        verdict = dciodvfy(sr, tmp_path)
+        print(verdict.report())
+        assert verdict.errors == (), verdict.output
+        assert same_result(parse_sr(sr), AssessmentResult.from_json(job.result_json or ""))
+        (entry,) = status_json(site)["series"]
+        assert entry["report_path"] == str(path)
+        assert entry["destinations"] == 0
+        assert entry["note"] == f"no destinations; report kept at {path}"
     finally:
         site.stop()
 

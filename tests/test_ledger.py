@@ -63,7 +63,7 @@ def test_migration_from_empty_database_matches_models(ledger_url: str) -> None:
         assert set(inspect(led.engine).get_table_names()) >= TABLES
         with led.engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert context.get_current_revision() == "0001"
+            assert context.get_current_revision() == "0002"
             diff = compare_metadata(context, Base.metadata)
         assert diff == [], f"models and migrations differ: {diff}"
         downgrade(led.engine, "base")
@@ -236,7 +236,7 @@ def test_concurrent_open_migrates_once(ledger_url: str) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", code, ledger_url]) for _ in range(3)]
     assert [p.wait(120) for p in procs] == [0, 0, 0]
     with Ledger(ledger_url) as led, led.engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+        assert MigrationContext.configure(conn).get_current_revision() == "0002"
 
 
 def test_close_series_checks_hold_at_closing_time(ledger: Ledger) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,10 @@ from node.ledger import DeliveryState, JobState, Ledger, SeriesState
 from node.ledger.instances import InstanceRecord
 from node.pipeline.app import queue_depths
 from node.pipeline.dispatch import Dispatcher
+from node.pipeline.payload import job_key
 from node.pipeline.speculate import Speculator
 from sr_writer import parse_sr
+from sr_writer.uids import derive_uid
 from tests.support.e2e import kill_tree, same_result
 from tests.support.net import wait_for
 from tests.support.orthanc import Orthanc, running_orthanc
@@ -204,6 +207,54 @@ def test_series_to_sr_in_orthanc(site: Site) -> None:
     with Dispatcher(site.settings, site.ledger) as dispatcher:
         dispatcher.dispatch(uid)
     assert len(site.pacs.find_modality("SR")) == 1
+
+
+def predecessor_uids(ds: pydicom.Dataset) -> list[str]:
+    """The SOP Instance UIDs in a document's Predecessor Documents Sequence (C.17.2)."""
+    return [str(sop.ReferencedSOPInstanceUID)
+            for study in ds.get("PredecessorDocumentsSequence", [])
+            for series in study.ReferencedSeriesSequence
+            for sop in series.ReferencedSOPSequence]
+
+
+def delivered_generation(ledger: Ledger, uid: str, generation: int) -> bool:
+    """True once the series is delivered by a job of ``generation``."""
+    return delivered(ledger, uid) and ledger.jobs_of_series(uid)[-1].generation == generation
+
+
+def test_reassessment_supersedes_the_sr_and_the_text_sr(tmp_path: Path, pacs: Orthanc) -> None:
+    """A late instance re-opens a delivered series: the new SR and Text SR name the old ones."""
+    site = Site(tmp_path / "home", pacs, extra='companions = ["text_sr", "pdf"]')
+    site.start_worker()
+    try:
+        spool = site.settings.spool_dir
+        paths = write_ct_series(spool, n=12, seed=3)
+        record_instances(site.ledger, spool, paths[:11])
+        uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+        for generation, late in ((1, []), (2, paths[11:])):
+            record_instances(site.ledger, spool, late)
+            assert site.ledger.close_series(uid, generation, "quiet")
+            with Dispatcher(site.settings, site.ledger) as dispatcher:
+                dispatcher.dispatch(uid)
+            wait_for(partial(delivered_generation, site.ledger, uid, generation),
+                     timeout=SR_TIMEOUT,
+                     what=f"generation {generation} delivered:\n{site.worker_log()}")
+        old, new = site.ledger.jobs_of_series(uid)
+        assert (old.state, new.state) == (JobState.DONE, JobState.DONE)
+        assert new.superseded_sr_uid == old.sr_uid
+        reports = site.home / "reports"
+        kept = [pydicom.dcmread(reports / j.report_path) for j in (old, new) if j.report_path]
+        assert predecessor_uids(kept[1]) == [old.sr_uid]
+        texts = {j.generation: pydicom.dcmread(
+            reports / (j.report_path or "").rpartition("/")[0] /
+            f"{derive_uid(job_key(uid, j.generation, j.engine_key), 'text-sr-instance')}.dcm")
+            for j in (old, new)}
+        assert predecessor_uids(texts[1]) == []
+        assert predecessor_uids(texts[2]) == [str(texts[1].SOPInstanceUID)]
+        assert len(pacs.find_modality("SR")) == 4  # two TID 1500 SRs, two Text SRs
+        assert len(list((reports / str(kept[0].StudyInstanceUID)).iterdir())) == 6
+    finally:
+        site.stop()
 
 
 def test_pacs_down_first_then_up(site: Site) -> None:

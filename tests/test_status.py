@@ -59,13 +59,42 @@ def test_status_text_and_empty_ledger(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
     empty = run_status(url, tmp_path, "--json")
     assert empty.returncode == 0, empty.stderr
-    assert json.loads(empty.stdout)["series"] == []
+    report = json.loads(empty.stdout)
+    assert report["series"] == []
+    # The embedded broker is not created by asking: depths unknown, and why.
+    assert not (tmp_path / "broker.sqlite3").exists()
+    assert report["queues"] == {"gpu": None, "io": None}
+    assert "broker.sqlite3 does not exist" in report["queues_note"]
     with Ledger.open(url) as ledger:
         populate(ledger)
     text = run_status(url, tmp_path)
     assert text.returncode == 0, text.stderr
     assert "1.2.20" in text.stdout and "receiving" in text.stdout
     assert "failures: 2" in text.stdout and "rejected: 0xA900" in text.stdout
+    assert "queue depths: gpu ?, io ? (embedded broker" in text.stdout
+    assert not (tmp_path / "broker.sqlite3").exists()
+
+
+def test_status_shows_kept_report_without_destinations(tmp_path: Path) -> None:
+    """A job done with zero deliveries: status names the kept file, per series."""
+    url = f"sqlite:///{tmp_path / 'k.sqlite3'}"
+    with Ledger.open(url) as ledger:
+        ledger.record_instance(make_record(0, "1.2.30", study="1.2.3"))
+        assert ledger.close_series("1.2.30", 1, "quiet")
+        job = ledger.create_job("1.2.30", 1, "physics|1|-|-")
+        for state in (JobState.ASSESSING, JobState.REPORTING):
+            ledger.move_job(job.id, state)
+        ledger.move_job(job.id, JobState.DELIVERING, sr_uid="1.2.99",
+                        report_path="1.2.3/1.2.99.dcm")
+        ledger.move_job(job.id, JobState.DONE)
+    report = json.loads(run_status(url, tmp_path, "--json").stdout)
+    (entry,) = report["series"]
+    kept = tmp_path.resolve() / "reports" / "1.2.3" / "1.2.99.dcm"
+    assert (entry["sr_uid"], entry["report_path"]) == ("1.2.99", str(kept))
+    assert entry["destinations"] == 0
+    assert entry["note"] == f"no destinations; report kept at {kept}"
+    text = run_status(url, tmp_path).stdout
+    assert f"  no destinations; report kept at {kept}" in text
 
 
 def test_status_limit(tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ class JobInfo:
     created_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    report_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class FailureInfo:
 _JOB_COLUMNS = (
     Job.id, Series.series_uid, Job.generation, Job.engine_key, Job.state, Job.attempts,
     Job.last_error, Job.task_id, Job.result_json, Job.sr_uid, Job.superseded_sr_uid,
-    Job.created_at, Job.updated_at, Job.finished_at,
+    Job.created_at, Job.updated_at, Job.finished_at, Job.report_path,
 )
 _DELIVERY_COLUMNS = (
     Delivery.id, Delivery.job_id, Delivery.destination, Delivery.state, Delivery.attempts,
@@ -179,7 +180,8 @@ class JobAPI(SeriesAPI, LedgerBase):
     def move_job(
         self, job_id: int, to_state: JobState, *, error: str | None = None,
         task_id: str | None = None, result_json: str | None = None, sr_uid: str | None = None,
-        superseded_sr_uid: str | None = None, count_attempt: bool = False,
+        superseded_sr_uid: str | None = None, report_path: str | None = None,
+        count_attempt: bool = False,
     ) -> JobInfo:
         """Move a job along :data:`JOB_TRANSITIONS`, recording what is given.
 
@@ -197,7 +199,8 @@ class JobAPI(SeriesAPI, LedgerBase):
                 raise InvalidTransition(f"job {job_id}: {job.state} → {to_state}")
             values: dict[str, Any] = {"state": to_state.value, "updated_at": now}
             given = {"last_error": error, "task_id": task_id, "result_json": result_json,
-                     "sr_uid": sr_uid, "superseded_sr_uid": superseded_sr_uid}
+                     "sr_uid": sr_uid, "superseded_sr_uid": superseded_sr_uid,
+                     "report_path": report_path}
             values.update({k: v for k, v in given.items() if v is not None})
             if count_attempt:
                 values["attempts"] = Job.attempts + 1

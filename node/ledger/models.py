@@ -18,7 +18,8 @@ associations, series_associations
     can wait until every association that fed a series is released.
 jobs, deliveries
     One assessment job per ``(series, generation, engine key)`` and one delivery per
-    ``(job, destination)``: the idempotency keys of the pipeline.
+    ``(job, destination)``: the idempotency keys of the pipeline. A job records the
+    path of the SR file it keeps under ``<home>/reports`` (migration 0002).
 series_events
     The history of each series (state changes, re-openings, SRs produced and
     superseded): the ledger shows every SR ever sent for a series.
@@ -245,6 +246,8 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    #: The SR file, relative to ``<home>/reports`` (``<Study UID>/<SOP Instance UID>.dcm``).
+    report_path: Mapped[str | None] = mapped_column(String(512))
 
 
 class Delivery(Base):

@@ -28,6 +28,8 @@ TASK_ASSESS = "qcnode.assess"
 TASK_REPORT = "qcnode.report"
 GPU = "gpu"
 IO = "io"
+#: The embedded broker's SQLite file in the node's home.
+BROKER_FILE = "broker.sqlite3"
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +38,7 @@ def broker_url(settings: Settings) -> str:
     """The configured broker, or the embedded SQLite-backed one in ``<home>``."""
     if settings.broker.url:
         return settings.broker.url
-    return f"sqlite:///{(settings.node.home / 'broker.sqlite3').resolve()}"
+    return f"sqlite:///{(settings.node.home / BROKER_FILE).resolve()}"
 
 
 def embedded(settings: Settings) -> bool:
@@ -81,6 +83,20 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def missing_broker(settings: Settings) -> str | None:
+    """Why the queues cannot be asked without side effects, or None when they can.
+
+    The embedded broker is a SQLite file that connecting would create: when it does
+    not exist yet (the node never ran in this home), nothing is queued anywhere.
+    """
+    if not embedded(settings):
+        return None
+    path = settings.node.home / BROKER_FILE
+    if path.exists():
+        return None
+    return f"embedded broker {path} does not exist (qcnode serve has not run in this home)"
 
 
 def queue_depths(settings: Settings, timeout: float = 5.0) -> dict[str, int | None]:

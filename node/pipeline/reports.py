@@ -8,15 +8,22 @@ same Content Date/Time: a PACS keeps one instance of each.
 Companions (``DestinationSettings.companions``) are viewer-safe renderings of the same
 result: a Basic Text SR (PS3.3 A.35.1) and an Encapsulated PDF quality card
 (PS3.3 A.45.1). They are built only when some destination of the job asks for them.
+
+Every object built is kept on disk before it is sent (:func:`keep_reports`):
+``<home>/reports/<Study Instance UID>/<SOP Instance UID>.dcm``, a DICOM Part 10 file
+(PS3.10 §7) written atomically. A rebuild has the same UIDs, hence the same path: a
+retried or redelivered job finds its file and leaves it as it is.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import io
+import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset
@@ -30,6 +37,8 @@ from sr_writer import build_pdf, build_sr, build_text_sr
 SR = "sr"
 TEXT_SR: Companion = "text_sr"
 PDF: Companion = "pdf"
+#: Directory under the node's home where every built object is kept.
+REPORTS_DIR = "reports"
 #: Upper bound of a compressed display image in a task message.
 MAX_IMAGE_BYTES = 4 * 1024 * 1024
 
@@ -73,8 +82,13 @@ def build_reports(
     sources: Sequence[Dataset], result: AssessmentResult, *, job_key: str,
     created: dt.datetime, companions: Sequence[Companion] = (),
     predecessor: Dataset | None = None, image: np.ndarray | None = None,
+    text_predecessor: Dataset | None = None,
 ) -> ReportSet:
     """Build the SR (superseding ``predecessor``) and the requested companions.
+
+    ``text_predecessor`` is the earlier Basic Text SR the new one supersedes (both go in
+    the Predecessor Documents Sequence, PS3.3 C.17.2). The Encapsulated PDF has no such
+    attribute (PS3.3 A.45.1 has no SR Document General Module): it supersedes nothing.
 
     Raises
     ------
@@ -84,11 +98,70 @@ def build_reports(
     objects = {SR: build_sr(sources, result, job_key=job_key, predecessor=predecessor,
                             created=created)}
     if TEXT_SR in companions:
-        objects[TEXT_SR] = build_text_sr(sources, result, job_key=job_key, created=created)
+        objects[TEXT_SR] = build_text_sr(sources, result, job_key=job_key, created=created,
+                                         predecessor=text_predecessor)
     if PDF in companions:
         objects[PDF] = build_pdf(sources, result, job_key=job_key, image=image,
                                  created=created)
     return ReportSet(objects)
+
+
+def reports_root(settings: Settings) -> Path:
+    """Where reports are kept: ``<home>/reports``."""
+    return settings.node.home / REPORTS_DIR
+
+
+def report_relpath(ds: Dataset) -> str:
+    """``<Study Instance UID>/<SOP Instance UID>.dcm``: where ``ds`` is kept."""
+    return f"{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a Part 10 file at ``path``: temp file, fsync, rename, fsync dir.
+
+    A reader (or a crash) never sees a half-written file at ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def keep_reports(reports: ReportSet, root: Path) -> dict[str, str]:
+    """Keep every object of ``reports`` under ``root``; their paths relative to it, by kind.
+
+    An object whose file exists already (a retried or redelivered job: same UIDs,
+    byte-identical rebuild) is not written again.
+
+    Raises
+    ------
+    OSError
+        The file could not be written.
+    """
+    kept: dict[str, str] = {}
+    for kind, ds in reports.objects.items():
+        rel = report_relpath(ds)
+        path = root / rel
+        if not path.is_file():
+            write_atomic(ds, path)
+        kept[kind] = rel
+    return kept
 
 
 def worst_image(prepared: PreparedSeries, result: AssessmentResult) -> np.ndarray | None:

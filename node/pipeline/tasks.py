@@ -4,7 +4,9 @@ Tasks take a ledger job ID plus everything they need in the message (prepared sl
 source headers), so workers need no shared disk. Both are idempotent: they look at the
 job's state first, a redelivered ``assess`` whose result is recorded goes straight to
 reporting, and a redelivered ``report`` sends the same SR again (UIDs derive from the
-job key; the PACS keeps one instance).
+job key; the PACS keeps one instance). Every object built is kept under
+``<home>/reports`` before it is sent (:func:`node.pipeline.reports.keep_reports`); the
+job row records the SR's path, and a rebuild finds the same file.
 
 One retry policy (:func:`backoff`): jittered exponential backoff from
 ``[delivery]``, named non-retryable errors, dead-letter state in the ledger after
@@ -30,12 +32,16 @@ from node.ledger import ConfirmedBy, DeliveryState, JobInfo, JobState, Ledger, S
 from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
 from node.pipeline.payload import b64, decode_sources, job_key, unb64
 from node.pipeline.reports import (
+    SR,
+    TEXT_SR,
     ReportSet,
     build_reports,
     content_time,
     decode_image,
     destinations_of,
     encode_image,
+    keep_reports,
+    reports_root,
     wanted_companions,
     worst_image,
 )
@@ -48,6 +54,7 @@ log = structlog.get_logger(__name__)
 NON_RETRYABLE: tuple[type[BaseException], ...] = (ValueError, EngineError, KeyError)
 SKIP_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.DEAD)
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
 def backoff(attempt: int, policy: DeliverySettings) -> float:
@@ -131,20 +138,42 @@ def _retry_or_dead(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
     raise task.retry(countdown=backoff(job.attempts, settings.delivery), max_retries=None)
 
 
-def _predecessor(ledger: Ledger, job: JobInfo) -> Dataset | None:
-    """A reference to the SR of an earlier generation, which this one supersedes."""
+def _earlier_job(ledger: Ledger, job: JobInfo) -> JobInfo | None:
+    """The job of the newest earlier generation that produced an SR (to supersede)."""
     earlier = ledger.previous_sr_uid(job.series_instance_uid, job.generation)
     if earlier is None:
         return None
-    for old in ledger.jobs_of_series(job.series_instance_uid):
-        if old.sr_uid == earlier:
-            ds = Dataset()
-            ds.SOPClassUID = COMPREHENSIVE_3D_SR
-            ds.SOPInstanceUID = earlier
-            ds.SeriesInstanceUID = derive_uid(
-                job_key(old.series_instance_uid, old.generation, old.engine_key), "sr-series")
-            return ds
-    return None
+    return next((old for old in ledger.jobs_of_series(job.series_instance_uid)
+                 if old.sr_uid == earlier), None)
+
+
+def _reference(old: JobInfo, sop_class_uid: str, role: str) -> Dataset:
+    """A Predecessor Documents item for ``old``'s object of ``role`` (UIDs re-derived)."""
+    key = job_key(old.series_instance_uid, old.generation, old.engine_key)
+    ds = Dataset()
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = derive_uid(key, f"{role}-instance")
+    ds.SeriesInstanceUID = derive_uid(key, f"{role}-series")
+    return ds
+
+
+def _predecessors(settings: Settings, old: JobInfo | None) -> dict[str, Dataset]:
+    """What the new objects supersede, by kind: the earlier SR and Text SR.
+
+    The earlier Text SR is referenced only when it was built, i.e. its file is kept
+    beside the earlier SR under ``<home>/reports``.
+    """
+    if old is None or old.sr_uid is None:
+        return {}
+    sr = _reference(old, COMPREHENSIVE_3D_SR, "sr")
+    sr.SOPInstanceUID = old.sr_uid
+    found = {SR: sr}
+    if old.report_path:
+        text = _reference(old, BASIC_TEXT_SR, "text-sr")
+        study_dir = reports_root(settings) / old.report_path.rpartition("/")[0]
+        if (study_dir / f"{text.SOPInstanceUID}.dcm").is_file():
+            found[TEXT_SR] = text
+    return found
 
 
 def _destinations(settings: Settings, ledger: Ledger,
@@ -154,16 +183,18 @@ def _destinations(settings: Settings, ledger: Ledger,
 
 def _build(job: JobInfo, result: AssessmentResult, sources_b64: list[str],
            destinations: tuple[DestinationSettings, ...], image_b64: str | None,
-           predecessor: Dataset | None) -> ReportSet:
+           predecessors: dict[str, Dataset]) -> ReportSet:
     """The job's SR and companions, identical on every rebuild (see reports module)."""
     sources = decode_sources(sources_b64)
-    if predecessor is not None and sources:
-        predecessor.StudyInstanceUID = sources[0].StudyInstanceUID
+    if sources:
+        for ref in predecessors.values():
+            ref.StudyInstanceUID = sources[0].StudyInstanceUID
     return build_reports(
         sources, result, job_key=job_key(job.series_instance_uid, job.generation,
                                          job.engine_key),
         created=content_time(job.created_at), companions=wanted_companions(destinations),
-        predecessor=predecessor, image=decode_image(unb64(image_b64) if image_b64 else None))
+        predecessor=predecessors.get(SR), text_predecessor=predecessors.get(TEXT_SR),
+        image=decode_image(unb64(image_b64) if image_b64 else None))
 
 
 def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
@@ -179,28 +210,42 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
         return
     destinations = _destinations(settings, ledger, job)
     result = AssessmentResult.from_json(job.result_json)
-    predecessor = _predecessor(ledger, job)
+    predecessors = _predecessors(settings, _earlier_job(ledger, job))
     try:
         started = time.perf_counter()
-        reports = _build(job, result, sources_b64, destinations, image_b64, predecessor)
+        reports = _build(job, result, sources_b64, destinations, image_b64, predecessors)
     except ValueError as exc:
         ledger.dead_letter_job(job_id, f"SR: {exc}")
         return
     sr = reports.sr
-    log.info("sr_built", objects=len(reports.objects),
+    try:
+        kept = keep_reports(reports, reports_root(settings))
+    except OSError as exc:
+        _retry_or_dead(task, settings, ledger, job, f"report file: {exc}")
+        return
+    log.info("sr_built", objects=len(reports.objects), report_path=kept[SR],
              seconds=round(time.perf_counter() - started, 3))
+    superseded = predecessors.get(SR)
     job = ledger.move_job(job_id, JobState.DELIVERING, sr_uid=str(sr.SOPInstanceUID),
-                          superseded_sr_uid=str(predecessor.SOPInstanceUID)
-                          if predecessor is not None else None)
+                          report_path=kept[SR],
+                          superseded_sr_uid=str(superseded.SOPInstanceUID)
+                          if superseded is not None else None)
     for dest in destinations:
         if not _deliver_one(task, settings, ledger, job, dest, reports.for_destination(dest)):
             return
-    ledger.move_job(job_id, JobState.DONE)
+    _finish(ledger, job, str(sr.SOPInstanceUID), len(destinations))
+
+
+def _finish(ledger: Ledger, job: JobInfo, sr_uid: str, destinations: int) -> None:
+    """Record the job done and its series delivered (to zero destinations: kept only)."""
+    ledger.move_job(job.id, JobState.DONE)
     ledger.set_series_state(job.series_instance_uid, SeriesState.DELIVERED,
                             generation=job.generation)
-    ledger.add_series_event(job.series_instance_uid, "sr_sent", job_id=job_id,
-                            sr_uid=str(sr.SOPInstanceUID))
-    log.info("delivered", sr_uid=str(sr.SOPInstanceUID), destinations=len(destinations))
+    ledger.add_series_event(job.series_instance_uid, "sr_sent", job_id=job.id, sr_uid=sr_uid,
+                            detail=None if destinations else
+                            f"no destinations; report kept at {job.report_path}")
+    log.info("delivered", sr_uid=sr_uid, destinations=destinations,
+             report_path=job.report_path)
 
 
 def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,

@@ -163,21 +163,32 @@ def same_result(a: AssessmentResult, b: AssessmentResult) -> bool:
 class NodeSite:
     """A node home, its ``qcnode serve`` process and optional ``qcnode worker`` processes."""
 
-    def __init__(self, home: Path, pacs: Orthanc, *, broker: str = "", engine: str = "",
-                 companions: str = "", quiet: float = 1.0, max_attempts: int = 6) -> None:
+    def __init__(self, home: Path, pacs: Orthanc | None, *, broker: str = "",
+                 engine: str = "", companions: str = "", quiet: float = 1.0,
+                 max_attempts: int = 6) -> None:
+        """``pacs`` None: no ``[[destinations]]`` at all (reports are only kept on disk)."""
         self.home = home
-        self.pacs = pacs
+        self._pacs = pacs
         self.port = free_port()
         home.mkdir(parents=True, exist_ok=True)
         self.config = home / "qcnode.toml"
-        self.config.write_text(DEFAULT_TOML.format(
+        text = DEFAULT_TOML.format(
             ae=NODE_AE, port=self.port, home=home, quiet=quiet, prefix=uuid.uuid4().hex[:8],
             broker=broker, engine=engine or 'name = "physics"', max_attempts=max_attempts,
-            pacs_port=pacs.dicom_port, companions=companions))
+            pacs_port=pacs.dicom_port if pacs is not None else 0, companions=companions)
+        if pacs is None:
+            text = text.partition("[[destinations]]")[0]
+        self.config.write_text(text)
         self.settings: Settings = load_settings(self.config)
         self.serve: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self._ledger: Ledger | None = None
+
+    @property
+    def pacs(self) -> Orthanc:
+        """The destination PACS (fails for a site configured without one)."""
+        assert self._pacs is not None, "this site has no destination"
+        return self._pacs
 
     # Processes ----------------------------------------------------------------------
     def _log(self, name: str) -> Any:
