@@ -266,12 +266,21 @@ def test_pacs_down_first_then_up(site: Site) -> None:
     wait_for(lambda: any(d.state == DeliveryState.FAILED
                          for d in site.ledger.deliveries_of(job.id)),
              timeout=SR_TIMEOUT, what="a failed delivery attempt")
+    # The SR was kept before the first attempt; the retries reuse that very file.
+    relpath = site.ledger.get_job(job.id).report_path
+    assert relpath is not None
+    kept = site.home / "reports" / relpath
+    first = kept.stat()
     site.pacs.start()
     wait_for(lambda: delivered(site.ledger, uid),
              timeout=SR_TIMEOUT, what=f"delivered after PACS is back:\n{site.worker_log()}")
     assert len(site.pacs.find_modality("SR")) == 1
     (delivery,) = site.ledger.deliveries_of(job.id)
     assert delivery.attempts >= 2
+    again = kept.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert [p.name for p in kept.parent.iterdir()] == [kept.name]
+    assert site.ledger.get_job(job.id).report_path == relpath
 
 
 def test_sqlite_broker_does_not_redeliver_after_sigkill(tmp_path: Path, pacs: Orthanc) -> None:
