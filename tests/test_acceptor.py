@@ -29,6 +29,7 @@ from node.config import Settings
 from node.scp import STATUS_SUCCESS, Listener
 from node.spool import Spool
 from tests.support.dcmtk import write_ct_series
+from tests.support.net import wait_for
 
 FIND_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.1.1"  # Patient Root Q/R FIND: not ours
 VERIFICATION = "1.2.840.10008.1.1"
@@ -99,8 +100,8 @@ def _item(kind: int, value: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(value)) + value
 
 
-def _associate_rq(max_length: int) -> bytes:
-    context = bytes([1, 0, 0, 0]) + _item(0x30, VERIFICATION.encode()) + _item(
+def _associate_rq(max_length: int, abstract: str = VERIFICATION) -> bytes:
+    context = bytes([1, 0, 0, 0]) + _item(0x30, abstract.encode()) + _item(
         0x40, ImplicitVRLittleEndian.encode())
     user = _item(0x51, struct.pack(">L", max_length)) + _item(0x52, b"1.2.3.4")
     body = (struct.pack(">HH", 1, 0) + b"QCNODE".ljust(16) + b"RAWPEER".ljust(16)
@@ -124,15 +125,19 @@ def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     return kind, body
 
 
-def _echo_rq() -> bytes:
-    def element(tag: int, value: bytes) -> bytes:
-        return struct.pack("<HHL", 0, tag, len(value)) + value
+def _element(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0, tag, len(value)) + value
 
-    body = (element(0x0002, VERIFICATION.encode()) + element(0x0100, b"\x30\x00")
-            + element(0x0110, b"\x07\x00") + element(0x0800, b"\x01\x01"))
-    command = element(0x0000, struct.pack("<L", len(body))) + body
-    pdv = struct.pack(">LBB", len(command) + 2, 1, 0x03) + command
+
+def _p_data(control: int, value: bytes) -> bytes:
+    pdv = struct.pack(">LBB", len(value) + 2, 1, control) + value
     return struct.pack(">BBL", ul.P_DATA_TF, 0, len(pdv)) + pdv
+
+
+def _echo_rq() -> bytes:
+    body = (_element(0x0002, VERIFICATION.encode()) + _element(0x0100, b"\x30\x00")
+            + _element(0x0110, b"\x07\x00") + _element(0x0800, b"\x01\x01"))
+    return _p_data(0x03, _element(0x0000, struct.pack("<L", len(body))) + body)
 
 
 def test_requestor_maximum_length_honoured_and_unexpected_pdu_aborts(
@@ -171,3 +176,21 @@ def test_called_ae_must_be_ours(listener: Listener) -> None:
         assert kind == ul.A_ASSOCIATE_RJ
         assert body[1:] == bytes([ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
                                   ul.RJ_CALLED_AE_NOT_RECOGNISED])
+
+
+def test_abort_mid_data_set_leaves_no_file(listener: Listener) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    body = (_element(0x0002, CTImageStorage.encode()) + _element(0x0100, b"\x01\x00")
+            + _element(0x0110, b"\x01\x00") + _element(0x0700, b"\x00\x00")
+            + _element(0x0800, b"\x00\x00") + _element(0x1000, uid.encode()))
+    tmp = listener.spool.tmp
+    with socket.create_connection(listener.address, timeout=10) as sock:
+        sock.sendall(_associate_rq(0, CTImageStorage))
+        assert _read_pdu(sock)[0] == ul.A_ASSOCIATE_AC
+        sock.sendall(_p_data(0x03, _element(0x0000, struct.pack("<L", len(body))) + body))
+        sock.sendall(_p_data(0x00, bytes(4096)))  # a first, not last, data set fragment
+        wait_for(lambda: any(tmp.iterdir()), timeout=10, what="reception under way")
+        sock.sendall(struct.pack(">BBL", ul.A_ABORT, 0, 4) + bytes(4))
+        assert sock.recv(16) == b""
+    wait_for(lambda: not any(tmp.iterdir()), timeout=10, what="partial file removed")
+    assert not list(listener.spool.root.rglob("*.dcm"))
