@@ -27,6 +27,7 @@ this module decides what happens to each association and instance:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -77,6 +78,10 @@ ECHO_TRANSFER_SYNTAXES = (pyuid.ExplicitVRLittleEndian, pyuid.ImplicitVRLittleEn
 #: Per-UID lock stripes (duplicates of one SOP Instance UID are stored one at a time).
 _STRIPES = 4096
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: A C-STORE whose spooling + recording takes longer than this is logged (a stalled disk
+#: or a ledger write lock held by another process; senders give up after their DIMSE
+#: timeout, often 30 s).
+SLOW_STORE_SECONDS = 1.0
 #: qcnode's Implementation Class UID and Version Name (PS3.7 D.3.3.2, PS3.10 §7.1).
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.10365451129798785511095758564847613115"
 IMPLEMENTATION_VERSION_NAME = "QCNODE_010"
@@ -218,6 +223,7 @@ class Listener:
         self, peer: Peer, request: StoreRequest, header: InstanceHeader, action: str,
         rule: str,
     ) -> int:
+        start = time.perf_counter()
         known = self.ledger.versions_of(header.sop_instance_uid) if self.ledger else []
         try:
             stored = self.spool.store(request.path, header, known, sha256=request.sha256)
@@ -228,11 +234,17 @@ class Listener:
             log.info("duplicate instance", sop_instance_uid=header.sop_instance_uid,
                      version=stored.version)
             return STATUS_SUCCESS
+        spooled = time.perf_counter()
         try:
             self._record(peer, header, stored, action, rule)
         except Exception:  # the file is durable; a restart's reconciliation records it
             log.exception("ledger record failed", sop_instance_uid=header.sop_instance_uid)
             return STATUS_PROCESSING_FAILURE
+        recorded = time.perf_counter()
+        if recorded - start > SLOW_STORE_SECONDS:  # senders time out (DIMSE timeout)
+            log.warning("slow instance store", sop_instance_uid=header.sop_instance_uid,
+                        spool_seconds=round(spooled - start, 3),
+                        ledger_seconds=round(recorded - spooled, 3))
         log.debug("instance stored", sop_instance_uid=header.sop_instance_uid,
                   version=stored.version)
         return STATUS_SUCCESS
