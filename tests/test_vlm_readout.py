@@ -21,30 +21,18 @@ from PIL import Image
 
 from inference.card import ModelCard
 from inference.engine import EngineError
-from inference.prepare import PreparedSeries, PreparedSlice
+from inference.prepare import PreparedSeries
 from inference.vlm import VlmEngine
 from inference.vlm.prompting import prompt_text, to_image
 from inference.vlm.readout import SliceReadout
+from tests.support.prepared import random_series
 from tests.support.tiny_gemma import tiny_card
 
 DIGITS = list("0123456789")
 
 
 def _series(n: int, seed: int = 3) -> PreparedSeries:
-    rng = np.random.default_rng(seed)
-    slices = tuple(
-        PreparedSlice(
-            sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{i + 1}", frame=None, z=2.5 * i,
-            hu=np.zeros((72, 72), np.float32), pixel_spacing=(0.7, 0.7),
-            rgb=rng.integers(0, 256, (72, 72, 3), dtype=np.uint8), index=i,
-        )
-        for i in range(n)
-    )
-    return PreparedSeries(
-        study_instance_uid="1.2.826.0.1.3680043.8.498.200",
-        series_instance_uid="1.2.826.0.1.3680043.8.498.201",
-        modality="CT", series_description="", slices=slices, total_slices=n,
-    )
+    return random_series(n, seed=seed, series=2)
 
 
 @pytest.fixture(scope="module")
