@@ -32,6 +32,7 @@ from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
 from node.config import Companion, DestinationSettings, Settings
 from node.ledger import SeriesInfo
+from node.spool import fsync_dir
 from sr_writer import build_pdf, build_sr, build_text_sr
 
 SR = "sr"
@@ -116,14 +117,6 @@ def report_relpath(ds: Dataset) -> str:
     return f"{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(ds: Dataset, path: Path) -> None:
     """Write ``ds`` as a Part 10 file at ``path``: temp file, fsync, rename, fsync dir.
 
@@ -140,7 +133,7 @@ def write_atomic(ds: Dataset, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def keep_reports(reports: ReportSet, root: Path) -> dict[str, str]:
