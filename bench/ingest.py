@@ -61,15 +61,13 @@ def send_parallel(port: int, groups: list[list[Path]], aec: str) -> float:
 
 
 @contextmanager
-def qcnode(tmp: Path, processes: int = 1, *, store_only: bool = False
-           ) -> Iterator[tuple[int, int]]:
+def qcnode(tmp: Path, *, store_only: bool = False) -> Iterator[tuple[int, int]]:
     """A ``qcnode serve``; ``store_only``: one rule that stores and ignores every series
     (no assessment runs in the process, so its RSS is the receiving side's)."""
     tmp.mkdir(parents=True, exist_ok=True)
     home = tmp / "qc"
     sections = default_sections(home, free_port())
     sections["logging"] = {"level": "WARNING", "json": "always"}
-    sections["node"]["listener_processes"] = processes
     tables = {"rules": [{"name": "keep", "action": "store"}]} if store_only else {}
     config = write_config(tmp / "qcnode.toml", sections, tables)
     node = start_node(config, home, tmp / "qcnode.log")

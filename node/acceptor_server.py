@@ -33,14 +33,12 @@ class AcceptorServer:
 
     def __init__(
         self, host: str, port: int, config: AcceptorConfig, services: Services, *,
-        max_associations: int, max_per_host: int, reuse_port: bool,
+        max_associations: int, max_per_host: int,
     ) -> None:
         self.config, self.services = config, services
         self.max_associations, self.max_per_host = max_associations, max_per_host
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind((host, port))
         self.sock.listen(128)

@@ -113,7 +113,6 @@ class NodeSettings(_Section):
     acse_timeout: PositiveSeconds = 10.0
     dimse_timeout: PositiveSeconds = 60.0
     network_timeout: PositiveSeconds = 60.0
-    listener_processes: int = Field(default=1, ge=1, le=64)
 
 
 class SenderSettings(_Section):

@@ -155,7 +155,6 @@ class Listener:
             node.host, node.port, self.acceptor_config(), self,
             max_associations=node.max_associations,
             max_per_host=node.max_associations_per_host,
-            reuse_port=node.listener_processes > 1,
         )
         self._server.start()
 
