@@ -69,6 +69,7 @@ class Services(Protocol):
     def closed(self, peer: Peer, *, aborted: bool) -> None: ...
     def echo(self, peer: Peer) -> int: ...
     def store(self, peer: Peer, request: StoreRequest) -> int: ...
+    def error_comment(self, status: int) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,14 @@ class Connection:
                 return
             self.sock.settimeout(self.config.network_timeout)
             aborted = not self._serve(peer)
-        except (Aborted, OSError, ul.ProtocolError, dimse.CommandError) as exc:
+        except (ul.ProtocolError, dimse.CommandError) as exc:
+            # Malformed or unexpected PDUs, before or after establishment: AA-1/AA-8.
+            reason = exc.reason if isinstance(exc, ul.ProtocolError) else (
+                ul.ABORT_REASON_NOT_SPECIFIED)
+            log.warning("association aborted", reason=type(exc).__name__, detail=str(exc),
+                        address=self.address)
+            self._send_quietly(ul.abort(reason))
+        except (Aborted, OSError) as exc:
             if peer is not None:
                 log.info("association aborted", reason=type(exc).__name__)
                 self._send_quietly(ul.abort(ul.ABORT_REASON_NOT_SPECIFIED))
@@ -198,9 +206,11 @@ class Connection:
 
     def _establish(self) -> Peer | None:
         pdu_type, length = ul.pdu_header(self.reader.exact(6))
-        if pdu_type != ul.A_ASSOCIATE_RQ or length > MAX_ASSOCIATE_RQ:
-            self._send_quietly(ul.abort(ul.ABORT_UNEXPECTED_PDU))
-            return None
+        if pdu_type != ul.A_ASSOCIATE_RQ:
+            raise ul.ProtocolError(f"PDU type {pdu_type} before A-ASSOCIATE-RQ",
+                                   ul.ABORT_UNEXPECTED_PDU)
+        if length > MAX_ASSOCIATE_RQ:
+            raise ul.ProtocolError("A-ASSOCIATE-RQ too long", ul.ABORT_INVALID_PDU_PARAMETER)
         request = ul.parse_associate_rq(self.reader.exact(length))
         reject = self._rejection(request)
         if reject is not None:
@@ -253,16 +263,26 @@ class Connection:
         while True:
             pdu_type, length = ul.pdu_header(self.reader.exact(6))
             if pdu_type == ul.P_DATA_TF:
+                if self.config.max_pdu and length > self.config.max_pdu:
+                    # Longer than the Maximum Length we announced (PS3.8 §D.1).
+                    raise ul.ProtocolError("P-DATA-TF longer than our maximum length",
+                                           ul.ABORT_INVALID_PDU_PARAMETER)
                 self._p_data(peer, length, command)
-            elif pdu_type == ul.A_RELEASE_RQ:
+            elif pdu_type in (ul.A_RELEASE_RQ, ul.A_ABORT):
+                if length != ul.FIXED_PDU_LENGTH:  # PS3.8 §9.3.6, §9.3.8: always 4
+                    raise ul.ProtocolError("A-RELEASE-RQ / A-ABORT length is not 4",
+                                           ul.ABORT_INVALID_PDU_PARAMETER)
                 self.reader.exact(length)
+                if pdu_type == ul.A_ABORT:
+                    return False
                 self.sock.sendall(ul.release_rp())
                 return True
-            elif pdu_type == ul.A_ABORT:
-                self.reader.exact(length)
-                return False
+            elif pdu_type in (ul.A_ASSOCIATE_RQ, ul.A_ASSOCIATE_AC, ul.A_ASSOCIATE_RJ,
+                              ul.A_RELEASE_RP):
+                raise ul.ProtocolError(f"unexpected PDU type {pdu_type}", ul.ABORT_UNEXPECTED_PDU)
             else:
-                raise ul.ProtocolError(f"unexpected PDU type {pdu_type}")
+                raise ul.ProtocolError(f"unrecognised PDU type {pdu_type}",
+                                       ul.ABORT_UNRECOGNIZED_PDU)
 
     def _p_data(self, peer: Peer, length: int, command: bytearray) -> None:
         """Walk the PDVs of one P-DATA-TF PDU (PS3.8 §9.3.5, Annex E)."""
@@ -331,6 +351,6 @@ class Connection:
         self._respond(pcid, request, status)
 
     def _respond(self, pcid: int, request: dimse.Command, status: int) -> None:
-        message = dimse.response(request, status)
+        message = dimse.response(request, status, self.services.error_comment(status))
         pdus = ul.p_data(pcid, message, command=True, max_pdu=self.peer_max_pdu)
         self.sock.sendall(b"".join(pdus))

@@ -29,6 +29,9 @@ TAG_MESSAGE_ID = 0x00000110
 TAG_MESSAGE_ID_RESPONDED = 0x00000120
 TAG_DATA_SET_TYPE = 0x00000800
 TAG_STATUS = 0x00000900
+TAG_ERROR_COMMENT = 0x00000902
+#: Error Comment is LO: at most 64 characters (PS3.5 §6.2, PS3.7 §C.4.1).
+MAX_ERROR_COMMENT = 64
 TAG_AFFECTED_SOP_INSTANCE = 0x00001000
 _US_TAGS = frozenset(
     {TAG_COMMAND_FIELD, TAG_MESSAGE_ID, TAG_DATA_SET_TYPE, TAG_STATUS, 0x00000700}
@@ -97,14 +100,21 @@ def _implicit(tag: int, value: bytes) -> bytes:
     return _ELEMENT.pack(0x0000, tag, len(value)) + value
 
 
-def response(request: Command, status: int) -> bytes:
-    """The C-STORE-RSP or C-ECHO-RSP command set answering ``request``."""
+def response(request: Command, status: int, error_comment: str | None = None) -> bytes:
+    """The C-STORE-RSP or C-ECHO-RSP command set answering ``request``.
+
+    ``error_comment`` (only for a failure status) becomes Error Comment (0000,0902),
+    ASCII, cut to 64 characters (PS3.7 §9.1.1.1.9, Annex C.4.1).
+    """
     field = C_STORE_RSP if request.field == C_STORE_RQ else C_ECHO_RSP
     body = _implicit(TAG_AFFECTED_SOP_CLASS, _ui(request.sop_class_uid))
     body += _implicit(TAG_COMMAND_FIELD, struct.pack("<H", field))
     body += _implicit(TAG_MESSAGE_ID_RESPONDED, struct.pack("<H", request.message_id))
     body += _implicit(TAG_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET))
     body += _implicit(TAG_STATUS, struct.pack("<H", status))
+    if error_comment:
+        text = error_comment.encode("ascii", "replace")[:MAX_ERROR_COMMENT]
+        body += _implicit(TAG_ERROR_COMMENT, _even(text, b" "))
     if field == C_STORE_RSP:
         body += _implicit(
             TAG_AFFECTED_SOP_INSTANCE, _ui(request.sop_instance_uid)

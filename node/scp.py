@@ -62,6 +62,17 @@ STATUS_PROCESSING_FAILURE = 0xC213
 #: presentation context's abstract syntax.
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
+#: Error Comment (0000,0902) sent with each failure status: at most 64 characters, no
+#: patient data (PS3.7 §9.1.1.1.9, Annex C.4).
+ERROR_COMMENTS: dict[int, str] = {
+    STATUS_REFUSED_NOT_AUTHORIZED: "Refused by the node's routing rules",
+    STATUS_OUT_OF_RESOURCES: "Spool disk full: retry later",
+    STATUS_CANNOT_UNDERSTAND: "Malformed or truncated data set (quarantined)",
+    STATUS_UID_MISMATCH: "Data set SOP Instance UID differs from the command",
+    STATUS_PROCESSING_FAILURE: "Stored but not recorded: internal error",
+    STATUS_SOP_CLASS_NOT_SUPPORTED: "SOP Class differs from the presentation context",
+}
+
 #: Transfer syntaxes pydicom (with pylibjpeg) can decode, accepted for every storage class.
 #: Compressed first: when a sender proposes its file's compressed syntax and an
 #: uncompressed one in the same context, we take the file as it is (no conversion).
@@ -189,6 +200,10 @@ class Listener:
     def echo(self, peer: Peer) -> int:
         """C-ECHO (PS3.4 Annex A): always Success."""
         return STATUS_SUCCESS
+
+    def error_comment(self, status: int) -> str | None:
+        """The Error Comment of a failure ``status`` (see :data:`ERROR_COMMENTS`)."""
+        return ERROR_COMMENTS.get(status)
 
     def store(self, peer: Peer, request: StoreRequest) -> int:
         """Receive one C-STORE: validate, spool durably, record, answer (PS3.4 B.2)."""

@@ -13,10 +13,14 @@ Negotiation rules (PS3.8 Annex B, PS3.7 Annex D.3.3):
   not supported);
 * SCP/SCU role selection (§D.3.3.4) is not answered: the default roles (requestor SCU,
   acceptor SCP) then apply, which is all a store SCP does;
-* SOP class extended negotiation (§D.3.3.5), common extended negotiation (§D.3.3.6)
-  and user identity (§D.3.3.7) are not answered, which means "not supported" / no
-  server response; asynchronous operations (§D.3.3.3) are not answered, so one
-  operation at a time (the default) applies;
+* SOP class extended negotiation (§D.3.3.5) and common extended negotiation (§D.3.3.6)
+  are not answered, which means "not supported"; asynchronous operations (§D.3.3.3)
+  are not answered, so one operation at a time (the default) applies;
+* user identity (§D.3.3.7): qcnode admits callers by AE title and address, not by user.
+  When a username (type 1) or username + passcode (type 2) requests a positive
+  response, the AC carries a User Identity sub-item with a zero-length server response
+  (§D.3.3.7.2); DCMTK ``storescu --user U -rsp`` fails the association without it.
+  Other identity types get no response (the requestor decides, §D.3.3.7);
 * the requestor's Maximum Length (§D.1) bounds every P-DATA-TF we send.
 """
 
@@ -45,6 +49,11 @@ ITEM_USER_INFORMATION = 0x50
 ITEM_MAXIMUM_LENGTH = 0x51
 ITEM_IMPLEMENTATION_CLASS_UID = 0x52
 ITEM_IMPLEMENTATION_VERSION_NAME = 0x55
+ITEM_USER_IDENTITY_RQ = 0x58
+ITEM_USER_IDENTITY_AC = 0x59
+#: User-Identity-Types answered with a zero-length server response (PS3.7 D.3.3.7.1).
+USER_IDENTITY_USERNAME = 1
+USER_IDENTITY_USERNAME_PASSCODE = 2
 
 #: The DICOM Application Context Name (PS3.7 Annex A.2.1).
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -71,9 +80,13 @@ RJ_LOCAL_LIMIT_EXCEEDED = 0x02  # source: service-provider (presentation)
 # A-ABORT source / reason (PS3.8 §9.3.8) ------------------------------------------------------
 ABORT_SOURCE_SERVICE_PROVIDER = 0x02
 ABORT_REASON_NOT_SPECIFIED = 0x00
+ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_UNRECOGNIZED_PDU_PARAMETER = 0x03
 ABORT_INVALID_PDU_PARAMETER = 0x06
+
+#: Length of A-RELEASE-RQ/RP and A-ABORT PDUs (PS3.8 §9.3.6–8).
+FIXED_PDU_LENGTH = 4
 
 _HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
 _ITEM = struct.Struct(">BBH")  # item type, reserved, length
@@ -82,7 +95,14 @@ PDV_OVERHEAD = _HEADER.size + 6
 
 
 class ProtocolError(ValueError):
-    """The peer sent something PS3.8 does not allow; the association is aborted."""
+    """The peer sent something PS3.8 does not allow; the association is aborted.
+
+    ``reason`` is the A-ABORT reason/diag sent to the peer (PS3.8 §9.3.8).
+    """
+
+    def __init__(self, message: str, reason: int = ABORT_INVALID_PDU_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,8 @@ class AssociateRequest:
     contexts: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     #: the requestor's maximum P-DATA-TF PDU length; 0 = unlimited (PS3.8 §D.1)
     max_pdu: int = 0
+    #: a User Identity sub-item requested a positive response for a username identity
+    user_identity_response: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,13 +167,24 @@ def _context(value: bytes) -> tuple[int, str, tuple[str, ...]]:
     return value[0], abstract, tuple(syntaxes)
 
 
-def _max_length(user_info: bytes) -> int:
+def _user_information(user_info: bytes) -> tuple[int, bool]:
+    """``(maximum length, user identity response wanted)`` from the user information.
+
+    Sub-items other than Maximum Length (PS3.8 §D.1) and User Identity (PS3.7
+    §D.3.3.7.1) are skipped by their length, known or not.
+    """
+    max_pdu, identity_response = 0, False
     for kind, sub in _items(user_info, 0, len(user_info)):
         if kind == ITEM_MAXIMUM_LENGTH:
             if len(sub) != 4:
                 raise ProtocolError("maximum length item is not 4 bytes")
-            return int(struct.unpack(">L", sub)[0])
-    return 0
+            max_pdu = int(struct.unpack(">L", sub)[0])
+        elif kind == ITEM_USER_IDENTITY_RQ:
+            if len(sub) < 2:
+                raise ProtocolError("user identity item too short")
+            identity_response = sub[1] == 1 and sub[0] in (
+                USER_IDENTITY_USERNAME, USER_IDENTITY_USERNAME_PASSCODE)
+    return max_pdu, identity_response
 
 
 def parse_associate_rq(body: bytes) -> AssociateRequest:
@@ -160,7 +193,7 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
         raise ProtocolError("A-ASSOCIATE-RQ too short")
     version = struct.unpack_from(">H", body, 0)[0]
     called, calling = body[4:20], body[20:36]
-    app_context, max_pdu = "", 0
+    app_context, max_pdu, identity_response = "", 0, False
     contexts: dict[int, tuple[str, tuple[str, ...]]] = {}
     for kind, value in _items(body, 68, len(body)):
         if kind == ITEM_APPLICATION_CONTEXT:
@@ -171,11 +204,12 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
                 raise ProtocolError("presentation context ids must be odd and unique")
             contexts[pcid] = (abstract, syntaxes)
         elif kind == ITEM_USER_INFORMATION:
-            max_pdu = _max_length(value)
+            max_pdu, identity_response = _user_information(value)
     return AssociateRequest(
         protocol_version=version, called_ae=_text(called), calling_ae=_text(calling),
         called_raw=bytes(called), calling_raw=bytes(calling),
         application_context=app_context, contexts=contexts, max_pdu=max_pdu,
+        user_identity_response=identity_response,
     )
 
 
@@ -228,6 +262,8 @@ def associate_ac(
         + _item(ITEM_IMPLEMENTATION_CLASS_UID, _uid(implementation_uid))
         + _item(ITEM_IMPLEMENTATION_VERSION_NAME, implementation_version.encode("ascii"))
     )
+    if request.user_identity_response:
+        user += _item(ITEM_USER_IDENTITY_AC, struct.pack(">H", 0))  # empty server response
     items.append(_item(ITEM_USER_INFORMATION, user))
     fixed = (
         struct.pack(">HH", PROTOCOL_VERSION, 0) + request.called_raw + request.calling_raw

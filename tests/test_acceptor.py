@@ -8,6 +8,7 @@ checks our A-ASSOCIATE-AC and C-STORE-RSP. A raw socket checks the byte-level li
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -28,7 +31,7 @@ from node import upperlayer as ul
 from node.config import Settings
 from node.scp import STATUS_SUCCESS, Listener
 from node.spool import Spool
-from tests.support.dcmtk import write_ct_series
+from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
 from tests.support.net import wait_for
 
 FIND_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.1.1"  # Patient Root Q/R FIND: not ours
@@ -194,3 +197,142 @@ def test_abort_mid_data_set_leaves_no_file(listener: Listener) -> None:
         assert sock.recv(16) == b""
     wait_for(lambda: not any(tmp.iterdir()), timeout=10, what="partial file removed")
     assert not list(listener.spool.root.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("identity", [["-usr", "bob", "-pwd", "secret"], ["-usr", "bob"]])
+def test_user_identity_positive_response_storescu(
+    listener: Listener, tmp_path: Path, identity: list[str]
+) -> None:
+    """DCMTK fails the association unless the AC answers a requested positive response."""
+    files = write_ct_series(tmp_path / "ct", 2)
+    run = storescu(listener.address[1], files, options=[*identity, "-rsp"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "User Identity Negotiation failed" not in run.stdout + run.stderr
+    assert sorted(successes(run.stdout + run.stderr)) == sorted(files)
+
+
+def _expect_abort(sock: socket.socket, reason: int | None = None) -> None:
+    kind, body = _read_pdu(sock)
+    assert kind == ul.A_ABORT
+    if reason is not None:
+        assert body[3] == reason
+    # then the node closes (a reset when our unread bytes were still queued)
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(16) == b""
+
+
+def test_garbage_oversized_and_malformed_pdus_abort_and_node_keeps_serving(
+    listener: Listener,
+) -> None:
+    address = listener.address
+    with socket.create_connection(address, timeout=10) as sock:  # not a DICOM peer
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        _expect_abort(sock, ul.ABORT_UNEXPECTED_PDU)
+    with socket.create_connection(address, timeout=10) as sock:  # item overruns the PDU
+        rq = bytearray(_associate_rq(0))
+        rq[76:78] = struct.pack(">H", 0x7FFF)  # application context item length
+        sock.sendall(bytes(rq))
+        _expect_abort(sock, ul.ABORT_INVALID_PDU_PARAMETER)
+    oversized = [
+        struct.pack(">BBL", ul.P_DATA_TF, 0, 0xFFFFFFF0),  # beyond our Maximum Length
+        struct.pack(">BBL", ul.A_RELEASE_RQ, 0, 0xFFFFFFF0),  # must be 4
+        struct.pack(">BBL", 0x99, 0, 4) + bytes(4),  # unknown PDU type
+    ]
+    for pdu in oversized:
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(_associate_rq(0))
+            assert _read_pdu(sock)[0] == ul.A_ASSOCIATE_AC
+            sock.sendall(pdu)
+            _expect_abort(sock)
+    run = echoscu(address[1])
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _dataset_bytes(path: Path) -> tuple[pydicom.Dataset, bytes]:
+    """The data set of ``path`` encoded Implicit VR Little Endian, without file meta."""
+    ds = pydicom.dcmread(path)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, ds)
+    return ds, buf.getvalue()
+
+
+def _store_rq(sop_class: str, uid: str, message_id: int) -> bytes:
+    body = (_element(0x0002, ul._uid(sop_class) + b"\0" * (len(sop_class) % 2))
+            + _element(0x0100, b"\x01\x00") + _element(0x0110, struct.pack("<H", message_id))
+            + _element(0x0700, b"\x00\x00") + _element(0x0800, b"\x00\x00")
+            + _element(0x1000, uid.encode() + b"\0" * (len(uid) % 2)))
+    return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def _pdv(control: int, value: bytes) -> bytes:
+    return struct.pack(">LBB", len(value) + 2, 1, control) + value
+
+
+def _pdu(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBL", ul.P_DATA_TF, 0, len(body)) + body
+
+
+def _response(sock: socket.socket) -> dict[int, bytes]:
+    command = b""
+    while True:
+        kind, body = _read_pdu(sock)
+        assert kind == ul.P_DATA_TF
+        command += body[6:]
+        if body[5] & 0x02:
+            break
+    fields, pos = {}, 0
+    while pos < len(command):
+        _, element, length = struct.unpack_from("<HHL", command, pos)
+        fields[element] = command[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+    return fields
+
+
+def test_command_and_data_pdvs_mixed_in_pdus_then_release_while_idle(
+    listener: Listener, tmp_path: Path
+) -> None:
+    """Command + first data fragment in one PDU, the rest as several PDVs per PDU."""
+    ds, raw = _dataset_bytes(write_ct_series(tmp_path / "ct", 1)[0])
+    uid = str(ds.SOPInstanceUID)
+    parts = [raw[i : i + 1000] for i in range(0, len(raw), 1000)]
+    with socket.create_connection(listener.address, timeout=10) as sock:
+        sock.sendall(_associate_rq(0, CTImageStorage))
+        assert _read_pdu(sock)[0] == ul.A_ASSOCIATE_AC
+        sock.sendall(_pdu(_pdv(0x03, _store_rq(CTImageStorage, uid, 41)), _pdv(0x00, parts[0])))
+        rest = parts[1:]
+        for i in range(0, len(rest), 3):
+            group = rest[i : i + 3]
+            last_group = i + 3 >= len(rest)
+            sock.sendall(_pdu(*(
+                _pdv(0x02 if last_group and j == len(group) - 1 else 0x00, part)
+                for j, part in enumerate(group))))
+        fields = _response(sock)
+        assert fields[0x0900] == struct.pack("<H", STATUS_SUCCESS)
+        assert fields[0x0100] == struct.pack("<H", 0x8001)
+        assert fields[0x0120] == struct.pack("<H", 41)
+        assert fields[0x1000].rstrip(b"\0").decode() == uid
+        assert fields[0x0002].rstrip(b"\0").decode() == CTImageStorage
+        assert 0x0902 not in fields  # no Error Comment on success
+        sock.sendall(struct.pack(">BBL", ul.A_RELEASE_RQ, 0, 4) + bytes(4))
+        assert _read_pdu(sock)[0] == ul.A_RELEASE_RP
+    stored = list(listener.spool.root.rglob(f"{uid}.dcm"))
+    assert len(stored) == 1
+    assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData
+
+
+def test_failure_status_carries_error_comment(listener: Listener, tmp_path: Path) -> None:
+    """pynetdicom reads the C-STORE-RSP of a truncated data set: status and comment."""
+    ds = pydicom.dcmread(write_ct_series(tmp_path / "ct", 1)[0])
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate(*listener.address, ae_title="QCNODE")
+    try:
+        assert assoc.is_established
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert 0xC000 <= status.Status <= 0xCFFF
+    assert 0 < len(status.ErrorComment) <= 64
