@@ -10,7 +10,10 @@ twice still yields one SR.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,6 +79,7 @@ class Dispatcher:
     def _dispatch_logged(self, series_uid: str) -> None:
         try:
             self.dispatch(series_uid)
+            release_free_memory()
         except Exception as exc:  # noqa: BLE001 - recorded; the ledger keeps the series
             log.error("dispatch_failed", series_uid=series_uid, error=str(exc))
             for job in self.ledger.jobs_of_series(series_uid):
@@ -156,6 +160,32 @@ class Dispatcher:
         for job in jobs:
             self.submit(job.series_instance_uid).result()
         return jobs
+
+
+def _malloc_trim() -> Callable[[], None] | None:
+    """glibc's ``malloc_trim(0)``, or None on another C library."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``).
+
+    Preparing a series (decoding, windowing, compressing the payload) allocates and
+    frees ≈ 100 MB; glibc keeps the freed memory in its arenas, so without this the
+    serve process stays ≈ 90 MiB above what it uses (measured: 273 vs 184 MiB after
+    10 series of 200 512² images, see docs/benchmarks.md). A no-op elsewhere.
+    """
+    if _TRIM is not None:
+        _TRIM()
 
 
 def _by_uid(paths: list[Path], uids: list[str]) -> dict[str, Path]:
