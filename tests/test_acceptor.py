@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
@@ -25,11 +26,20 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 from pynetdicom import AE, build_role
-from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+from pynetdicom.pdu_primitives import (
+    AsynchronousOperationsWindowNegotiation,
+    SOPClassExtendedNegotiation,
+    UserIdentityNegotiation,
+)
 
 from node import upperlayer as ul
 from node.config import Settings
-from node.scp import STATUS_SUCCESS, Listener
+from node.scp import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    STATUS_SUCCESS,
+    Listener,
+)
 from node.spool import Spool
 from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
 from tests.support.net import wait_for
@@ -336,3 +346,49 @@ def test_failure_status_carries_error_comment(listener: Listener, tmp_path: Path
         assoc.release()
     assert 0xC000 <= status.Status <= 0xCFFF
     assert 0 < len(status.ErrorComment) <= 64
+
+
+def test_pynetdicom_identity_async_window_and_ac_contents(listener: Listener) -> None:
+    """The AC: our implementation UID/version and Maximum Length, an empty server
+    response for the username+passcode identity, no asynchronous window (default 1/1)."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 2
+    identity.positive_response_requested = True
+    identity.primary_field, identity.secondary_field = b"bob", b"secret"
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = 5
+    window.maximum_number_operations_performed = 5
+    roles = build_role(CTImageStorage, scu_role=True, scp_role=True)
+    assoc = ae.associate(*listener.address, ae_title="QCNODE",
+                         ext_neg=[identity, window, roles])
+    try:
+        assert assoc.is_established
+        acceptor = assoc.acceptor
+        assert acceptor.user_identity is not None
+        assert acceptor.user_identity.server_response == b""
+        assert acceptor.asynchronous_operations == (1, 1)
+        assert acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        assert acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+        assert acceptor.maximum_length == listener.settings.node.max_pdu
+        assert acceptor.ae_title == "QCNODE"
+    finally:
+        assoc.release()
+
+
+def test_large_image_in_4096_byte_pdus_with_jpeg_lossless_proposed(
+    listener: Listener, tmp_path: Path
+) -> None:
+    """A 512x512 image crosses the wire as ~130 P-DATA-TF PDUs and arrives intact."""
+    ds = pydicom.dcmread(write_ct_series(tmp_path / "ct", 1)[0])
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = np.random.default_rng(7).integers(0, 4000, (512, 512), np.uint16).tobytes()
+    path = tmp_path / "big.dcm"
+    ds.save_as(path)
+    run = storescu(listener.address[1], [path],
+                   options=["--max-send-pdu", "4096", "--propose-lossless"])
+    assert successes(run.stdout + run.stderr) == [path], run.stdout + run.stderr
+    stored = list(listener.spool.root.rglob(f"{ds.SOPInstanceUID}.dcm"))
+    assert len(stored) == 1
+    assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData
