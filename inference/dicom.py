@@ -49,9 +49,10 @@ class FrameRef:
     z: float
     slope: float
     intercept: float
-    pixel_spacing: tuple[float, float]
+    pixel_spacing: tuple[float, float]  # (1.0, 1.0) when absent: see spacing_known
     padding: tuple[int, int] | None  # stored-value range set to air, inclusive
     localizer: bool
+    spacing_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ def _frames(ds: Dataset, path: Path) -> Iterator[FrameRef]:
                 slope=float(ds.get("RescaleSlope", 1) or 1),
                 intercept=float(ds.get("RescaleIntercept", 0) or 0),
                 pixel_spacing=_spacing(ds.get("PixelSpacing")), padding=padding,
+                spacing_known=_spacing_valid(ds.get("PixelSpacing")),
                 localizer=localizer,
             )
         return
@@ -198,20 +200,30 @@ def _frames(ds: Dataset, path: Path) -> Iterator[FrameRef]:
         )
         slope = _group_attr(groups, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _group_attr(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        spacing = _group_attr(groups, "PixelMeasuresSequence", "PixelSpacing")
         yield FrameRef(
             path=path, frame=index + 1, sop_instance_uid=sop,
             z=float(np.dot(_normal(iop), ipp)),
             slope=float(slope if slope is not None else ds.get("RescaleSlope", 1)),
             intercept=float(intercept if intercept is not None else ds.get("RescaleIntercept", 0)),
-            pixel_spacing=_spacing(_group_attr(groups, "PixelMeasuresSequence", "PixelSpacing")),
+            pixel_spacing=_spacing(spacing),
+            spacing_known=_spacing_valid(spacing),
             padding=padding, localizer=localizer,
         )
 
 
+def _spacing_valid(value: Any) -> bool:
+    """True when Pixel Spacing (0028,0030) holds two positive numbers."""
+    row, col = _floats(value, 2, (0.0, 0.0))
+    return row > 0 and col > 0
+
+
 def _spacing(value: Any) -> tuple[float, float]:
-    row, col = _floats(value, 2, (1.0, 1.0))
-    if row <= 0 or col <= 0:
+    """Pixel Spacing in mm, or 1 mm per pixel when absent or invalid (the series then
+    carries a note saying so: :attr:`FrameRef.spacing_known`)."""
+    if not _spacing_valid(value):
         return (1.0, 1.0)
+    row, col = _floats(value, 2, (1.0, 1.0))
     return (row, col)
 
 

@@ -114,6 +114,8 @@ class PreparedSeries:
     slices: tuple[PreparedSlice, ...]
     total_slices: int
     window: Window = field(default_factory=Window)
+    #: What an engine should report beside its result (e.g. assumed pixel spacing).
+    notes: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
         """Compressed (deflate) payload: HU as int16, RGB as uint8, metadata as JSON.
@@ -130,6 +132,7 @@ class PreparedSeries:
             "series_description": self.series_description,
             "total_slices": self.total_slices,
             "window": [self.window.center, self.window.width, self.window.mode],
+            "notes": list(self.notes),
             "slices": [
                 [s.sop_instance_uid, s.frame, s.z, list(s.pixel_spacing), s.index]
                 for s in self.slices
@@ -176,6 +179,7 @@ class PreparedSeries:
             series_description=meta["series_description"],
             slices=slices, total_slices=int(meta["total_slices"]),
             window=Window(float(center), float(width), mode),
+            notes=tuple(meta.get("notes", ())),
         )
 
 
@@ -247,7 +251,18 @@ def prepare_series(
         modality=first.modality,
         series_description=first.series_description,
         slices=slices, total_slices=len(planes), window=window,
+        notes=_spacing_notes([ref for _, ref, _ in chosen]),
     )
+
+
+def _spacing_notes(refs: Sequence[FrameRef]) -> tuple[str, ...]:
+    """A note when assessed planes lack a valid Pixel Spacing (PS3.3 C.7.6.2, Type 1)."""
+    missing = sum(not ref.spacing_known for ref in refs)
+    if not missing:
+        return ()
+    return (f"Pixel Spacing missing or invalid on {missing} of {len(refs)} assessed "
+            "image(s): distances assume 1 mm per pixel, so edge width and MTF50 are "
+            "in pixel units there",)
 
 
 def _headers(paths: Sequence[Path] | Sequence[Header]) -> list[Header]:

@@ -141,3 +141,21 @@ def test_bad_input_errors(tmp_path: Path, small: Path) -> None:
     text.write_text("not dicom")
     with pytest.raises(PrepareError, match="no DICOM"):
         prepare_series([text])
+
+
+def test_missing_pixel_spacing_is_noted_not_silent(tmp_path: Path, small: Path) -> None:
+    """A plane without Pixel Spacing (Type 1 in the CT Image module) is still assessed at
+    1 mm per pixel, and the series, its payload and the physics result say so."""
+    assert prepare_series([small], k=5).notes == ()
+    for path in sorted(small.glob("IM*.dcm")):
+        ds = pydicom.dcmread(path)
+        if path.name in ("IM0002.dcm", "IM0004.dcm"):
+            del ds.PixelSpacing
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+    series = prepare_series([tmp_path], k=5)
+    (note,) = series.notes
+    assert "Pixel Spacing missing or invalid on 2 of 5" in note
+    assert PreparedSeries.from_bytes(series.to_bytes()).notes == series.notes
+    from inference.physics import PhysicsEngine
+
+    assert note in PhysicsEngine().assess(series).notes

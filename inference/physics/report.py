@@ -244,4 +244,5 @@ def build_result(series: PreparedSeries, measures: Sequence[SliceMeasures],
         slices=tuple(SliceScore(x.slice.sop_instance_uid, x.score, x.uncertainty,
                                 x.slice.frame) for x in scored),
         findings=tuple(described.findings), evidence=tuple(described.evidence),
+        notes=series.notes,
     )

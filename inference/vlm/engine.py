@@ -203,7 +203,7 @@ class VlmEngine:
             series_instance_uid=series.series_instance_uid,
             score=_clamp(score), uncertainty=spread, explanation=explanation,
             engine=self.info, slices=slice_scores,
-            findings=merge_findings(finding_groups), notes=tuple(notes),
+            findings=merge_findings(finding_groups), notes=(*series.notes, *notes),
         )
 
 
