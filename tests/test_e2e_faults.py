@@ -157,6 +157,16 @@ def status(site: NodeSite) -> dict[str, Any]:
     return report
 
 
+def delivery_failures(site: NodeSite, job_id: int) -> list[dict[str, Any]]:
+    """The ``delivery_failed`` log events of one job, oldest first (JSON log lines)."""
+    events = [json.loads(line)
+              for path in site.home.glob("*.log")
+              for line in path.read_text(errors="replace").splitlines()
+              if '"delivery_failed"' in line]
+    return sorted((e for e in events if e.get("job_id") == job_id),
+                  key=lambda e: str(e["timestamp"]))
+
+
 def test_permanent_rejection_dead_letter_then_retry(tmp_path: Path, series_dir: Path) -> None:
     """A PACS that rejects the called AE title: dead-letter, then ``qcnode retry`` after a fix."""
     with running_orthanc(tmp_path / "orthanc", {NODE_AE: 104}, ae_title="NOTORTHANC") as pacs:
@@ -169,7 +179,13 @@ def test_permanent_rejection_dead_letter_then_retry(tmp_path: Path, series_dir: 
             job = site.job(uid)
             assert job.state == JobState.DEAD
             (delivery,) = site.ledger.deliveries_of(job.id)
-            assert delivery.state == DeliveryState.DEAD and delivery.attempts == 1
+            # No retry after a permanent failure: it is the last attempt. (A transient one
+            # before it, e.g. Orthanc aborting an association request under load, is retried.)
+            failures = delivery_failures(site, job.id)
+            permanent = [f for f in failures if not f["transient"]]
+            assert len(permanent) == 1 and failures[-1] == permanent[0], failures
+            assert delivery.state == DeliveryState.DEAD
+            assert delivery.attempts == len(failures) == permanent[0]["attempt"]
             report = status(site)
             (failure,) = [f for f in report["failures"] if f["destination"] == "pacs"]
             assert failure["state"] == "dead" and failure["series_instance_uid"] == uid
