@@ -78,13 +78,29 @@ class Dispatcher:
 
     def _dispatch_logged(self, series_uid: str) -> None:
         try:
-            self.dispatch(series_uid)
+            self._dispatch_twice(series_uid)
             release_free_memory()
         except Exception as exc:  # noqa: BLE001 - recorded; the ledger keeps the series
             log.error("dispatch_failed", series_uid=series_uid, error=str(exc))
             for job in self.ledger.jobs_of_series(series_uid):
                 if job.state not in FINISHED_JOBS:
                     self.ledger.dead_letter_job(job.id, f"dispatch: {exc}")
+
+    def _dispatch_twice(self, series_uid: str) -> None:
+        """Dispatch; after a failure, drop the pooled broker connections and try once more.
+
+        A pooled connection can go stale (seen once on the embedded broker after an
+        embedded worker was killed and replaced: kombu raised ``'NoneType' object has no
+        attribute 'client'``). Dispatch is idempotent (job creation is, tasks are), so a
+        second try is safe; a second failure dead-letters the job as before.
+        """
+        try:
+            self.dispatch(series_uid)
+        except Exception as exc:  # noqa: BLE001 - retried once, then raised to the caller
+            log.warning("dispatch_retry", series_uid=series_uid, error=str(exc))
+            self.app.pool.force_close_all()
+            self.app.producer_pool.force_close_all()
+            self.dispatch(series_uid)
 
     def dispatch(self, series_uid: str) -> JobInfo | None:
         """Create (or find) the series' current job and send it to its next stage."""
