@@ -68,6 +68,7 @@ def qcnode(tmp: Path, *, store_only: bool = False) -> Iterator[tuple[int, int]]:
     home = tmp / "qc"
     sections = default_sections(home, free_port())
     sections["logging"] = {"level": "WARNING", "json": "always"}
+    sections["spool"] = {"min_free_bytes": 0, "min_free_percent": 0.0}  # journal: defaults
     tables = {"rules": [{"name": "keep", "action": "store"}]} if store_only else {}
     config = write_config(tmp / "qcnode.toml", sections, tables)
     node = start_node(config, home, tmp / "qcnode.log")

@@ -4,9 +4,9 @@ Why not pynetdicom here: its acceptor decodes every PDU into primitives, passes 
 through a DUL thread, a state machine, queues and a second reactor thread (several
 thread hand-offs and ~4 ms of CPU per 512×512 image on the benchmark machine, more than
 the rest of the receive path). Here one thread per association reads the socket and
-writes each P-DATA-TF data fragment straight from a reused buffer into the temporary
-Part 10 file, hashing it on the way (PS3.8 §9.3.5, §E.2). pynetdicom still does all of
-qcnode's sending (:mod:`node.scu`).
+passes each P-DATA-TF data fragment straight from a reused buffer to the sink the node
+gives it, the receive journal (:mod:`node.journal`; PS3.8 §9.3.5, §E.2). pynetdicom
+still does all of qcnode's sending (:mod:`node.scu`).
 
 State handling follows PS3.8 §9.2 for an acceptor: A-ASSOCIATE-RQ must arrive within
 the ACSE timeout (ARTIM) or the connection is closed; an established association that
@@ -18,12 +18,10 @@ provider); A-RELEASE-RQ is answered A-RELEASE-RP and the connection closed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from node import dimse
@@ -47,18 +45,25 @@ class Peer:
     address: str
 
 
+class Incoming(Protocol):
+    """Where a data set's bytes go while it arrives (the node's receive journal)."""
+
+    size: int
+    error: bool  # a write failed (disk full): the data set is read on, then refused
+
+    def write(self, data: memoryview) -> None: ...
+    def discard(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class StoreRequest:
-    """A received C-STORE data set, in a temporary Part 10 file (PS3.7 §9.3.1)."""
+    """A received C-STORE data set, as a Part 10 byte stream (PS3.7 §9.3.1, PS3.10)."""
 
-    path: Path
+    incoming: Incoming
     abstract_syntax: str
     transfer_syntax: str
     sop_class_uid: str
     sop_instance_uid: str
-    size: int
-    sha256: str
-    write_error: bool  # the file could not be written completely (disk full)
 
 
 class Services(Protocol):
@@ -68,6 +73,7 @@ class Services(Protocol):
     def opened(self, peer: Peer) -> None: ...
     def closed(self, peer: Peer, *, aborted: bool) -> None: ...
     def echo(self, peer: Peer) -> int: ...
+    def incoming(self, peer: Peer, part10_header: bytes) -> Incoming: ...
     def store(self, peer: Peer, request: StoreRequest) -> int: ...
     def error_comment(self, status: int) -> str | None: ...
 
@@ -80,7 +86,6 @@ class AcceptorConfig:
     max_pdu: int
     acse_timeout: float
     network_timeout: float
-    tmp_dir: Path
     supported: dict[str, tuple[str, ...]]
     implementation_uid: str
     implementation_version: str
@@ -119,37 +124,6 @@ class _Reader:
             count -= n
 
 
-class _Incoming:
-    """The data set of one C-STORE being written to its temporary file."""
-
-    def __init__(self, path: Path, header: bytes) -> None:
-        self.path = path
-        self.hash = hashlib.sha256(header)
-        self.size = 0
-        self.error = False
-        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 — closed by finish/discard
-        self.write(memoryview(header))
-
-    def write(self, data: memoryview) -> None:
-        self.hash.update(data)
-        self.size += len(data)
-        if self.error:
-            return
-        try:
-            written = 0
-            while written < len(data):
-                written += self.file.write(data[written:]) or 0
-        except OSError:
-            self.error = True  # keep reading the data set, answer "out of resources"
-
-    def finish(self) -> None:
-        self.file.close()
-
-    def discard(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
-
-
 class Connection:
     """One association, from A-ASSOCIATE-RQ to release or abort (PS3.8 §9.2)."""
 
@@ -162,7 +136,7 @@ class Connection:
         self.reader: _Reader
         self.contexts: dict[int, ul.Accepted] = {}
         self.peer_max_pdu = 0
-        self.incoming: _Incoming | None = None
+        self.incoming: Incoming | None = None
         self._pending: tuple[int, dimse.Command] | None = None
 
     # Association establishment --------------------------------------------------------
@@ -316,8 +290,8 @@ class Connection:
         elif request.field == dimse.C_STORE_RQ and request.has_data_set:
             context = self.contexts[pcid]
             self._pending = (pcid, request)
-            self.incoming = _Incoming(
-                self.config.tmp_dir / f"{uuid.uuid4().hex}.part",
+            self.incoming = self.services.incoming(
+                peer,
                 dimse.part10_header(
                     request.sop_class_uid, request.sop_instance_uid, context.transfer_syntax,
                     implementation_uid=self.config.implementation_uid,
@@ -335,19 +309,14 @@ class Connection:
         self.reader.stream(value_len, incoming.write)
         if not last:
             return
-        incoming.finish()
         self.incoming, self._pending = None, None
         context = self.contexts[pcid]
         request = pending[1]
-        try:
-            status = self.services.store(peer, StoreRequest(
-                path=incoming.path, abstract_syntax=context.abstract_syntax,
-                transfer_syntax=context.transfer_syntax, sop_class_uid=request.sop_class_uid,
-                sop_instance_uid=request.sop_instance_uid, size=incoming.size,
-                sha256=incoming.hash.hexdigest(), write_error=incoming.error,
-            ))
-        finally:
-            incoming.path.unlink(missing_ok=True)  # refused, duplicate or failed
+        status = self.services.store(peer, StoreRequest(
+            incoming=incoming, abstract_syntax=context.abstract_syntax,
+            transfer_syntax=context.transfer_syntax, sop_class_uid=request.sop_class_uid,
+            sop_instance_uid=request.sop_instance_uid,
+        ))
         self._respond(pcid, request, status)
 
     def _respond(self, pcid: int, request: dimse.Command, status: int) -> None:

@@ -87,7 +87,7 @@ def is_valid_uid(value: str) -> bool:
 
 
 
-_Buf = bytes | mmap.mmap
+_Buf = bytes | mmap.mmap | memoryview
 
 
 class _Scanner:
@@ -299,9 +299,18 @@ def read_header(path: Path) -> InstanceHeader:
         if size == 0:
             raise MalformedDataset("empty dataset")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                return _scan_file(buf, size)
-            except (struct.error, ValueError) as exc:
-                if isinstance(exc, MalformedDataset):
-                    raise
-                raise MalformedDataset(f"cannot parse dataset: {type(exc).__name__}") from exc
+            return scan_header(buf, size)
+
+
+def scan_header(buf: _Buf, size: int | None = None) -> InstanceHeader:
+    """:func:`read_header` over bytes in memory (a Part 10 file's bytes, e.g. a
+    memory-mapped journal record); same checks, same errors."""
+    size = len(buf) if size is None else size
+    if size == 0:
+        raise MalformedDataset("empty dataset")
+    try:
+        return _scan_file(buf, size)
+    except (struct.error, ValueError) as exc:
+        if isinstance(exc, MalformedDataset):
+            raise
+        raise MalformedDataset(f"cannot parse dataset: {type(exc).__name__}") from exc

@@ -12,37 +12,38 @@ this module decides what happens to each association and instance:
   A-ASSOCIATE-RQ within the (short) ACSE timeout, each source host may hold at most
   ``max_associations_per_host`` connections, and the global limit is
   ``max_associations``.
-* **The association thread only receives, writes, records, answers.** The data set
-  streams to a temporary Part 10 file (hashed on the way); :func:`read_header` checks
-  UIDs and pixel-data completeness without decoding; the file is fsync'd and moved
-  into the spool (directory fsync'd), then recorded in the ledger, and only then is
-  Success returned.
+* **The association thread only receives, checks, journals, answers.** The data set
+  streams into the association's journal segment (:mod:`node.journal`);
+  :func:`scan_header` checks UIDs and pixel-data completeness without decoding; one
+  ``fdatasync`` makes the record durable, and only then is Success returned. The
+  journal applier (:mod:`node.ingest`) moves it into the spool and the ledger; the
+  association's end is recorded once that is done for everything it stored.
 * **Status codes are named** (PS3.4 Annex B.2.3, PS3.7 Annex C): see the ``STATUS_*``
   constants.
 * **TCP_NODELAY** on the listening and on every accepted socket (DICOM's request /
-  response pattern stalls on Nagle's algorithm), SO_REUSEPORT when several listener
-  processes share the port.
+  response pattern stalls on Nagle's algorithm).
 """
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 import structlog
 from pydicom import uid as pyuid
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from node.acceptor import AcceptorConfig, Peer, StoreRequest
+from node.acceptor import AcceptorConfig, Incoming, Peer, StoreRequest
 from node.acceptor_server import AcceptorServer
 from node.config import Settings
-from node.dicomio import InstanceHeader, MalformedDataset, read_header
-from node.ledger.instances import InstanceRecord
+from node.dicomio import InstanceHeader, MalformedDataset, scan_header
+from node.ingest import Applier, RecordingLedger, entry_meta, instance_record
+from node.journal import Journal, JournalError, Record, Writer
 from node.logs import get_logger
-from node.spool import Spool, SpoolFull, Stored
+from node.spool import Spool, SpoolFull
 
 log = get_logger(__name__)
 
@@ -86,23 +87,18 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 #: Verification (PS3.4 Annex A) needs no dataset: the uncompressed syntaxes suffice.
 ECHO_TRANSFER_SYNTAXES = (pyuid.ExplicitVRLittleEndian, pyuid.ImplicitVRLittleEndian)
 
-#: Per-UID lock stripes (duplicates of one SOP Instance UID are stored one at a time).
-_STRIPES = 4096
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
-#: A C-STORE whose spooling + recording takes longer than this is logged (a stalled disk
-#: or a ledger write lock held by another process; senders give up after their DIMSE
-#: timeout, often 30 s).
+#: A C-STORE whose journal commit takes longer than this is logged (a stalled disk;
+#: senders give up after their DIMSE timeout, often 30 s).
 SLOW_STORE_SECONDS = 1.0
 #: qcnode's Implementation Class UID and Version Name (PS3.7 D.3.3.2, PS3.10 §7.1).
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.10365451129798785511095758564847613115"
 IMPLEMENTATION_VERSION_NAME = "QCNODE_010"
 
 
-class LedgerLike(Protocol):
+class LedgerLike(RecordingLedger, Protocol):
     """The part of :class:`node.ledger.Ledger` the listener uses."""
 
-    def versions_of(self, sop_instance_uid: str) -> list[tuple[int, str]]: ...
-    def record_instance(self, rec: InstanceRecord) -> None: ...
     def association_opened(self, assoc_id: str, calling_ae: str, address: str) -> None: ...
     def association_closed(self, assoc_id: str, *, aborted: bool = False) -> None: ...
 
@@ -121,6 +117,9 @@ class Listener:
     on_association_closed
         Called (in the association thread) after an association was released or
         aborted, e.g. to wake the completion monitor.
+
+    The receive journal lives in ``<home>/journal``; :meth:`recover` replays what a
+    crash left there (called by :meth:`start` if the node did not call it first).
     """
 
     def __init__(
@@ -131,8 +130,15 @@ class Listener:
         self.spool = spool
         self.ledger = ledger
         self._on_closed = on_association_closed
-        self._uid_locks = [threading.Lock() for _ in range(_STRIPES)]
         self._server: AcceptorServer | None = None
+        self.journal = Journal(settings.node.home / "journal",
+                               segment_bytes=settings.spool.journal_segment_bytes,
+                               segments=settings.spool.journal_segments)
+        self.applier = Applier(self.journal, spool, ledger)
+        self._recovered = False
+        self._lock = threading.Lock()
+        self._writers: dict[str, Writer] = {}
+        self._tickets: dict[str, int] = {}
 
     def acceptor_config(self) -> AcceptorConfig:
         """Identity, limits and the supported contexts, from ``[node]``."""
@@ -143,8 +149,8 @@ class Listener:
                 supported[str(cx.abstract_syntax)] = TRANSFER_SYNTAXES
         return AcceptorConfig(
             ae_title=node.ae_title, max_pdu=node.max_pdu, acse_timeout=node.acse_timeout,
-            network_timeout=node.network_timeout, tmp_dir=self.spool.tmp,
-            supported=supported, implementation_uid=IMPLEMENTATION_CLASS_UID,
+            network_timeout=node.network_timeout, supported=supported,
+            implementation_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version=IMPLEMENTATION_VERSION_NAME,
         )
 
@@ -159,9 +165,19 @@ class Listener:
             raise RuntimeError("listener not started")
         return self._server.address
 
+    def recover(self) -> int:
+        """Replay the journal (records acknowledged before a crash); how many."""
+        if self._recovered:
+            return 0
+        count = self.applier.recover()
+        self._recovered = True
+        return count
+
     def start(self) -> None:
-        """Bind and start accepting associations (in a background thread)."""
+        """Replay the journal, bind and start accepting associations (in a thread)."""
         node = self.settings.node
+        self.recover()
+        self.applier.start()
         self._server = AcceptorServer(
             node.host, node.port, self.acceptor_config(), self,
             max_associations=node.max_associations,
@@ -171,10 +187,11 @@ class Listener:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running associations finish (then abort them), close."""
-        if self._server is None:
-            return
-        self._server.stop(timeout)
-        self._server = None
+        if self._server is not None:
+            self._server.stop(timeout)
+            self._server = None
+        self.applier.stop(timeout)
+        self.journal.close()
 
     # Association events (called by the acceptor in the association's thread) ----------
     def opened(self, peer: Peer) -> None:
@@ -183,11 +200,27 @@ class Listener:
                                                assoc_id=peer.assoc_id)
         if self.ledger is not None:
             self.ledger.association_opened(peer.assoc_id, peer.calling_ae, peer.address)
+        with self._lock:
+            self._writers[peer.assoc_id] = self.journal.writer()
         log.info("association accepted", address=peer.address)
+
+    def settle(self, peer: Peer) -> None:
+        """Wait until what the association stored is in the spool and the ledger."""
+        with self._lock:
+            ticket = self._tickets.get(peer.assoc_id, 0)
+        if ticket and not self.applier.wait(ticket, self.settings.node.network_timeout):
+            log.warning("journal applier behind at release", ticket=ticket)
 
     def closed(self, peer: Peer, *, aborted: bool) -> None:
         """An association was released or aborted."""
         try:
+            with self._lock:
+                writer = self._writers.pop(peer.assoc_id, None)
+            if writer is not None:
+                writer.close()
+            self.settle(peer)
+            with self._lock:
+                self._tickets.pop(peer.assoc_id, None)
             if self.ledger is not None:
                 self.ledger.association_closed(peer.assoc_id, aborted=aborted)
             log.info("association closed", aborted=aborted)
@@ -205,22 +238,36 @@ class Listener:
         """The Error Comment of a failure ``status`` (see :data:`ERROR_COMMENTS`)."""
         return ERROR_COMMENTS.get(status)
 
+    def incoming(self, peer: Peer, part10_header: bytes) -> Incoming:
+        """A journal record for the data set that starts arriving."""
+        with self._lock:
+            writer = self._writers[peer.assoc_id]
+        try:
+            record: Incoming = writer.begin()
+        except JournalError as exc:
+            log.error("journal: no segment for the data set", error=exc.strerror)
+            record = _Unwritable()
+        record.write(memoryview(part10_header))
+        return record
+
     def store(self, peer: Peer, request: StoreRequest) -> int:
-        """Receive one C-STORE: validate, spool durably, record, answer (PS3.4 B.2)."""
-        path = request.path
-        if request.write_error:
+        """Receive one C-STORE: validate, journal durably, answer (PS3.4 B.2)."""
+        record = request.incoming
+        if record.error or not isinstance(record, Record):
             log.error("spool full: data set not written",
                       sop_instance_uid=request.sop_instance_uid)
             return STATUS_OUT_OF_RESOURCES
         if request.sop_class_uid != request.abstract_syntax:
             return STATUS_SOP_CLASS_NOT_SUPPORTED
         try:
-            header = read_header(path)
+            with record.view() as data:
+                header = scan_header(data)
         except MalformedDataset as exc:
-            return self._refuse_malformed(path, exc.reason, STATUS_CANNOT_UNDERSTAND)
+            return self._refuse_malformed(record, exc.reason, STATUS_CANNOT_UNDERSTAND)
         if header.sop_instance_uid != request.sop_instance_uid:
             return self._refuse_malformed(
-                path, "dataset SOP Instance UID differs from the request", STATUS_UID_MISMATCH
+                record, "dataset SOP Instance UID differs from the request",
+                STATUS_UID_MISMATCH,
             )
         structlog.contextvars.bind_contextvars(series_uid=header.series_instance_uid)
         rule = self.settings.rule_for(
@@ -230,67 +277,62 @@ class Listener:
             log.info("instance refused by rule", rule=rule.name if rule else None,
                      sop_instance_uid=header.sop_instance_uid)
             return STATUS_REFUSED_NOT_AUTHORIZED
-        with self._uid_locks[hash(header.sop_instance_uid) % _STRIPES]:
-            return self._store(peer, request, header, rule.action, rule.name)
+        return self._commit(peer, record, header, rule.action, rule.name)
 
-    def _store(
-        self, peer: Peer, request: StoreRequest, header: InstanceHeader, action: str,
-        rule: str,
+    def _commit(
+        self, peer: Peer, record: Record, header: InstanceHeader, action: str, rule: str
     ) -> int:
-        start = time.perf_counter()
-        known = self.ledger.versions_of(header.sop_instance_uid) if self.ledger else []
+        """Check the watermark, make the record durable, queue it for the applier."""
         try:
-            stored = self.spool.store(request.path, header, known, sha256=request.sha256)
+            self.spool.check_room(record.size)
         except SpoolFull:
             log.error("spool full: refusing instance", sop_instance_uid=header.sop_instance_uid)
             return STATUS_OUT_OF_RESOURCES
-        if stored.duplicate:
-            log.info("duplicate instance", sop_instance_uid=header.sop_instance_uid,
-                     version=stored.version)
-            return STATUS_SUCCESS
-        spooled = time.perf_counter()
+        start = time.perf_counter()
         try:
-            self._record(peer, header, stored, action, rule)
-        except Exception:  # the file is durable; a restart's reconciliation records it
-            log.exception("ledger record failed", sop_instance_uid=header.sop_instance_uid)
+            entry = record.writer.commit(record, entry_meta(
+                header, peer.calling_ae, peer.assoc_id, action, rule))
+        except JournalError as exc:
+            log.error("journal commit failed", sop_instance_uid=header.sop_instance_uid,
+                      error=exc.strerror)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return STATUS_OUT_OF_RESOURCES
             return STATUS_PROCESSING_FAILURE
-        recorded = time.perf_counter()
-        if recorded - start > SLOW_STORE_SECONDS:  # senders time out (DIMSE timeout)
-            log.warning("slow instance store", sop_instance_uid=header.sop_instance_uid,
-                        spool_seconds=round(spooled - start, 3),
-                        ledger_seconds=round(recorded - spooled, 3))
-        log.debug("instance stored", sop_instance_uid=header.sop_instance_uid,
-                  version=stored.version)
+        ticket = self.applier.submit(entry)
+        with self._lock:
+            self._tickets[peer.assoc_id] = ticket
+        elapsed = time.perf_counter() - start
+        if elapsed > SLOW_STORE_SECONDS:
+            log.warning("slow journal commit", sop_instance_uid=header.sop_instance_uid,
+                        seconds=round(elapsed, 3))
+        log.debug("instance journaled", sop_instance_uid=header.sop_instance_uid)
         return STATUS_SUCCESS
 
-    def _record(
-        self, peer: Peer, header: InstanceHeader, stored: Stored, action: str, rule: str
-    ) -> None:
-        if self.ledger is None:
-            return
-        self.ledger.record_instance(
-            instance_record(header, stored, peer.calling_ae, peer.assoc_id, action, rule)
-        )
-
-    def _refuse_malformed(self, path: Path, reason: str, status: int) -> int:
-        target = self.spool.quarantine(path, reason)
-        log.warning("malformed dataset quarantined", reason=reason, file=target.name,
-                    status=f"0x{status:04X}")
+    def _refuse_malformed(self, record: Record, reason: str, status: int) -> int:
+        try:
+            with record.view() as data:
+                staged = self.spool.stage(data)
+            target = self.spool.quarantine(staged, reason)
+        except OSError:
+            log.exception("malformed dataset could not be quarantined", reason=reason)
+        else:
+            log.warning("malformed dataset quarantined", reason=reason, file=target.name,
+                        status=f"0x{status:04X}")
         return status
 
 
-def instance_record(
-    header: InstanceHeader, stored: Stored, calling_ae: str, assoc_id: str, action: str,
-    rule: str,
-) -> InstanceRecord:
-    """The ledger row for a stored instance."""
-    return InstanceRecord(
-        sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
-        series_instance_uid=header.series_instance_uid,
-        study_instance_uid=header.study_instance_uid, modality=header.modality,
-        series_description=header.series_description,
-        transfer_syntax_uid=header.transfer_syntax_uid, relpath=stored.relpath,
-        size=stored.size, sha256=stored.sha256, calling_ae=calling_ae, assoc_id=assoc_id,
-        version=stored.version, action=action if action in ("assess", "store") else "assess",
-        rule=rule,
-    )
+class _Unwritable:
+    """A data set with nowhere to go (no journal segment): read on, answer 0xA700."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.error = True
+
+    def write(self, data: memoryview) -> None:
+        self.size += len(data)
+
+    def discard(self) -> None:
+        pass
+
+
+__all__ = ["Listener", "instance_record"]

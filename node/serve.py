@@ -5,16 +5,19 @@ Start-up order (each step needs the previous one):
 1. load and validate the settings (an invalid file: every error printed with its key,
    exit status 1);
 2. open the ledger (Alembic migrations to the newest revision);
-3. remove partial receptions from ``<home>/tmp`` (a crash mid-transfer leaves them);
+3. remove partial copies from ``<home>/tmp`` (a crash mid-copy leaves them);
 4. close associations a crash left open in the ledger;
-5. reconcile the spool with the ledger: a file that reached the spool but not the
-   ledger (crash between the two) is recorded now;
-6. start the completion monitor, then the listener; print one line
+5. replay the receive journal (:mod:`node.journal`): every instance acknowledged
+   before a crash reaches the spool and the ledger now;
+6. reconcile the spool with the ledger: a file in the spool the ledger does not know
+   is recorded now;
+7. start the completion monitor, then the listener; print one line
    ``listening on HOST:PORT as AE_TITLE`` to stdout.
 
 SIGTERM / SIGINT stop the listener first (running associations finish, new ones are
-refused), then the completion monitor; no partial file is left in the spool because
-files only enter it by atomic rename.
+refused), then the journal applier (what was acknowledged is applied and flushed),
+then the completion monitor; no partial file is left in the spool because files only
+enter it by atomic rename.
 """
 
 from __future__ import annotations
@@ -112,17 +115,22 @@ class Node:
             )
             cleaned = self.spool.clean_temp()
             stale = self.ledger.close_stale_associations()
+            self.listener = Listener(settings, self.spool, self.ledger, self._wake_monitor)
+            replayed = self.listener.recover()
             recovered = reconcile(self.spool, self.ledger, settings)
             log.info("node starting", temp_files_removed=cleaned, stale_associations=stale,
-                     instances_recovered=recovered)
+                     journal_records_replayed=replayed, instances_recovered=recovered)
             self.monitor = CompletionMonitor(self.ledger, settings, self._notify)
             self.monitor.start()
-            self.listener = Listener(settings, self.spool, self.ledger, self.monitor.wake)
             self.listener.start()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _wake_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.wake()
 
     @property
     def address(self) -> tuple[str, int]:

@@ -14,6 +14,7 @@ sender that got Success may rely on it after any crash.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -21,13 +22,28 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from node.dicomio import InstanceHeader, is_valid_uid
 
 _CHUNK = 1 << 20
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    """``syncfs(2)`` from the C library (Linux), or None."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes, func.restype = [ctypes.c_int], ctypes.c_int
+    return cast("Callable[[int], int]", func)
+
+
+_SYNCFS = _find_syncfs()
 #: Directories whose fsync state is kept before idle entries are dropped.
 _DIR_STATES = 1024
 SUFFIX = ".dcm"
@@ -175,18 +191,27 @@ class Spool:
 
     def store(
         self, src: Path, header: InstanceHeader, known: list[tuple[int, str]] | None = None,
-        *, sha256: str | None = None,
+        *, sha256: str | None = None, durable: bool = True, recovering: bool = False,
     ) -> Stored:
-        """Move the received file ``src`` into the spool, durably.
+        """Move the received file ``src`` into the spool.
 
         ``known`` are the ``(version, sha256)`` pairs the ledger already holds for this
         SOP Instance UID; versions found on disk count too. Identical bytes are not
         stored twice (``src`` is removed); different bytes become the next version.
-        ``sha256`` is the file's digest when the caller computed it while writing.
-        The file and its directory are fsync'd before this returns.
+        ``sha256`` is the file's digest when the caller computed it already.
+
+        ``durable``: the file and its directory are fsync'd before this returns (and the
+        free-space watermark is checked). The journal applier passes False and flushes
+        the whole batch at its checkpoint (:meth:`sync`) instead.
+
+        ``recovering``: replaying the journal after a crash. Files on disk were then
+        possibly renamed but never flushed, so their bytes are checked: a file the
+        ledger does not know, or whose bytes differ from what the ledger recorded, is
+        replaced rather than trusted.
         """
         size = src.stat().st_size
-        self.check_room(size)
+        if durable:
+            self.check_room(size)
         sha = sha256 or file_sha256(src)
         directory = self.series_dir(header)
         versions = dict(known or [])
@@ -195,23 +220,71 @@ class Spool:
             name = version_name(header.sop_instance_uid, version)
             target = directory / name
             relpath = target.relative_to(self.root).as_posix()
-            existing = versions.get(version)
-            if existing is None and target.exists():
+            recorded = versions.get(version)
+            on_disk = target.exists()
+            if recovering and on_disk:
+                if recorded in (None, sha):
+                    if file_sha256(target) == sha:
+                        src.unlink(missing_ok=True)
+                    else:  # unflushed or foreign bytes under this name: replace them
+                        self._move(src, target, new_dirs=False, durable=durable)
+                    return Stored(relpath, size, sha, version, duplicate=True)
+                version += 1
+                continue
+            existing = recorded
+            if existing is None and on_disk:
                 existing = file_sha256(target)
             if existing is None:
                 break
             if existing == sha:
-                if target.exists():
+                if on_disk:
                     src.unlink(missing_ok=True)
                 else:  # known to the ledger but lost on disk: put it back
-                    self._move_durably(src, target, new_dirs=False)
+                    self._move(src, target, new_dirs=False, durable=durable)
                 return Stored(relpath, size, sha, version, duplicate=True)
             version += 1
         new_dirs = not directory.is_dir()
         if new_dirs:
             directory.mkdir(parents=True, exist_ok=True)
-        self._move_durably(src, target, new_dirs=new_dirs)
+        self._move(src, target, new_dirs=new_dirs, durable=durable)
         return Stored(relpath, size, sha, version, duplicate=False)
+
+    def stage(self, data: memoryview) -> Path:
+        """Write ``data`` (a received data set) to a new file in ``tmp/``; not flushed."""
+        path = self.tmp / f"{uuid.uuid4().hex}.part"
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            while data:
+                data = data[os.write(out, data):]
+        except OSError as exc:
+            os.close(out)
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(exc.errno, "spool disk is full") from exc
+            raise
+        os.close(out)
+        return path
+
+    def sync(self) -> None:
+        """Flush everything written to the spool's filesystem (``syncfs``; ``sync``
+        where the C library has no ``syncfs``)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _SYNCFS is None or _SYNCFS(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+
+    def _move(self, src: Path, target: Path, *, new_dirs: bool, durable: bool) -> None:
+        if not durable:
+            try:
+                os.replace(src, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self._copy_across(src, target)
+            return
+        self._move_durably(src, target, new_dirs=new_dirs)
 
     def _move_durably(self, src: Path, target: Path, *, new_dirs: bool) -> None:
         try:

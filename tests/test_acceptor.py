@@ -192,21 +192,26 @@ def test_called_ae_must_be_ours(listener: Listener) -> None:
 
 
 def test_abort_mid_data_set_leaves_no_file(listener: Listener) -> None:
+    """Guaranteed: a data set cut off by A-ABORT leaves no spool file, no temporary
+    file and no committed journal record, and the listener keeps serving."""
     uid = "1.2.826.0.1.3680043.8.498.1"
     body = (_element(0x0002, CTImageStorage.encode()) + _element(0x0100, b"\x01\x00")
             + _element(0x0110, b"\x01\x00") + _element(0x0700, b"\x00\x00")
             + _element(0x0800, b"\x00\x00") + _element(0x1000, uid.encode()))
-    tmp = listener.spool.tmp
     with socket.create_connection(listener.address, timeout=10) as sock:
         sock.sendall(_associate_rq(0, CTImageStorage))
         assert _read_pdu(sock)[0] == ul.A_ASSOCIATE_AC
         sock.sendall(_p_data(0x03, _element(0x0000, struct.pack("<L", len(body))) + body))
         sock.sendall(_p_data(0x00, bytes(4096)))  # a first, not last, data set fragment
-        wait_for(lambda: any(tmp.iterdir()), timeout=10, what="reception under way")
+        wait_for(listener.journal.active_segments, timeout=10,
+                 what="reception under way (a journal segment taken)")
         sock.sendall(struct.pack(">BBL", ul.A_ABORT, 0, 4) + bytes(4))
         assert sock.recv(16) == b""
-    wait_for(lambda: not any(tmp.iterdir()), timeout=10, what="partial file removed")
+    wait_for(lambda: not listener.journal.active_segments(), timeout=10,
+             what="segment retired")
     assert not list(listener.spool.root.rglob("*.dcm"))
+    assert not any(listener.spool.tmp.iterdir())
+    assert echoscu(listener.address[1]).returncode == 0
 
 
 @pytest.mark.parametrize("identity", [["-usr", "bob", "-pwd", "secret"], ["-usr", "bob"]])
@@ -327,7 +332,8 @@ def test_command_and_data_pdvs_mixed_in_pdus_then_release_while_idle(
         assert 0x0902 not in fields  # no Error Comment on success
         sock.sendall(struct.pack(">BBL", ul.A_RELEASE_RQ, 0, 4) + bytes(4))
         assert _read_pdu(sock)[0] == ul.A_RELEASE_RP
-    stored = list(listener.spool.root.rglob(f"{uid}.dcm"))
+    stored = wait_for(lambda: list(listener.spool.root.rglob(f"{uid}.dcm")), timeout=10,
+                      what="instance applied from the journal")
     assert len(stored) == 1
     assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData
 

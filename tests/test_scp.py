@@ -204,7 +204,7 @@ def test_idle_connections_do_not_lock_out_senders(node: RunningNode) -> None:
 def test_no_patient_attribute_in_logs(node: RunningNode) -> None:
     # The series above all carry SECRET_PATIENT_NAME and PatientID SECRETID42.
     text = node.log_text()
-    assert "instance stored" in text  # DEBUG logging was on while they were received
+    assert "instance journaled" in text  # DEBUG logging was on while they were received
     family = SECRET_PATIENT_NAME.split("^")[0]
     assert family not in text and "Secretname" not in text and "SECRETID42" not in text
 

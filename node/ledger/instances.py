@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Table, and_, bindparam, select, update
@@ -214,6 +215,40 @@ class InstanceAPI(LedgerBase):
             return
         self._grouped(_Slot(lambda ex: self._record_in(ex, rec), rec.study_instance_uid),
                       self._write_lock)
+
+    def record_instances(self, recs: Sequence[InstanceRecord]) -> list[Exception | None]:
+        """Record several instances with one commit (the journal applier's batch).
+
+        Each record is written in its own savepoint, so one failure (a
+        :class:`VersionConflict`, say) does not undo the others; the result holds each
+        record's exception or None. A failure of the commit itself raises.
+        """
+        if self._write_lock is None:
+            outcome: list[Exception | None] = []
+            studies: list[tuple[str, int | None]] = []
+            with self._write() as conn:
+                ex = CoreExecutor(conn)
+                for rec in recs:
+                    try:
+                        with conn.begin_nested():
+                            studies.append((rec.study_instance_uid, self._record_in(ex, rec)))
+                        outcome.append(None)
+                    except Exception as exc:  # noqa: BLE001 — reported per record
+                        outcome.append(exc)
+            for uid, study_id in studies:
+                self._remember_study(uid, study_id)
+            return outcome
+        slots = [_Slot(partial(self._record_in, rec=rec), rec.study_instance_uid)
+                 for rec in recs]
+        with self._pending_lock:
+            self._pending.extend(slots)
+        with self._write_lock:
+            if not all(slot.done for slot in slots):
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._commit_batch(batch)
+        return [slot.error if isinstance(slot.error, Exception) or slot.error is None
+                else LedgerError(str(slot.error)) for slot in slots]
 
     def _record_in(self, conn: Executor, rec: InstanceRecord) -> int | None:
         """Record ``rec`` in the open transaction; the study id, None for a duplicate."""

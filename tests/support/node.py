@@ -92,7 +92,9 @@ def default_sections(home: Path, port: int, ae_title: str = "QCNODE") -> dict[st
         "node": {"ae_title": ae_title, "host": "127.0.0.1", "port": port, "home": str(home),
                  "acse_timeout": 2.0},
         "completion": {"quiet_seconds": 1.0, "poll_seconds": 0.2},
-        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0},
+        # A small receive journal: tests start many nodes, each writes its journal once.
+        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0,
+                  "journal_segment_bytes": 4 << 20, "journal_segments": 4},
         "logging": {"level": "DEBUG", "json": "always"},
     }
 

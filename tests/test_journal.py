@@ -1,0 +1,168 @@
+"""The receive journal (node.journal) and its applier (node.ingest).
+
+What is guaranteed, and checked here against real files:
+
+* a committed record survives a crash: reopening the directory returns it, bytes and
+  meta identical;
+* a record that was not committed (refused, aborted, or cut by a crash before its
+  flush) is never replayed, nor is anything left by an earlier use of a reused segment,
+  nor a record header a sender planted inside its own data set;
+* a torn record ends recovery at that point, records before it are kept;
+* replaying is idempotent: applying the same records again leaves one file and one
+  ledger row per instance, and a spool file a crash left renamed but unflushed
+  (garbage bytes) is replaced by the journal's bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.dicomio import read_header
+from node.ingest import Applier, entry_meta
+from node.journal import RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, Journal, Record
+from node.ledger import Ledger
+from node.spool import Spool
+from tests.support.dcmtk import write_ct_series
+
+SEGMENT = 1 << 20
+
+
+def _journal(tmp_path: Path) -> Journal:
+    journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, segments=2)
+    assert journal.open() == []
+    return journal
+
+
+def _append(journal: Journal, writer_data: list[bytes]) -> list[dict[str, int]]:
+    writer = journal.writer()
+    metas = []
+    for i, data in enumerate(writer_data):
+        record = writer.begin()
+        for start in range(0, len(data), 7000):  # fragments, as P-DATA delivers them
+            record.write(memoryview(data[start:start + 7000]))
+        meta = {"i": i, "t": i}
+        writer.commit(record, meta)
+        metas.append(meta)
+    return metas
+
+
+def _crash(journal: Journal) -> Journal:
+    """Drop the journal without retiring anything, as SIGKILL would; reopen it."""
+    journal.close()
+    return Journal(journal.directory, segment_bytes=SEGMENT, segments=2)
+
+
+def test_committed_records_survive_and_uncommitted_do_not(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    payloads = [os.urandom(600_000), os.urandom(5), os.urandom(600_000), os.urandom(300_000)]
+    metas = _append(journal, payloads)
+    writer = journal.writer()
+    abandoned = writer.begin()  # a data set that was refused / aborted: never committed
+    abandoned.write(memoryview(os.urandom(50_000)))
+    reopened = _crash(journal)
+    entries = reopened.open()
+    assert [e.meta for e in entries] == metas
+    for entry, payload in zip(entries, payloads, strict=True):
+        with entry.view() as data:
+            assert bytes(data) == payload
+    assert len({e.segment.path for e in entries}) >= 2  # 1 MiB segments: rotation happened
+    reopened.close()
+
+
+def test_torn_record_ends_recovery_and_reuse_forgets_old_records(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    _append(journal, [b"a" * 1000, b"b" * 1000, b"c" * 1000])
+    path = next(iter(journal.active_segments())).path
+    journal.close()
+    with path.open("r+b") as fh:  # flip one byte of the second record's data
+        second = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 1000 + 13 + RECORD_HEADER_BYTES
+        fh.seek(second + 10)
+        fh.write(b"X")
+    reopened = Journal(journal.directory, segment_bytes=SEGMENT, segments=2)
+    entries = reopened.open()
+    assert [e.meta["i"] for e in entries] == [0]
+    # The segment is retired once applied and reused under a new salt: its old records
+    # (still on disk) must not come back after another crash.
+    for entry in entries:
+        entry.segment.applied += 1
+    seg = entries[0].segment
+    assert reopened.retirable(seg)
+    reopened.retire(seg)
+    writer = reopened.writer()
+    while writer.segment is not seg:  # take segments until the old one is reused
+        writer.close()
+        writer.begin()
+    again = _crash(reopened).open()
+    assert again == []
+
+
+def test_planted_record_header_in_data_is_not_replayed(tmp_path: Path) -> None:
+    """A sender cannot make recovery invent a record: the salt is random per use."""
+    journal = _journal(tmp_path)
+    writer = journal.writer()
+    record = writer.begin()
+    fake = b"QCJR" + os.urandom(RECORD_HEADER_BYTES - 4)
+    record.write(memoryview(b"x" * 100 + fake * 50))
+    # never committed; a shorter record is committed over its start
+    record.discard()
+    short = writer.begin()
+    short.write(memoryview(b"y" * 10))
+    writer.commit(short, {"t": 1})
+    entries = _crash(journal).open()
+    assert [e.length for e in entries] == [10]
+
+
+@pytest.fixture()
+def spool_ledger(tmp_path: Path) -> tuple[Spool, Ledger]:
+    spool = Spool(tmp_path / "spool", tmp_path)
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    return spool, ledger
+
+
+def _commit_files(journal: Journal, files: list[Path]) -> None:
+    writer = journal.writer()
+    for path in files:
+        record: Record = writer.begin()
+        record.write(memoryview(path.read_bytes()))
+        header = read_header(path)
+        writer.commit(record, entry_meta(header, "MODALITY", "a1", "assess", "ct"))
+    writer.close()
+
+
+def test_replay_is_idempotent_and_repairs_unflushed_files(
+    tmp_path: Path, spool_ledger: tuple[Spool, Ledger]
+) -> None:
+    spool, ledger = spool_ledger
+    files = write_ct_series(tmp_path / "ct", 3, size=64)
+    journal = _journal(tmp_path)
+    _commit_files(journal, files)
+    journal.close()
+    # First start after the "crash": everything applied, segments retired.
+    first = Applier(Journal(journal.directory, segment_bytes=SEGMENT, segments=2), spool,
+                    ledger)
+    assert first.recover() == 3
+    series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    assert len(ledger.instance_relpaths(series_uid)) == 3
+    first.journal.close()
+    # Same records again (a crash before the checkpoint), one spool file garbled as an
+    # unflushed rename leaves it: replaced, still one file and one row per instance.
+    shutil.rmtree(journal.directory)
+    again = _journal(tmp_path)
+    _commit_files(again, files)
+    again.close()
+    victim = next(spool.root.rglob("*.dcm"))
+    victim.write_bytes(b"\0" * 100)
+    second = Applier(Journal(journal.directory, segment_bytes=SEGMENT, segments=2), spool,
+                     ledger)
+    assert second.recover() == 3
+    second.journal.close()
+    stored = sorted(spool.root.rglob("*.dcm"))
+    assert len(stored) == 3 and len(ledger.instance_relpaths(series_uid)) == 3
+    originals = sorted(f.read_bytes() for f in files)
+    assert sorted(p.read_bytes() for p in stored) == originals
+    ledger.close()
