@@ -101,12 +101,19 @@ def test_negotiation_roles_extended_negotiation_and_store(
     finally:
         assoc.release()
     assert not assoc.is_aborted
-    stored = list(listener.spool.root.rglob(f"{ds.SOPInstanceUID}.dcm"))
+    stored = _applied(listener, str(ds.SOPInstanceUID))
     assert len(stored) == 1
     back = pydicom.dcmread(stored[0])
     assert back.PixelData == ds.PixelData
     assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+
+def _applied(listener: Listener, uid: str) -> list[Path]:
+    """The spool file(s) of ``uid`` once applied from the receive journal (a Success
+    means durable in the journal; the spool file follows shortly)."""
+    return wait_for(lambda: list(listener.spool.root.rglob(f"{uid}.dcm")), timeout=10,
+                    what="instance applied from the journal")
 
 
 def _item(kind: int, value: bytes) -> bytes:
@@ -332,8 +339,7 @@ def test_command_and_data_pdvs_mixed_in_pdus_then_release_while_idle(
         assert 0x0902 not in fields  # no Error Comment on success
         sock.sendall(struct.pack(">BBL", ul.A_RELEASE_RQ, 0, 4) + bytes(4))
         assert _read_pdu(sock)[0] == ul.A_RELEASE_RP
-    stored = wait_for(lambda: list(listener.spool.root.rglob(f"{uid}.dcm")), timeout=10,
-                      what="instance applied from the journal")
+    stored = _applied(listener, uid)
     assert len(stored) == 1
     assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData
 
@@ -395,6 +401,6 @@ def test_large_image_in_4096_byte_pdus_with_jpeg_lossless_proposed(
     run = storescu(listener.address[1], [path],
                    options=["--max-send-pdu", "4096", "--propose-lossless"])
     assert successes(run.stdout + run.stderr) == [path], run.stdout + run.stderr
-    stored = list(listener.spool.root.rglob(f"{ds.SOPInstanceUID}.dcm"))
+    stored = _applied(listener, str(ds.SOPInstanceUID))
     assert len(stored) == 1
     assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData

@@ -98,6 +98,13 @@ def _compressed_ct_cr_samples() -> list[Path]:
     return found
 
 
+def _applied(ledger: Ledger) -> None:
+    """Wait until every association's images were applied from the receive journal (a
+    Success means durable in the journal; spool file and ledger row follow shortly)."""
+    wait_for(lambda: ledger.open_associations() == 0, timeout=30,
+             what="associations ended (their images applied)")
+
+
 def test_compressed_samples_stored_unchanged(node: RunningNode, ledger: Ledger) -> None:
     samples = _compressed_ct_cr_samples()
     assert len(samples) >= 7, samples
@@ -108,6 +115,7 @@ def test_compressed_samples_stored_unchanged(node: RunningNode, ledger: Ledger) 
     for ts, files in by_syntax.items():
         result = storescu(node.port, files, options=[PROPOSE_OPTION[ts]])
         assert result.returncode == 0, result.stdout + result.stderr
+    _applied(ledger)
     for sample in samples:
         original = pydicom.dcmread(sample)
         uid = str(original.SOPInstanceUID)
@@ -162,12 +170,14 @@ def test_duplicate_same_bytes_once_different_bytes_new_version(
     files = write_ct_series(tmp_path / "dup", 1)
     assert storescu(node.port, files).returncode == 0
     assert storescu(node.port, files).returncode == 0
+    _applied(ledger)
     ds = pydicom.dcmread(files[0])
     uid = str(ds.SOPInstanceUID)
     assert len(ledger.versions_of(uid)) == 1
     ds.SeriesDescription = "changed"
     ds.save_as(files[0])
     assert storescu(node.port, files).returncode == 0
+    _applied(ledger)
     assert [v for v, _ in ledger.versions_of(uid)] == [1, 2]
     assert len(list(node.spool.rglob(f"{uid}*.dcm"))) == 2
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, select, update
+from sqlalchemy import Table, and_, bindparam, func, select, update
 
 from node.ledger.base import LedgerBase, LedgerError, VersionConflict
 from node.ledger.hotpath import (
@@ -440,6 +440,20 @@ class InstanceAPI(LedgerBase):
                 .values(closed_at=utcnow(), aborted=True)
             )
             return int(result.rowcount)
+
+    def open_associations(self) -> int:
+        """Associations accepted and not yet recorded as ended.
+
+        An association's end is recorded only after everything it stored was applied
+        from the receive journal, so 0 here means every acknowledged image is in the
+        ledger and the spool.
+        """
+        with self._read() as conn:
+            count = conn.execute(
+                select(func.count()).select_from(Association)
+                .where(Association.closed_at.is_(None))
+            ).scalar()
+            return int(count or 0)
 
     def known_relpaths(self) -> set[str]:
         """Spool-relative paths of every recorded instance (spool reconciliation)."""
