@@ -227,10 +227,10 @@ class SpoolSettings(_Section):
     min_free_percent: float = Field(default=5.0, ge=0, le=100)
     #: Size of one receive-journal segment in ``<home>/journal`` (node.journal): each
     #: association appends to its own; a larger data set extends its segment.
-    journal_segment_bytes: int = Field(default=32 << 20, ge=1 << 20, le=1 << 34)
+    journal_segment_bytes: int = Field(default=8 << 20, ge=1 << 20, le=1 << 34)
     #: Segments written once when the journal is created (then reused): the data
     #: the node can acknowledge ahead of moving it into the spool and the ledger.
-    journal_segments: int = Field(default=16, ge=1, le=4096)
+    journal_segments: int = Field(default=64, ge=1, le=4096)
 
 
 class LedgerSettings(_Section):

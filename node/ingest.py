@@ -45,8 +45,8 @@ log = get_logger(__name__)
 
 #: Records applied per ledger commit at most.
 BATCH = 256
-#: Closed, fully applied segments that trigger a checkpoint (also: the pool runs low,
-#: or nothing arrived for IDLE_CHECKPOINT seconds).
+#: Closed, fully applied segments that trigger a checkpoint, at least (or a quarter of
+#: the journal; also: the pool runs low, or nothing arrived for IDLE_CHECKPOINT seconds).
 CHECKPOINT_SEGMENTS = 4
 IDLE_CHECKPOINT = 0.5
 #: Wait after a failed batch (ledger unreachable, spool disk full) before retrying it.
@@ -222,7 +222,8 @@ class Applier:
     def checkpoint(self, *, force: bool) -> int:
         """Flush the spool and free every closed, fully applied segment; how many."""
         ready = [s for s in self.journal.active_segments() if self.journal.retirable(s)]
-        if not ready or (not force and len(ready) < CHECKPOINT_SEGMENTS):
+        enough = max(CHECKPOINT_SEGMENTS, self.journal.segments // 4)
+        if not ready or (not force and len(ready) < enough):
             return 0
         self.spool.sync()
         for seg in ready:

@@ -233,7 +233,7 @@ class Journal:
         are in use, and retired ones beyond this number are deleted.
     """
 
-    def __init__(self, directory: Path, *, segment_bytes: int = 32 << 20, segments: int = 16
+    def __init__(self, directory: Path, *, segment_bytes: int = 8 << 20, segments: int = 64
                  ) -> None:
         self.directory = directory
         self.segment_bytes = max(segment_bytes, 1 << 20)
