@@ -54,7 +54,7 @@ RETRY_SECONDS = 1.0
 #: Apply once no record was committed for this long (senders are idle)…
 APPLY_QUIET = 0.05
 #: …or once the oldest queued record waited this long…
-MAX_DEFER = 1.0
+MAX_DEFER = 2.0
 #: …or once this few free journal segments are left.
 LOW_SEGMENTS = 3
 
