@@ -28,6 +28,7 @@ are still on their way.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import threading
 import time
@@ -89,7 +90,7 @@ def header_from_meta(meta: dict[str, Any]) -> InstanceHeader:
 
 def instance_record(
     header: InstanceHeader, stored: Stored, calling_ae: str, assoc_id: str, action: str,
-    rule: str,
+    rule: str, received_at: dt.datetime | None = None,
 ) -> InstanceRecord:
     """The ledger row for a stored instance."""
     return InstanceRecord(
@@ -100,7 +101,7 @@ def instance_record(
         transfer_syntax_uid=header.transfer_syntax_uid, relpath=stored.relpath,
         size=stored.size, sha256=stored.sha256, calling_ae=calling_ae, assoc_id=assoc_id,
         version=stored.version, action=action if action in ("assess", "store") else "assess",
-        rule=rule,
+        rule=rule, received_at=received_at,
     )
 
 
@@ -248,9 +249,10 @@ class Applier:
                 src.unlink(missing_ok=True)
             batch_versions.setdefault(uid, []).append((stored.version, sha))
             meta = entry.meta
+            received = dt.datetime.fromtimestamp(int(meta["t"]) / 1e9, dt.UTC)
             records.append(instance_record(header, stored, str(meta["ae"]),
                                            str(meta["assoc"]), str(meta["action"]),
-                                           str(meta["rule"])))
+                                           str(meta["rule"]), received))
         if self.ledger is not None:
             for rec, error in zip(records, self.ledger.record_instances(records), strict=True):
                 if error is not None:

@@ -59,6 +59,9 @@ class InstanceRecord:
     version: int = 1  # 2, 3… when the same SOP Instance UID arrives with different bytes
     action: str = "assess"  # the routing rule's action: "assess" or "store"
     rule: str = ""  # the rule's name
+    #: When the listener acknowledged it (the receive journal applies rows later; the
+    #: completion monitor's quiet period counts from arrival). None: now.
+    received_at: dt.datetime | None = None
 
 
 class _Slot:
@@ -252,7 +255,7 @@ class InstanceAPI(LedgerBase):
 
     def _record_in(self, conn: Executor, rec: InstanceRecord) -> int | None:
         """Record ``rec`` in the open transaction; the study id, None for a duplicate."""
-        now = utcnow()
+        now = rec.received_at or utcnow()
         study_id = self._study_id(conn, rec.study_instance_uid, now)
         series = self._series_row(conn, rec, study_id, now)
         reopen = series.state != SeriesState.RECEIVING
