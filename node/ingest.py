@@ -29,7 +29,6 @@ are still on their way.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import threading
 import time
 from collections import deque
@@ -211,7 +210,12 @@ class Applier:
             with self._cond:
                 self._applied = batch[-1][0]
                 self._cond.notify_all()
-            self._checkpoint_quietly(force=self.journal.free_count() < LOW_SEGMENTS)
+                backlog = bool(self._queue)
+            # Records first, flushes later: a checkpoint (syncfs) only frees segments, so
+            # it waits until the queue is empty unless free segments run short.
+            pressure = self.journal.free_count() < LOW_SEGMENTS
+            if pressure or not backlog:
+                self._checkpoint_quietly(force=pressure)
         self._checkpoint_quietly(force=True)
 
     def _checkpoint_quietly(self, *, force: bool) -> None:
@@ -236,9 +240,7 @@ class Applier:
         batch_versions: dict[str, list[tuple[int, str]]] = {}
         for entry in entries:
             header = header_from_meta(entry.meta)
-            with entry.view() as data:
-                sha = hashlib.sha256(data).hexdigest()
-                src = self.spool.stage(data)
+            src, sha = self.spool.stage_copy(entry.segment.fd, entry.offset, entry.length)
             uid = header.sop_instance_uid
             known = self.ledger.versions_of(uid) if self.ledger is not None else []
             known += batch_versions.get(uid, [])

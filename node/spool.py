@@ -30,6 +30,8 @@ from typing import cast
 from node.dicomio import InstanceHeader, is_valid_uid
 
 _CHUNK = 1 << 20
+#: Buffer of :meth:`Spool.stage_copy` (one per spool; the journal applier is one thread).
+_COPY_BUFFER = 4 << 20
 
 
 def _find_syncfs() -> Callable[[int], int] | None:
@@ -169,6 +171,7 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.min_free_percent = min_free_percent
         self._dir_sync = DirectorySync()
+        self._copy_buffer = memoryview(bytearray(_COPY_BUFFER))
         for directory in (self.root, self.tmp, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -264,6 +267,37 @@ class Spool:
             raise
         os.close(out)
         return path
+
+    def stage_copy(self, fd: int, offset: int, length: int) -> tuple[Path, str]:
+        """Copy ``length`` bytes of the open file ``fd`` from ``offset`` into a new file
+        in ``tmp/`` (not flushed), hashing them on the way; (path, SHA-256 hex).
+
+        Reads with ``pread`` into one reused buffer: a memory map of the source costs a
+        page fault per 4 KiB, which doubled the copy's time for a 512 KiB image.
+        """
+        buf = self._copy_buffer
+        digest = hashlib.sha256()
+        path = self.tmp / f"{uuid.uuid4().hex}.part"
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            done = 0
+            while done < length:
+                count = os.preadv(fd, [buf[: min(len(buf), length - done)]], offset + done)
+                if count <= 0:
+                    raise OSError(errno.EIO, "source ended early")
+                chunk = buf[:count]
+                digest.update(chunk)
+                while chunk:
+                    chunk = chunk[os.write(out, chunk):]
+                done += count
+        except OSError as exc:
+            os.close(out)
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(exc.errno, "spool disk is full") from exc
+            raise
+        os.close(out)
+        return path, digest.hexdigest()
 
     def sync(self) -> None:
         """Flush everything written to the spool's filesystem (``syncfs``; ``sync``
