@@ -210,11 +210,11 @@ class Applier:
             with self._cond:
                 self._applied = batch[-1][0]
                 self._cond.notify_all()
-                backlog = bool(self._queue)
+                more_due = bool(self._queue) and self._due(time.monotonic()) == 0
             # Records first, flushes later: a checkpoint (syncfs) only frees segments, so
-            # it waits until the queue is empty unless free segments run short.
+            # it waits while more records are due, unless free segments run short.
             pressure = self.journal.free_count() < LOW_SEGMENTS
-            if pressure or not backlog:
+            if pressure or not more_due:
                 self._checkpoint_quietly(force=pressure)
         self._checkpoint_quietly(force=True)
 

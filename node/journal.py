@@ -274,7 +274,7 @@ class Journal:
         entries.sort(key=lambda e: int(e.meta.get("t", 0)))
         created = 0
         while len(self._all) < self.segments:
-            self._free.append(self._create())
+            self._free.append(self._create(zero=True))
             created += 1
         if created:
             log.info("journal segments created", segments=created,
@@ -305,7 +305,7 @@ class Journal:
         try:
             if seg is None:
                 log.warning("journal: every segment in use, creating one")
-                seg = self._create()
+                seg = self._create(zero=False)
             seg.salt = secrets.randbits(64)
             seg.written = seg.applied = 0
             seg.closed = seg.broken = False
@@ -348,8 +348,11 @@ class Journal:
         with self.lock:
             return [s for s in self._all.values() if s not in self._free]
 
-    def _create(self) -> Segment:
-        """A new segment file, written in full (so later writes allocate nothing)."""
+    def _create(self, *, zero: bool) -> Segment:
+        """A new segment file. ``zero``: written in full, so later writes allocate
+        nothing and a record's flush commits no metadata (the journal's first start);
+        otherwise only reserved (fast: an association is waiting), and its first use
+        pays for converting the reserved blocks as it goes."""
         with self.lock:
             number = self._next_number
             self._next_number += 1
@@ -357,9 +360,12 @@ class Journal:
         tmp = path.with_suffix(".new")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            zeros = bytes(_ZERO_CHUNK)
-            for offset in range(0, self.segment_bytes, _ZERO_CHUNK):
-                _pwrite_all(fd, zeros[: self.segment_bytes - offset], offset)
+            if zero:
+                zeros = bytes(_ZERO_CHUNK)
+                for offset in range(0, self.segment_bytes, _ZERO_CHUNK):
+                    _pwrite_all(fd, zeros[: self.segment_bytes - offset], offset)
+            else:
+                os.posix_fallocate(fd, 0, self.segment_bytes)
             _pwrite_all(fd, _segment_header(0, STATE_FREE), 0)
             os.fsync(fd)
             os.replace(tmp, path)
