@@ -202,6 +202,7 @@ def main() -> int:
         for i in range(args.rounds):
             print(f"round {i + 1}", flush=True)
             rounds.append(one_round(tmp / f"round{i}", series))
+            shutil.rmtree(tmp / f"round{i}")  # 2 GB a round: do not fill the disk
         print(f"medians over {len(rounds)} rounds (load average now "
               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}):", flush=True)
         for name in rounds[0] if rounds else ():
@@ -213,7 +214,10 @@ def main() -> int:
         if args.rss_images:
             rss_run(tmp, args.rss_images, store_only=True)
             rss_run(tmp, args.rss_images, store_only=False)
-    finally:
+    except BaseException:
+        print(f"failed: logs kept in {tmp}", flush=True)
+        raise
+    else:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -116,6 +116,7 @@ class Applier:
         self._issued = 0
         self._applied = 0
         self._stopping = False
+        self._failing = False  # the last batch failed (spool full, ledger down): retrying
         self._thread: threading.Thread | None = None
 
     # Producers ---------------------------------------------------------------------
@@ -138,10 +139,16 @@ class Applier:
             self._cond.notify_all()
             while self._applied < ticket:
                 left = deadline - time.monotonic()
-                if left <= 0 or (self._thread is None and not self._queue):
+                if left <= 0 or self._failing or (self._thread is None and not self._queue):
                     return self._applied >= ticket
                 self._cond.wait(left)
             return True
+
+    @property
+    def failing(self) -> bool:
+        """The last batch failed and is being retried (spool disk full, ledger down)."""
+        with self._cond:
+            return self._failing
 
     # Life cycle ----------------------------------------------------------------------
     def recover(self) -> int:
@@ -179,6 +186,13 @@ class Applier:
         return max(0.0, min(quiet_left, defer_left))
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # never silently: associations would wait on a dead thread
+            log.exception("journal applier stopped unexpectedly")
+            raise
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 if not self._queue and not self._stopping:
@@ -204,11 +218,14 @@ class Applier:
                 except Exception:  # the records stay in the journal; try again
                     log.exception("journal apply failed; retrying", records=len(batch))
                     with self._cond:
+                        self._failing = True  # nobody waits on us meanwhile
+                        self._cond.notify_all()
                         if self._stopping:  # replayed from the journal at the next start
                             return
                         self._cond.wait(RETRY_SECONDS)
             with self._cond:
                 self._applied = batch[-1][0]
+                self._failing = False
                 self._cond.notify_all()
                 more_due = bool(self._queue) and self._due(time.monotonic()) == 0
             # Records first, flushes later: a checkpoint (syncfs) only frees segments, so

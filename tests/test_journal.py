@@ -166,3 +166,49 @@ def test_replay_is_idempotent_and_repairs_unflushed_files(
     originals = sorted(f.read_bytes() for f in files)
     assert sorted(p.read_bytes() for p in stored) == originals
     ledger.close()
+
+
+def test_spool_unwritable_then_stop_then_restart_loses_nothing(tmp_path: Path) -> None:
+    """Guaranteed: images acknowledged while the spool cannot take them (here a file
+    where their study directory must go; a full disk behaves alike) stay in the
+    journal, the node keeps answering and stops promptly, and the next start applies
+    them: every acknowledged image in the spool (same data set) and the ledger."""
+    from node.config import Settings
+    from node.scp import Listener
+    from tests.support.dcmtk import storescu, successes
+    from tests.support.net import wait_for
+
+    settings = Settings.model_validate({
+        "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0,
+                 "home": str(tmp_path / "home")},
+        "senders": [{"ae_title": "*", "host": "127.0.0.1"}],
+        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0,
+                  "journal_segment_bytes": SEGMENT, "journal_segments": 2},
+    })
+    files = write_ct_series(tmp_path / "ct", 3, size=64)
+    first = pydicom.dcmread(files[0])
+    series_uid, study_uid = str(first.SeriesInstanceUID), str(first.StudyInstanceUID)
+    ledger = Ledger.open(settings.ledger_url)
+    spool = Spool(settings.spool_dir, settings.node.home)
+    blocker = spool.root / study_uid
+    blocker.write_bytes(b"not a directory")
+    listener = Listener(settings, spool, ledger)
+    listener.start()
+    try:
+        run = storescu(listener.address[1], files)
+        assert sorted(successes(run.stdout + run.stderr)) == sorted(files), run.stdout
+        wait_for(lambda: listener.applier.failing, timeout=30, what="applier retrying")
+        assert ledger.instance_relpaths(series_uid) == []
+    finally:
+        listener.stop(10.0)  # prompt: nobody waits on a failing applier
+    blocker.unlink()
+    again = Listener(settings, Spool(settings.spool_dir, settings.node.home), ledger)
+    assert again.recover() == 3
+    again.stop(5.0)
+    stored = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread,
+                                                         spool.root.rglob("*.dcm"))}
+    assert len(ledger.instance_relpaths(series_uid)) == 3
+    assert len(stored) == 3
+    for original in map(pydicom.dcmread, files):  # the data sets as sent, unchanged
+        assert stored[str(original.SOPInstanceUID)].PixelData == original.PixelData
+    ledger.close()

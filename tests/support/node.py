@@ -94,7 +94,7 @@ def default_sections(home: Path, port: int, ae_title: str = "QCNODE") -> dict[st
         "completion": {"quiet_seconds": 1.0, "poll_seconds": 0.2},
         # A small receive journal: tests start many nodes, each writes its journal once.
         "spool": {"min_free_bytes": 0, "min_free_percent": 0.0,
-                  "journal_segment_bytes": 4 << 20, "journal_segments": 4},
+                  "journal_segment_bytes": 1 << 20, "journal_segments": 2},
         "logging": {"level": "DEBUG", "json": "always"},
     }
 
