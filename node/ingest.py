@@ -29,6 +29,8 @@ are still on their way.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import threading
 import time
 from collections import deque
@@ -57,6 +59,9 @@ APPLY_QUIET = 0.05
 MAX_DEFER = 2.0
 #: …or once this few free journal segments are left.
 LOW_SEGMENTS = 3
+#: ``<home>/journal/state.json`` (read by ``qcnode status``) is rewritten at most this often.
+STATE_EVERY = 1.0
+STATE_FILE = "state.json"
 
 
 class RecordingLedger(Protocol):
@@ -117,6 +122,9 @@ class Applier:
         self._applied = 0
         self._stopping = False
         self._failing = False  # the last batch failed (spool full, ledger down): retrying
+        self._last_error: str | None = None
+        self._inflight: tuple[int, float] = (0, 0.0)  # records being applied, oldest's time
+        self._published = (0.0, -1, False)
         self._thread: threading.Thread | None = None
 
     # Producers ---------------------------------------------------------------------
@@ -150,6 +158,31 @@ class Applier:
         with self._cond:
             return self._failing
 
+    def publish(self, *, force: bool = False) -> None:
+        """Write what waits in the journal to ``state.json`` for ``qcnode status``."""
+        now = time.monotonic()
+        with self._cond:
+            inflight, since = self._inflight
+            waiting = len(self._queue) + inflight
+            first = since if inflight else (self._queue[0][2] if self._queue else None)
+            oldest = round(now - first, 1) if first is not None else None
+            failing, error = self._failing, self._last_error
+        last_at, last_waiting, last_failing = self._published
+        if not force and failing == last_failing and (
+                now - last_at < STATE_EVERY or (waiting == last_waiting == 0)):
+            return
+        state = {"updated_at": dt.datetime.now(dt.UTC).isoformat(), "waiting": waiting,
+                 "oldest_waiting_seconds": oldest, "failing": failing,
+                 "last_error": error if failing else None}
+        path = self.journal.directory / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(state), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:  # informational only (the disk may be full)
+            return
+        self._published = (now, waiting, failing)
+
     # Life cycle ----------------------------------------------------------------------
     def recover(self) -> int:
         """Replay what the journal holds from before a stop or crash; checkpoint."""
@@ -157,6 +190,7 @@ class Applier:
         for start in range(0, len(entries), BATCH):
             self._apply(entries[start:start + BATCH], recovering=True)
         self.checkpoint(force=True)
+        self.publish(force=True)
         if entries:
             log.info("journal replayed", records=len(entries))
         return len(entries)
@@ -208,23 +242,29 @@ class Applier:
                     idle = False
                     count = min(BATCH, len(self._queue))
                     batch = [self._queue.popleft() for _ in range(count)]
+                    self._inflight = (count, batch[0][2])
             if idle:
                 self._checkpoint_quietly(force=True)
+                self.publish()
                 continue
             while True:
                 try:
                     self._apply([item[1] for item in batch], recovering=False)
                     break
-                except Exception:  # the records stay in the journal; try again
+                except Exception as exc:  # the records stay in the journal; try again
                     log.exception("journal apply failed; retrying", records=len(batch))
                     with self._cond:
                         self._failing = True  # nobody waits on us meanwhile
+                        self._last_error = f"{type(exc).__name__}: {exc}"[:300]
                         self._cond.notify_all()
+                    self.publish()
+                    with self._cond:
                         if self._stopping:  # replayed from the journal at the next start
                             return
                         self._cond.wait(RETRY_SECONDS)
             with self._cond:
                 self._applied = batch[-1][0]
+                self._inflight = (0, 0.0)
                 self._failing = False
                 self._cond.notify_all()
                 more_due = bool(self._queue) and self._due(time.monotonic()) == 0
@@ -233,7 +273,9 @@ class Applier:
             pressure = self.journal.free_count() < LOW_SEGMENTS
             if pressure or not more_due:
                 self._checkpoint_quietly(force=pressure)
+            self.publish()
         self._checkpoint_quietly(force=True)
+        self.publish(force=True)
 
     def _checkpoint_quietly(self, *, force: bool) -> None:
         try:

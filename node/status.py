@@ -5,7 +5,10 @@ the oldest series still waiting in a non-final state, and failed or dead-lettere
 and deliveries with their last error. ``--json`` prints one JSON object (keys below)
 for scripts; without it, a short text summary. Output holds UIDs only, no patient data.
 
-JSON keys: ``counts`` {state: n}, ``oldest_waiting`` (object or null), ``series``
+JSON keys: ``journal`` (images acknowledged but not yet in the spool and the ledger:
+``waiting``, ``oldest_waiting_seconds``, ``failing`` and ``last_error`` when the spool or
+the ledger refuses them, ``updated_at``; null when the node never ran), ``counts``
+{state: n}, ``oldest_waiting`` (object or null), ``series``
 [objects, most recently changed first, at most ``--limit``; each with its current
 job's ``sr_uid``, ``report_path`` (the SR kept under ``<home>/reports``),
 ``destinations`` (deliveries made) and a ``note``, e.g. "no destinations; report kept
@@ -122,10 +125,28 @@ def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
     }
 
 
+def journal_state(home: Path) -> dict[str, Any] | None:
+    """What the node's journal applier last reported (``<home>/journal/state.json``)."""
+    from node.ingest import STATE_FILE
+
+    try:
+        state = json.loads((home / "journal" / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def render_text(report: dict[str, Any]) -> str:
     """The report as a few lines for a terminal."""
     counts = ", ".join(f"{state} {n}" for state, n in report["counts"].items() if n)
     lines = [f"series by state: {counts or 'none'}"]
+    journal = report.get("journal")
+    if journal and (journal.get("waiting") or journal.get("failing")):
+        line = (f"receive journal: {journal['waiting']} image(s) acknowledged, not yet in "
+                f"the spool/ledger (oldest {journal.get('oldest_waiting_seconds')} s)")
+        if journal.get("failing"):
+            line += f"; retrying after: {journal.get('last_error')}"
+        lines.append(line)
     oldest = report["oldest_waiting"]
     if oldest is not None:
         lines.append(
@@ -177,6 +198,7 @@ def main(args: argparse.Namespace) -> int:
 
     with Ledger.open(settings.ledger_url) as ledger:
         report = build_report(ledger, limit=limit, reports=reports_root(settings).resolve())
+    report["journal"] = journal_state(settings.node.home)
     report["queues_note"] = missing_broker(settings)
     report["queues"] = ({GPU: None, IO: None} if report["queues_note"]
                         else queue_depths(settings))

@@ -175,6 +175,7 @@ def test_spool_unwritable_then_stop_then_restart_loses_nothing(tmp_path: Path) -
     them: every acknowledged image in the spool (same data set) and the ledger."""
     from node.config import Settings
     from node.scp import Listener
+    from node.status import journal_state, render_text
     from tests.support.dcmtk import storescu, successes
     from tests.support.net import wait_for
 
@@ -199,12 +200,20 @@ def test_spool_unwritable_then_stop_then_restart_loses_nothing(tmp_path: Path) -
         assert sorted(successes(run.stdout + run.stderr)) == sorted(files), run.stdout
         wait_for(lambda: listener.applier.failing, timeout=30, what="applier retrying")
         assert ledger.instance_relpaths(series_uid) == []
+        state = wait_for(lambda: (s := journal_state(settings.node.home)) and s["failing"]
+                         and s, timeout=30, what="qcnode status sees the backlog")
+        assert state["waiting"] == 3 and "NotADirectoryError" in state["last_error"]
+        assert "3 image(s) acknowledged" in render_text(
+            {"counts": {}, "oldest_waiting": None, "series": [], "failures": [],
+             "journal": state})
     finally:
         listener.stop(10.0)  # prompt: nobody waits on a failing applier
     blocker.unlink()
     again = Listener(settings, Spool(settings.spool_dir, settings.node.home), ledger)
     assert again.recover() == 3
     again.stop(5.0)
+    assert journal_state(settings.node.home) == {**(journal_state(settings.node.home) or {}),
+                                                  "waiting": 0, "failing": False}
     stored = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread,
                                                          spool.root.rglob("*.dcm"))}
     assert len(ledger.instance_relpaths(series_uid)) == 3
