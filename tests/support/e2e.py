@@ -45,6 +45,10 @@ home = "{home}"
 quiet_seconds = {quiet}
 poll_seconds = 0.1
 
+[spool]  # a small receive journal: every test writes its own once
+journal_segment_bytes = 1048576
+journal_segments = 2
+
 [broker]
 queue_prefix = "e2e{prefix}."
 {broker}
