@@ -144,8 +144,22 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
         yield Loaded(ohif, pacs, cts, result, extract_pdf(pdf), workdir)
 
 
-def _drive(loaded: Loaded, name: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Open the study in a fresh Chromium profile, run ``steps``, return the report."""
+def _drive(loaded: Loaded, name: str, steps: list[dict[str, Any]],
+           *, attempts: int = 1) -> dict[str, Any]:
+    """Open the study in a fresh Chromium profile, run ``steps``, return the report.
+
+    ``attempts`` > 1: a failed run is repeated in a new profile (the failure's report
+    and screenshot are kept under ``<name>-attempt<N>``).
+    """
+    for attempt in range(1, attempts):
+        report = _drive_once(loaded, f"{name}-attempt{attempt}", steps, fail=False)
+        if not report["error"]:
+            return report
+    return _drive_once(loaded, name, steps, fail=True)
+
+
+def _drive_once(loaded: Loaded, name: str, steps: list[dict[str, Any]],
+                *, fail: bool) -> dict[str, Any]:
     plan = {
         "timeoutMs": STEP_TIMEOUT_MS,
         "userDataDir": str(loaded.workdir / f"chromium-{name}"),
@@ -161,7 +175,7 @@ def _drive(loaded: Loaded, name: str, steps: list[dict[str, Any]]) -> dict[str, 
     assert proc.returncode == 0, f"driver failed: {proc.stderr.decode(errors='replace')[-3000:]}"
     report: dict[str, Any] = json.loads(proc.stdout)
     (ARTIFACTS / f"{name}-report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    if report["error"]:
+    if report["error"] and fail:
         pytest.fail(
             f"OHIF step {report['error']['step']} failed: {report['error']['message']}\n"
             f"page errors: {report['pageErrors']}\nconsole: {report['console']}\n"
@@ -229,7 +243,10 @@ def test_sr_opens_with_the_score_on_the_worst_slice(loaded: Loaded) -> None:
     worst = loaded.result.worst_slice
     assert worst is not None
     overlay = "svg tspan:has-text({!r})"
-    report = _drive(loaded, "ohif-sr-worst-slice", [
+    # Seen once in ~10 clean runs: OHIF 3.13 opened the SR on the right slice but never
+    # drew its annotations (frame requests aborted while the SR viewport reloaded); a
+    # second run in a fresh profile then draws them. Everything below is still asserted.
+    report = _drive(loaded, "ohif-sr-worst-slice", attempts=2, steps=[
         {"dblclick": f'text="{SERIES_DESCRIPTION}"'},
         {"waitSelector": overlay.format(_label(worst.score))},
         {"waitSelector": overlay.format(_label(loaded.result.score))},
