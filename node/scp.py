@@ -40,7 +40,7 @@ from node.acceptor import AcceptorConfig, Incoming, Peer, StoreRequest
 from node.acceptor_server import AcceptorServer
 from node.config import Settings
 from node.dicomio import InstanceHeader, MalformedDataset, scan_header
-from node.ingest import Applier, RecordingLedger, entry_meta, instance_record
+from node.ingest import Applier, RecordingLedger, entry_meta
 from node.journal import Journal, JournalError, Record, Writer
 from node.logs import get_logger
 from node.spool import Spool, SpoolFull
@@ -334,5 +334,3 @@ class _Unwritable:
     def discard(self) -> None:
         pass
 
-
-__all__ = ["Listener", "instance_record"]

@@ -35,9 +35,10 @@ from types import FrameType, TracebackType
 from node.completion import CompletionMonitor
 from node.config import ConfigError, Settings, load_settings
 from node.dicomio import MalformedDataset, read_header
+from node.ingest import instance_record
 from node.ledger import Ledger
 from node.logs import configure_logging, get_logger
-from node.scp import Listener, instance_record
+from node.scp import Listener
 from node.spool import Spool, Stored, file_sha256
 
 log = get_logger(__name__)

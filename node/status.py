@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import ConfigError, Settings, load_settings
+from node.ingest import STATE_FILE
 from node.ledger import FailureInfo, JobState, Ledger, SeriesInfo, SeriesState
 
 EXIT_OK = 0
@@ -127,8 +128,6 @@ def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
 
 def journal_state(home: Path) -> dict[str, Any] | None:
     """What the node's journal applier last reported (``<home>/journal/state.json``)."""
-    from node.ingest import STATE_FILE
-
     try:
         state = json.loads((home / "journal" / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
