@@ -37,14 +37,22 @@ import secrets
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isal import isal_zlib
+
 from node.logs import get_logger
 
 log = get_logger(__name__)
+
+#: CRC-32 (zlib's) of a record's data and meta, computed by ISA-L (carry-less multiply).
+#: It is on the path of every C-STORE answer (each byte received is checksummed before
+#: the flush): zlib needs 0.12 ms per 512 KiB image on the development machine, ISA-L
+#: 0.009 ms, for the same value.
+crc32: Callable[[bytes | memoryview, int], int] = isal_zlib.crc32
 
 SEGMENT_MAGIC = b"QCJSEG01"
 RECORD_MAGIC = b"QCJR"
@@ -152,7 +160,7 @@ class Record:
 
     def write(self, data: memoryview) -> None:
         """Append a fragment (a write error is remembered: answered "out of resources")."""
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = crc32(data, self.crc)
         if not self.error:
             try:
                 _pwrite_all(self.segment.fd, data, self.data_offset + self.size)
@@ -195,7 +203,7 @@ class Writer:
         if record.error or seg is not self.segment:
             raise JournalError("data set could not be written to the journal")
         body = json.dumps(meta, separators=(",", ":")).encode()
-        crc = zlib.crc32(body, record.crc)
+        crc = crc32(body, record.crc)
         head = _REC.pack(RECORD_MAGIC, seg.salt, record.size, len(body), crc, 0)[:-4]
         head += struct.pack("<I", zlib.crc32(head))
         try:
@@ -396,7 +404,7 @@ def _scan_records(seg: Segment) -> Iterator[Entry]:
             return
         data_at = pos + RECORD_HEADER_BYTES
         with map_region(fd, data_at, length + meta_len) as body:
-            if zlib.crc32(body) != crc:
+            if crc32(body, 0) != crc:
                 return
             meta_raw = bytes(body[length:])
         try:
