@@ -13,17 +13,18 @@ The listener acknowledges a C-STORE once its data set is durable in the journal
 
 The applier stays out of the way of senders: on a 2-core machine its CPU (hashing,
 copying, ledger rows) competes with the association threads a modality is waiting on.
-It applies when no record was committed for :data:`APPLY_QUIET` seconds, when an
-association ended (:meth:`Applier.wait`), when its oldest record waited
-:data:`MAX_DEFER` seconds, or when the journal runs short of free segments.
+It applies when no record was committed for :data:`APPLY_QUIET` seconds, when its
+oldest record waited :data:`MAX_DEFER` seconds, or when the journal runs short of free
+segments. An association's end does not hurry it: with many senders, the first ones to
+finish would otherwise pull the applier's work in among the others' transfers.
 
 After a crash, the segments not yet freed are replayed at start-up (before the listener
 accepts associations and before the completion monitor looks at open series);
 re-applying a record is harmless (same bytes → same version, recording the same row
 again does nothing), and files a crash left renamed but unflushed are verified and
 replaced. An association's end is recorded in the ledger only after its records were
-applied, so the completion monitor never sees a released association whose images
-are still on their way.
+applied (:meth:`Applier.after`), so the completion monitor never sees a released
+association whose images are still on their way.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from node.dicomio import InstanceHeader
@@ -116,7 +117,7 @@ class Applier:
         self.journal, self.spool, self.ledger = journal, spool, ledger
         self._cond = threading.Condition()
         self._queue: deque[tuple[int, Entry, float]] = deque()
-        self._urgent = 0
+        self._after: list[tuple[int, Callable[[], None]]] = []
         self._last_submit = 0.0
         self._issued = 0
         self._applied = 0
@@ -139,18 +140,23 @@ class Applier:
                 self._cond.notify_all()
             return self._issued
 
-    def wait(self, ticket: int, timeout: float) -> bool:
-        """Block until the record with ``ticket`` (and all before it) was applied."""
-        deadline = time.monotonic() + timeout
+    def after(self, ticket: int, action: Callable[[], None]) -> None:
+        """Run ``action`` once the record with ``ticket`` (and all before it) was
+        applied: now, in the caller's thread, if it already was; else in the applier's
+        thread. Actions still waiting when the node stops are dropped (their records
+        are replayed at the next start)."""
         with self._cond:
-            self._urgent = max(self._urgent, ticket)
-            self._cond.notify_all()
-            while self._applied < ticket:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._failing or (self._thread is None and not self._queue):
-                    return self._applied >= ticket
-                self._cond.wait(left)
-            return True
+            if ticket > self._applied:
+                self._after.append((ticket, action))
+                return
+        _run_action(action)
+
+    def _run_due(self) -> None:
+        with self._cond:
+            due = [action for ticket, action in self._after if ticket <= self._applied]
+            self._after = [item for item in self._after if item[0] > self._applied]
+        for action in due:
+            _run_action(action)
 
     @property
     def failing(self) -> bool:
@@ -211,7 +217,7 @@ class Applier:
     # The thread ----------------------------------------------------------------------
     def _due(self, now: float) -> float:
         """0 when the queue should be applied now, else how long to wait (under _cond)."""
-        if self._stopping or self._urgent > self._applied:
+        if self._stopping:
             return 0.0
         if self.journal.free_count() < LOW_SEGMENTS:
             return 0.0
@@ -268,6 +274,7 @@ class Applier:
                 self._failing = False
                 self._cond.notify_all()
                 more_due = bool(self._queue) and self._due(time.monotonic()) == 0
+            self._run_due()
             # Records first, flushes later: a checkpoint (syncfs) only frees segments, so
             # it waits while more records are due, unless free segments run short.
             pressure = self.journal.free_count() < LOW_SEGMENTS
@@ -276,6 +283,7 @@ class Applier:
             self.publish()
         self._checkpoint_quietly(force=True)
         self.publish(force=True)
+        self._run_due()
 
     def _checkpoint_quietly(self, *, force: bool) -> None:
         try:
@@ -322,3 +330,10 @@ class Applier:
         with self.journal.lock:
             for entry in entries:
                 entry.segment.applied += 1
+
+
+def _run_action(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except Exception:  # one failing action must not stop the applier
+        log.exception("action after apply failed")

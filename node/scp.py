@@ -204,28 +204,28 @@ class Listener:
             self._writers[peer.assoc_id] = self.journal.writer()
         log.info("association accepted", address=peer.address)
 
-    def settle(self, peer: Peer) -> None:
-        """Wait until what the association stored is in the spool and the ledger."""
-        with self._lock:
-            ticket = self._tickets.get(peer.assoc_id, 0)
-        if ticket and not self.applier.wait(ticket, self.settings.node.network_timeout):
-            log.warning("journal applier behind at release", ticket=ticket)
-
     def closed(self, peer: Peer, *, aborted: bool) -> None:
-        """An association was released or aborted."""
+        """An association was released or aborted.
+
+        Its end goes into the ledger once everything it stored was applied to the
+        spool and the ledger (in the applier's thread, later, unless that is done).
+        """
         try:
             with self._lock:
                 writer = self._writers.pop(peer.assoc_id, None)
+                ticket = self._tickets.pop(peer.assoc_id, 0)
             if writer is not None:
                 writer.close()
-            self.settle(peer)
-            with self._lock:
-                self._tickets.pop(peer.assoc_id, None)
-            if self.ledger is not None:
-                self.ledger.association_closed(peer.assoc_id, aborted=aborted)
             log.info("association closed", aborted=aborted)
+            self.applier.after(ticket, lambda: self._record_closed(peer.assoc_id, aborted))
         finally:
             structlog.contextvars.unbind_contextvars("calling_ae", "assoc_id", "series_uid")
+
+    def _record_closed(self, assoc_id: str, aborted: bool) -> None:
+        try:
+            if self.ledger is not None:
+                self.ledger.association_closed(assoc_id, aborted=aborted)
+        finally:
             if self._on_closed is not None:
                 self._on_closed()
 

@@ -234,3 +234,34 @@ def test_spool_unwritable_then_stop_then_restart_loses_nothing(tmp_path: Path) -
     for original in map(pydicom.dcmread, files):  # the data sets as sent, unchanged
         assert stored[str(original.SOPInstanceUID)].PixelData == original.PixelData
     ledger.close()
+
+
+def test_action_after_apply_runs_only_once_the_record_is_applied(
+    tmp_path: Path, spool_ledger: tuple[Spool, Ledger]
+) -> None:
+    """An association's end is recorded only after its images were applied (the
+    completion monitor must never see a released association with images on the way)."""
+    from tests.support.net import wait_for
+
+    spool, ledger = spool_ledger
+    journal = _journal(tmp_path)
+    applier = Applier(journal, spool, ledger)
+    ran: list[str] = []
+    applier.after(0, lambda: ran.append("nothing stored"))
+    assert ran == ["nothing stored"]  # no record to wait for: at once, in this thread
+    path = write_ct_series(tmp_path / "ct", 1, size=16)[0]
+    writer = journal.writer()
+    record = writer.begin()
+    record.write(memoryview(path.read_bytes()))
+    header = read_header(path)
+    ticket = applier.submit(writer.commit(record, entry_meta(header, "M", "a1", "assess", "ct")))
+    series = header.series_instance_uid
+    applier.after(ticket, lambda: ran.append(f"{len(ledger.instance_relpaths(series))} applied"))
+    assert ran == ["nothing stored"]
+    applier.start()
+    try:
+        wait_for(lambda: len(ran) == 2, timeout=30, what="the action after apply")
+    finally:
+        applier.stop()
+    assert ran == ["nothing stored", "1 applied"]
+    journal.close()
