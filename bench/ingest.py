@@ -4,8 +4,9 @@ Run ``.venv/bin/python bench/ingest.py [--images 500] [--rounds 3] [--rss-images
 It writes a 512×512 CT series with pydicom, sends it with ``/usr/bin/storescu``
 (``TCP_NODELAY=1``) to each receiver on 127.0.0.1 (free ports, temporary homes), and
 prints images/s and MB/s for each and the ratio qcnode / storescp; then 20 concurrent
-storescu senders to qcnode; then the listener's RSS while it receives ``--rss-images``
-distinct images. Each round measures every receiver once, back to back (a fresh
+storescu senders to qcnode and to ``storescp --fork`` (the same 20 sender start-ups,
+~30 ms of CPU each, on both sides); then the listener's RSS while it receives
+``--rss-images`` distinct images. Each round measures every receiver once, back to back (a fresh
 qcnode each time), so a round's ratio compares runs under the same machine load; the
 medians over the rounds are printed at the end with the load average.
 
@@ -91,12 +92,14 @@ def qcnode(tmp: Path, *, store_only: bool = False) -> Iterator[tuple[int, int, s
 
 
 @contextmanager
-def storescp(tmp: Path) -> Iterator[tuple[int, int]]:
+def storescp(tmp: Path, *, fork: bool = False) -> Iterator[tuple[int, int]]:
+    """DCMTK storescp; ``fork``: a child process per association (``--fork``), so that
+    concurrent senders are served concurrently."""
     port = free_port()
-    out = tmp / "storescp"
+    out = tmp / ("storescp-fork" if fork else "storescp")
     out.mkdir()
-    proc = subprocess.Popen(["/usr/bin/storescp", "-od", str(out), "-aet", "STORESCP",
-                             str(port)], env=ENV)
+    proc = subprocess.Popen(["/usr/bin/storescp", *(["--fork"] if fork else []), "-od",
+                             str(out), "-aet", "STORESCP", str(port)], env=ENV)
     try:
         wait_port(port)
         yield port, proc.pid
@@ -216,6 +219,11 @@ def one_round(tmp: Path, series: list[Path], warm: list[Path]) -> dict[str, floa
         warm_up(port, pid, warm, "STORESCP")
         rates["storescp"] = measure("DCMTK storescp", series,
                                     lambda: send(port, series, "STORESCP"))
+    with storescp(tmp, fork=True) as (port, pid):
+        warm_up(port, pid, warm, "STORESCP")
+        groups = [series[i::20] for i in range(20)]
+        rates["storescp 20"] = measure("DCMTK storescp --fork (20)", series,
+                                       lambda: send_parallel(port, groups, "STORESCP"))
     with orthanc(tmp) as (port, pid):
         warm_up(port, pid, warm, "ORTHANC")
         rates["orthanc"] = measure("Orthanc", series, lambda: send(port, series, "ORTHANC"))
@@ -246,7 +254,8 @@ def one_round(tmp: Path, series: list[Path], warm: list[Path]) -> dict[str, floa
                   f"{len(series) / applied[0]:.1f} img/s; listener CPU {cpu_ms:.2f} ms/image "
                   "(all of it, applier included)", flush=True)
     print(f"ratio qcnode / storescp: {rates['qcnode 1'] / rates['storescp']:.2f} (1 sender), "
-          f"{rates['qcnode 20'] / rates['storescp']:.2f} (20 senders)", flush=True)
+          f"{rates['qcnode 20'] / rates['storescp']:.2f} (20 senders); 20 senders to each: "
+          f"{rates['qcnode 20'] / rates['storescp 20']:.2f}", flush=True)
     return rates
 
 
@@ -273,9 +282,10 @@ def main() -> int:
         for name in rounds[0] if rounds else ():
             print(f"  {name:<12} {statistics.median(r[name] for r in rounds):7.1f} img/s",
                   flush=True)
-        for name in ("qcnode 1", "qcnode 20") if rounds else ():
-            ratio = statistics.median(r[name] / r["storescp"] for r in rounds)
-            print(f"  ratio {name} / storescp (median of rounds): {ratio:.2f}", flush=True)
+        for name, ref in (("qcnode 1", "storescp"), ("qcnode 20", "storescp"),
+                          ("qcnode 20", "storescp 20")) if rounds else ():
+            ratio = statistics.median(r[name] / r[ref] for r in rounds)
+            print(f"  ratio {name} / {ref} (median of rounds): {ratio:.2f}", flush=True)
         if args.rss_images:
             rss_run(tmp, args.rss_images, store_only=True)
             rss_run(tmp, args.rss_images, store_only=False)
