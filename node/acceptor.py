@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,32 +97,71 @@ class Aborted(Exception):
 
 
 class _Reader:
-    """Exact reads from a socket through one reused buffer."""
+    """Reads from a socket through one reused buffer, as much per call as has arrived.
+
+    PDU and PDV headers are taken from the buffer and data set bytes are passed on as
+    views of it: one ``recv`` per buffer-full, instead of three or more per P-DATA-TF
+    PDU when each header is read on its own. Every system call releases and retakes
+    the GIL, which many concurrent associations contend for.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray(BUFFER_BYTES)
         self.view = memoryview(self.buf)
+        self.start = 0  # the first byte not yet consumed
+        self.end = 0  # the end of what was received
+
+    def _fill(self) -> None:
+        """Receive into the (consumed, so empty) buffer."""
+        try:
+            n = self.sock.recv_into(self.view)
+        except BlockingIOError as exc:  # SO_RCVTIMEO expired (see set_timeout)
+            raise Aborted("nothing received within the timeout") from exc
+        if n == 0:
+            raise Aborted("connection closed by the peer")
+        self.start, self.end = 0, n
 
     def exact(self, count: int) -> bytes:
-        """Exactly ``count`` bytes (small reads: headers, commands)."""
-        chunks, got = [], 0
-        while got < count:
-            n = self.sock.recv_into(self.view, min(count - got, BUFFER_BYTES))
-            if n == 0:
-                raise Aborted("connection closed by the peer")
-            chunks.append(bytes(self.view[:n]))
-            got += n
+        """Exactly ``count`` bytes (headers, commands, association requests)."""
+        if self.end - self.start >= count:
+            data = bytes(self.view[self.start:self.start + count])
+            self.start += count
+            return data
+        chunks = []
+        while count > 0:
+            if self.start == self.end:
+                self._fill()
+            take = min(count, self.end - self.start)
+            chunks.append(bytes(self.view[self.start:self.start + take]))
+            self.start += take
+            count -= take
         return b"".join(chunks)
 
     def stream(self, count: int, sink: Callable[[memoryview], None]) -> None:
-        """Pass ``count`` bytes to ``sink`` in buffer-sized pieces, without copying."""
+        """Pass ``count`` bytes to ``sink`` as views of the buffer (valid during the
+        call only), without copying."""
         while count > 0:
-            n = self.sock.recv_into(self.view, min(count, BUFFER_BYTES))
-            if n == 0:
-                raise Aborted("connection closed by the peer")
-            sink(self.view[:n])
-            count -= n
+            if self.start == self.end:
+                self._fill()
+            take = min(count, self.end - self.start)
+            sink(self.view[self.start:self.start + take])
+            self.start += take
+            count -= take
+
+
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking reads and writes that fail after ``seconds`` (0: never).
+
+    The kernel's SO_RCVTIMEO / SO_SNDTIMEO rather than ``socket.settimeout``: with a
+    Python-level timeout every ``recv`` is preceded by a ``poll`` (two system calls,
+    two GIL hand-offs); here an expired timeout surfaces as :class:`BlockingIOError`.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
 class Connection:
@@ -146,11 +186,11 @@ class Connection:
         aborted = True
         try:
             self.reader = _Reader(self.sock)
-            self.sock.settimeout(self.config.acse_timeout)
+            set_timeout(self.sock, self.config.acse_timeout)
             peer = self._establish()
             if peer is None:
                 return
-            self.sock.settimeout(self.config.network_timeout)
+            set_timeout(self.sock, self.config.network_timeout)
             aborted = not self._serve(peer)
         except (ul.ProtocolError, dimse.CommandError) as exc:
             # Malformed or unexpected PDUs, before or after establishment: AA-1/AA-8.
