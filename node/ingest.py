@@ -312,7 +312,7 @@ class Applier:
             known = self.ledger.versions_of(uid) if self.ledger is not None else []
             known += batch_versions.get(uid, [])
             try:
-                stored = self.spool.store(src, header, known, sha256=sha, durable=False,
+                stored = self.spool.store(src, header, known, sha256=sha,
                                           recovering=recovering)
             finally:
                 src.unlink(missing_ok=True)

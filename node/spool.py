@@ -8,8 +8,10 @@ Layout under the spool directory (UIDs are validated before they become path par
 and under ``<home>``: ``tmp/`` (partial receptions; emptied at start-up) and
 ``quarantine/`` (malformed datasets with a ``.reason`` file beside each).
 
-A file is in the spool only after its bytes and its directory entry were fsync'd, so a
-sender that got Success may rely on it after any crash.
+Files arrive here from the receive journal (:mod:`node.ingest`), which already holds
+every acknowledged data set durably: they are renamed in without a flush each, and
+:meth:`Spool.sync` (one ``syncfs`` at the journal's checkpoint) makes a batch durable
+before the journal segments holding their bytes are reused.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import errno
 import hashlib
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -46,8 +47,6 @@ def _find_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _find_syncfs()
-#: Directories whose fsync state is kept before idle entries are dropped.
-_DIR_STATES = 1024
 SUFFIX = ".dcm"
 
 
@@ -84,63 +83,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class DirectorySync:
-    """fsync of directories shared by concurrent callers (a group commit for renames).
-
-    A caller that renamed a file into ``directory`` needs one fsync of ``directory``
-    that *started after* its rename. Each caller takes a ticket; whoever holds the
-    directory's lock fsyncs once for every ticket issued so far, and callers whose
-    ticket was covered meanwhile return without an fsync of their own. With 20
-    associations writing into one series directory this turns 20 directory fsyncs
-    into one or two, with the same guarantee for each caller.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._dirs: dict[Path, _DirState] = {}
-
-    def sync(self, directory: Path) -> None:
-        """Return once an fsync of ``directory`` began after this call began."""
-        with self._lock:
-            state = self._dirs.get(directory)
-            if state is None:
-                if len(self._dirs) >= _DIR_STATES:
-                    self._dirs = {d: s for d, s in self._dirs.items() if s.users}
-                state = self._dirs[directory] = _DirState()
-            state.requested += 1
-            state.users += 1
-            ticket = state.requested
-        try:
-            with state.lock:
-                if state.synced >= ticket:
-                    return
-                with self._lock:
-                    covered = state.requested
-                fsync_dir(directory)
-                state.synced = covered
-        finally:
-            with self._lock:
-                state.users -= 1
-
-
-class _DirState:
-    __slots__ = ("lock", "requested", "synced", "users")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requested = 0
-        self.synced = 0
-        self.users = 0
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def version_name(sop_instance_uid: str, version: int) -> str:
     """File name of one version of an instance."""
     if version == 1:
@@ -170,7 +112,6 @@ class Spool:
         self.quarantine_dir = home / "quarantine"
         self.min_free_bytes = min_free_bytes
         self.min_free_percent = min_free_percent
-        self._dir_sync = DirectorySync()
         self._copy_buffer = memoryview(bytearray(_COPY_BUFFER))
         for directory in (self.root, self.tmp, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -194,7 +135,7 @@ class Spool:
 
     def store(
         self, src: Path, header: InstanceHeader, known: list[tuple[int, str]] | None = None,
-        *, sha256: str | None = None, durable: bool = True, recovering: bool = False,
+        *, sha256: str | None = None, recovering: bool = False,
     ) -> Stored:
         """Move the received file ``src`` into the spool.
 
@@ -203,9 +144,10 @@ class Spool:
         stored twice (``src`` is removed); different bytes become the next version.
         ``sha256`` is the file's digest when the caller computed it already.
 
-        ``durable``: the file and its directory are fsync'd before this returns (and the
-        free-space watermark is checked). The journal applier passes False and flushes
-        the whole batch at its checkpoint (:meth:`sync`) instead.
+        Nothing is flushed here: the caller makes a batch durable with :meth:`sync`
+        (the journal applier, at its checkpoint). The free-space watermark is the
+        listener's check (:meth:`check_room`), made before it acknowledges: an
+        instance already acknowledged is stored whatever the watermark says.
 
         ``recovering``: replaying the journal after a crash. Files on disk were then
         possibly renamed but never flushed, so their bytes are checked: a file the
@@ -213,8 +155,6 @@ class Spool:
         replaced rather than trusted.
         """
         size = src.stat().st_size
-        if durable:
-            self.check_room(size)
         sha = sha256 or file_sha256(src)
         directory = self.series_dir(header)
         versions = dict(known or [])
@@ -230,7 +170,7 @@ class Spool:
                     if file_sha256(target) == sha:
                         src.unlink(missing_ok=True)
                     else:  # unflushed or foreign bytes under this name: replace them
-                        self._move(src, target, new_dirs=False, durable=durable)
+                        self._move(src, target)
                     return Stored(relpath, size, sha, version, duplicate=True)
                 version += 1
                 continue
@@ -243,13 +183,11 @@ class Spool:
                 if on_disk:
                     src.unlink(missing_ok=True)
                 else:  # known to the ledger but lost on disk: put it back
-                    self._move(src, target, new_dirs=False, durable=durable)
+                    self._move(src, target)
                 return Stored(relpath, size, sha, version, duplicate=True)
             version += 1
-        new_dirs = not directory.is_dir()
-        if new_dirs:
-            directory.mkdir(parents=True, exist_ok=True)
-        self._move(src, target, new_dirs=new_dirs, durable=durable)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._move(src, target)
         return Stored(relpath, size, sha, version, duplicate=False)
 
     def stage(self, data: memoryview) -> Path:
@@ -306,29 +244,13 @@ class Spool:
         finally:
             os.close(fd)
 
-    def _move(self, src: Path, target: Path, *, new_dirs: bool, durable: bool) -> None:
-        if not durable:
-            try:
-                os.replace(src, target)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                self._copy_across(src, target)
-            return
-        self._move_durably(src, target, new_dirs=new_dirs)
-
-    def _move_durably(self, src: Path, target: Path, *, new_dirs: bool) -> None:
+    def _move(self, src: Path, target: Path) -> None:
         try:
-            _fsync_file(src)
             os.replace(src, target)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
             self._copy_across(src, target)
-        self._dir_sync.sync(target.parent)
-        if new_dirs:  # new series (and study) directories must be durable in their parents
-            fsync_dir(target.parent.parent)
-            fsync_dir(self.root)
 
     def _copy_across(self, src: Path, target: Path) -> None:
         """``src`` is on another filesystem: copy into our tmp, fsync, rename."""

@@ -30,12 +30,16 @@ def test_store_duplicate_and_new_version(tmp_path: Path) -> None:
     assert second.relpath.endswith(".v2.dcm") and (spool.root / second.relpath).exists()
 
 
-def test_watermark_refuses_and_keeps_nothing(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", tmp_path, min_free_bytes=2**62)
-    src = write_ct_series(tmp_path / "in", 1)[0]
+def test_watermark_check(tmp_path: Path) -> None:
+    """The listener asks check_room before it acknowledges (0xA700 when refused, see
+    test_scp): an impossible watermark refuses, none admits, and the size of the data
+    set counts against the free space."""
+    free = shutil.disk_usage(tmp_path).free
     with pytest.raises(SpoolFull):
-        spool.store(src, read_header(src))
-    assert not list(spool.root.rglob("*.dcm"))
+        Spool(tmp_path / "a", tmp_path, min_free_bytes=2**62).check_room()
+    Spool(tmp_path / "b", tmp_path).check_room(1 << 20)
+    with pytest.raises(SpoolFull):
+        Spool(tmp_path / "c", tmp_path, min_free_bytes=1).check_room(free + (1 << 30))
 
 
 def test_truncated_files_are_malformed(tmp_path: Path) -> None:
