@@ -217,6 +217,23 @@ def test_series_to_sr_in_orthanc(site: Site) -> None:
     assert site.ledger.get_job(job.id).state == JobState.DONE
 
 
+def test_dispatch_replaces_a_stale_broker_connection(site: Site) -> None:
+    """Guaranteed: a broker connection whose channel kombu has closed (what it does
+    after a broker error; seen on the embedded broker while the workers started) does
+    not dead-letter the series: the dispatcher sends on a new connection and the
+    series is delivered."""
+    uid = site.series()
+    with Dispatcher(site.settings, site.ledger) as dispatcher:
+        stale = dispatcher.app.connection_for_write()
+        stale.transport.close_channel(stale.default_channel)  # channel.connection = None
+        dispatcher._connection = stale
+        job = dispatcher.dispatch(uid)
+        assert job is not None
+        assert dispatcher._connection is not stale
+    wait_for(lambda: delivered(site.ledger, uid),
+             timeout=SR_TIMEOUT, what=f"series delivered; worker log:\n{site.worker_log()}")
+
+
 def predecessor_uids(ds: pydicom.Dataset) -> list[str]:
     """The SOP Instance UIDs in a document's Predecessor Documents Sequence (C.17.2)."""
     return [str(sop.ReferencedSOPInstanceUID)

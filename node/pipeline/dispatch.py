@@ -10,16 +10,20 @@ twice still yields one SR.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import structlog
 from celery import Celery
+from celery.result import AsyncResult
+from kombu.connection import Connection
 
 from inference.engine import engine_window
 from inference.prepare import PreparedSeries, prepare_series
@@ -51,6 +55,8 @@ class Dispatcher:
         self.app = app if app is not None else create_app(settings)
         self.engine_key = engine_key(settings)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcnode-dispatch")
+        #: The dispatch thread's broker connection (see :meth:`_send`).
+        self._connection: Connection | None = None
         self._speculator: Speculator | None = None
         if speculate:
             self._speculator = Speculator(ledger, settings.spool_dir, self._prepare,
@@ -61,6 +67,7 @@ class Dispatcher:
         if self._speculator is not None:
             self._speculator.__exit__(None, None, None)
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._drop_connection()
 
     def __enter__(self) -> Dispatcher:
         return self
@@ -78,7 +85,7 @@ class Dispatcher:
 
     def _dispatch_logged(self, series_uid: str) -> None:
         try:
-            self._dispatch_twice(series_uid)
+            self.dispatch(series_uid)
             release_free_memory()
         except Exception as exc:  # noqa: BLE001 - recorded; the ledger keeps the series
             log.error("dispatch_failed", series_uid=series_uid, error=str(exc))
@@ -86,21 +93,34 @@ class Dispatcher:
                 if job.state not in FINISHED_JOBS:
                     self.ledger.dead_letter_job(job.id, f"dispatch: {exc}")
 
-    def _dispatch_twice(self, series_uid: str) -> None:
-        """Dispatch; after a failure, drop the pooled broker connections and try once more.
+    def _send(self, name: str, args: list[Any], **options: Any) -> AsyncResult:
+        """Send a task on the dispatcher's own broker connection; after a failure, on a
+        new connection, once more.
 
-        A pooled connection can go stale (seen once on the embedded broker after an
-        embedded worker was killed and replaced: kombu raised ``'NoneType' object has no
-        attribute 'client'``). Dispatch is idempotent (job creation is, tasks are), so a
-        second try is safe; a second failure dead-letters the job as before.
+        Not through the app's connection and producer pools: a pooled producer whose
+        channel kombu had closed (its ``connection`` set to None) came back from the
+        pool after a broker error and every later send failed with ``'NoneType' object
+        has no attribute 'client'`` (seen on the embedded SQLite broker while the
+        workers started). Sending a task twice is harmless (tasks are idempotent).
         """
-        try:
-            self.dispatch(series_uid)
-        except Exception as exc:  # noqa: BLE001 - retried once, then raised to the caller
-            log.warning("dispatch_retry", series_uid=series_uid, error=str(exc))
-            self.app.pool.force_close_all()
-            self.app.producer_pool.force_close_all()
-            self.dispatch(series_uid)
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = self.app.connection_for_write()
+            try:
+                return self.app.send_task(name, args=args, connection=self._connection,
+                                          **options)
+            except Exception as exc:
+                self._drop_connection()
+                if attempt == 2:
+                    raise
+                log.warning("dispatch_retry", task=name, error=str(exc))
+        raise AssertionError("unreachable")
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()  # type: ignore[no-untyped-call]
 
     def dispatch(self, series_uid: str) -> JobInfo | None:
         """Create (or find) the series' current job and send it to its next stage."""
@@ -128,7 +148,7 @@ class Dispatcher:
         if info.state == SeriesState.COMPLETE:
             self.ledger.set_series_state(series_uid, SeriesState.QUEUED,
                                          generation=info.generation)
-        sent = self.app.send_task(TASK_ASSESS, args=[job.id, b64(payload), sources])
+        sent = self._send(TASK_ASSESS, [job.id, b64(payload), sources])
         log.info("job_queued", series_uid=series_uid, job_id=job.id, task_id=sent.id,
                  prepare_seconds=round(time.perf_counter() - started, 3),
                  speculated=ready is not None)
@@ -143,8 +163,8 @@ class Dispatcher:
             self.settings, self.ledger.series_info(job.series_instance_uid)))
         image = encode_image(worst_image(self._prepare(paths), result)) \
             if "pdf" in wanted else None
-        self.app.send_task(TASK_REPORT, args=[job.id, sources, b64(image) if image else None],
-                           queue=queue_name(self.settings, IO))
+        self._send(TASK_REPORT, [job.id, sources, b64(image) if image else None],
+                   queue=queue_name(self.settings, IO))
         log.info("report_requeued", series_uid=job.series_instance_uid, job_id=job.id)
 
     def _prepare(self, paths: list[Path]) -> PreparedSeries:

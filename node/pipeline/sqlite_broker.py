@@ -48,8 +48,11 @@ _KOMBU_OPTIONS = frozenset({
 
 def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # The busy timeout first: switching the journal mode takes a lock, and without a
+    # timeout a process starting up beside the others (the node and two workers open
+    # the file at once) failed at once with "database is locked".
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
