@@ -15,8 +15,9 @@ The applier stays out of the way of senders: on a 2-core machine its CPU (hashin
 copying, ledger rows) competes with the association threads a modality is waiting on.
 It applies when no record was committed for :data:`APPLY_QUIET` seconds, when its
 oldest record waited :data:`MAX_DEFER` seconds, or when the journal runs short of free
-segments. An association's end does not hurry it: with many senders, the first ones to
-finish would otherwise pull the applier's work in among the others' transfers.
+segments, and when the last open association ends (:meth:`Applier.after` with
+``hurry``): a series sent alone then completes without waiting; with many senders, the
+first ones to finish do not pull the applier's work in among the others' transfers.
 
 After a crash, the segments not yet freed are replayed at start-up (before the listener
 accepts associations and before the completion monitor looks at open series);
@@ -118,6 +119,7 @@ class Applier:
         self._cond = threading.Condition()
         self._queue: deque[tuple[int, Entry, float]] = deque()
         self._after: list[tuple[int, Callable[[], None]]] = []
+        self._urgent = 0  # apply up to this ticket now (see after)
         self._last_submit = 0.0
         self._issued = 0
         self._applied = 0
@@ -140,14 +142,18 @@ class Applier:
                 self._cond.notify_all()
             return self._issued
 
-    def after(self, ticket: int, action: Callable[[], None]) -> None:
+    def after(self, ticket: int, action: Callable[[], None], *, hurry: bool = False) -> None:
         """Run ``action`` once the record with ``ticket`` (and all before it) was
         applied: now, in the caller's thread, if it already was; else in the applier's
-        thread. Actions still waiting when the node stops are dropped (their records
-        are replayed at the next start)."""
+        thread. ``hurry``: apply up to ``ticket`` now rather than when senders pause.
+        Actions still waiting when the node stops are dropped (their records are
+        replayed at the next start)."""
         with self._cond:
             if ticket > self._applied:
                 self._after.append((ticket, action))
+                if hurry:
+                    self._urgent = max(self._urgent, ticket)
+                    self._cond.notify_all()
                 return
         _run_action(action)
 
@@ -217,7 +223,7 @@ class Applier:
     # The thread ----------------------------------------------------------------------
     def _due(self, now: float) -> float:
         """0 when the queue should be applied now, else how long to wait (under _cond)."""
-        if self._stopping:
+        if self._stopping or self._urgent > self._applied:
             return 0.0
         if self.journal.free_count() < LOW_SEGMENTS:
             return 0.0

@@ -208,16 +208,20 @@ class Listener:
         """An association was released or aborted.
 
         Its end goes into the ledger once everything it stored was applied to the
-        spool and the ledger (in the applier's thread, later, unless that is done).
+        spool and the ledger (in the applier's thread, later, unless that is done). The
+        last open association hurries the applier (its series can then complete
+        without waiting for a pause); while others still send, it waits for one.
         """
         try:
             with self._lock:
                 writer = self._writers.pop(peer.assoc_id, None)
                 ticket = self._tickets.pop(peer.assoc_id, 0)
+                last = not self._writers
             if writer is not None:
                 writer.close()
             log.info("association closed", aborted=aborted)
-            self.applier.after(ticket, lambda: self._record_closed(peer.assoc_id, aborted))
+            self.applier.after(ticket, lambda: self._record_closed(peer.assoc_id, aborted),
+                               hurry=last)
         finally:
             structlog.contextvars.unbind_contextvars("calling_ae", "assoc_id", "series_uid")
 
