@@ -265,3 +265,38 @@ def test_action_after_apply_runs_only_once_the_record_is_applied(
         applier.stop()
     assert ran == ["nothing stored", "1 applied"]
     journal.close()
+
+
+def test_hurry_applies_without_waiting_for_senders_to_pause(
+    tmp_path: Path, spool_ledger: tuple[Spool, Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The applier waits for a pause in the senders' traffic, except when the last open
+    association ends (``hurry``): its series must not wait to complete."""
+    from node import ingest
+    from tests.support.net import wait_for
+
+    monkeypatch.setattr(ingest, "APPLY_QUIET", 60.0)  # senders never pause here
+    monkeypatch.setattr(ingest, "MAX_DEFER", 60.0)
+    spool, ledger = spool_ledger
+    journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, segments=6)
+    assert journal.open() == []  # enough free segments: no pressure to apply
+    applier = Applier(journal, spool, ledger)
+    files = write_ct_series(tmp_path / "ct", 2, size=16)
+    writer = journal.writer()
+    tickets = []
+    for path in files:
+        record = writer.begin()
+        record.write(memoryview(path.read_bytes()))
+        meta = entry_meta(read_header(path), "M", "a1", "assess", "ct")
+        tickets.append(applier.submit(writer.commit(record, meta)))
+    ran: list[int] = []
+    applier.start()
+    try:
+        applier.after(tickets[0], lambda: ran.append(1))
+        with pytest.raises(TimeoutError):  # not hurried: waits for the pause
+            wait_for(lambda: ran, timeout=1.0, what="an unhurried apply")
+        applier.after(tickets[1], lambda: ran.append(2), hurry=True)
+        wait_for(lambda: ran == [1, 2], timeout=30, what="the hurried apply")
+    finally:
+        applier.stop()
+    journal.close()
