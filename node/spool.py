@@ -186,7 +186,8 @@ class Spool:
                     self._move(src, target)
                 return Stored(relpath, size, sha, version, duplicate=True)
             version += 1
-        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.is_dir():  # one stat per image; mkdir tries then stats again
+            directory.mkdir(parents=True, exist_ok=True)
         self._move(src, target)
         return Stored(relpath, size, sha, version, duplicate=False)
 
