@@ -6,18 +6,17 @@ It writes a 512×512 CT series with pydicom, sends it with ``/usr/bin/storescu``
 prints images/s and MB/s for each and the ratio qcnode / storescp; then 20 concurrent
 storescu senders to qcnode and to ``storescp --fork`` (the same 20 sender start-ups,
 ~30 ms of CPU each, on both sides); then the listener's RSS while it receives
-``--rss-images`` distinct images. Each round measures every receiver once, back to back (a fresh
-qcnode each time), so a round's ratio compares runs under the same machine load; the
-medians over the rounds are printed at the end with the load average.
+``--rss-images`` distinct images. Each round measures every receiver once, back to
+back (a fresh qcnode each time), so a round's ratio compares runs under the same
+machine load; the medians over the rounds are printed at the end with the load average.
 
 Every receiver is measured in its steady state, as a modality meets it: after it
 started, it receives a 10-image warm-up series (its own UIDs), and the clock starts
 once it and its child processes are idle: less than a fifth of a core used over half a
 second (an idle qcnode tree polls for ~10 % of a core: the completion monitor and the
-embedded workers' broker). A fresh
-``qcnode serve`` spends its first seconds starting two Celery worker processes, which
-import for several seconds of CPU; timing a sender against that measured start-up on
-a 2-core machine, not ingest.
+embedded workers' broker). A fresh ``qcnode serve`` spends its first seconds starting
+two Celery worker processes, which import for several seconds of CPU; timing a sender
+against that measured start-up on a 2-core machine, not ingest.
 """
 
 from __future__ import annotations
