@@ -33,6 +33,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from node.config import DestinationSettings, TlsSettings
 from node.scu_commit import (
@@ -202,10 +203,16 @@ class _Session:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_acse(self, event: Any) -> None:
-        prim = event.primitive
-        if getattr(prim, "result", None) in (REJECT_PERMANENT, REJECT_TRANSIENT):
-            self.reject = (int(prim.result), int(prim.result_source), int(prim.diagnostic))
+    def _on_pdu(self, event: Any) -> None:
+        # The A-ASSOCIATE-RJ PDU as the DUL thread decodes it. Not the ACSE primitive
+        # (EVT_ACSE_RECV): when the peer closes right after its RJ (Orthanc does),
+        # pynetdicom's ACSE sometimes takes the connection's end first and reports an
+        # abort, and the rejection's reason was lost (2 in 60 C-ECHOs to Orthanc).
+        pdu = event.pdu
+        if isinstance(pdu, A_ASSOCIATE_RJ) and pdu.result in (REJECT_PERMANENT,
+                                                               REJECT_TRANSIENT):
+            self.reject = (int(pdu.result), int(pdu.source or 0),
+                           int(pdu.reason_diagnostic or 0))
 
     def open(self) -> Any:
         """An established association, or :class:`DeliveryError`."""
@@ -213,7 +220,7 @@ class _Session:
         if self.dest.tls is not None:
             tls = (tls_context(self.dest.tls), self.dest.host)
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_ACSE_RECV, self._on_acse)
+            (evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_PDU_RECV, self._on_pdu)
         ]
         try:
             assoc = self.ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title,
