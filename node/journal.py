@@ -306,7 +306,14 @@ class Journal:
         return Writer(self)
 
     def take(self) -> Segment:
-        """A free segment, activated under a new salt (durable before any record)."""
+        """A free segment, activated under a new salt.
+
+        The new header is not flushed on its own: a record's commit flushes the file
+        (``fdatasync``), header page included, before the record is acknowledged. A
+        crash before any commit leaves the old header (free, or active under the old
+        salt, whose records were all applied): nothing of the new use is replayed, and
+        nothing of it was acknowledged.
+        """
         with self.lock:
             seg = self._free.pop() if self._free else None
         try:
@@ -317,7 +324,6 @@ class Journal:
             seg.written = seg.applied = 0
             seg.closed = seg.broken = False
             _pwrite_all(seg.fd, _segment_header(seg.salt, STATE_ACTIVE), 0)
-            os.fdatasync(seg.fd)
         except OSError as exc:
             raise JournalError(exc.errno, f"no journal segment: {exc.strerror}") from exc
         return seg

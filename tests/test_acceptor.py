@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from pynetdicom.pdu_primitives import (
 )
 
 from node import upperlayer as ul
+from node.acceptor import Peer, StoreRequest
 from node.config import Settings
 from node.scp import (
     IMPLEMENTATION_CLASS_UID,
@@ -404,3 +407,60 @@ def test_large_image_in_4096_byte_pdus_with_jpeg_lossless_proposed(
     stored = _applied(listener, str(ds.SOPInstanceUID))
     assert len(stored) == 1
     assert pydicom.dcmread(stored[0]).PixelData == ds.PixelData
+
+
+def test_a_store_waiting_for_its_disk_holds_up_no_other_association(tmp_path: Path) -> None:
+    """Guarantee: one thread serves every association, so a store that waits (a slow
+    disk, a busy ledger) must not stall the others: it runs off the event loop, its
+    own association neither times out meanwhile (the node is slow, not the peer) nor
+    loses its Success, and DCMTK storescu / echoscu are served in the meantime."""
+    settings = Settings.model_validate({
+        "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0,
+                 "home": str(tmp_path), "acse_timeout": 2.0, "network_timeout": 1.0},
+        "senders": [{"ae_title": "*", "host": "127.0.0.1"}],
+        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0},
+    })
+    listener = Listener(settings, Spool(settings.spool_dir, tmp_path), None)
+    listener.start()
+    slow = pydicom.dcmread(write_ct_series(tmp_path / "slow", 1)[0])
+    others = write_ct_series(tmp_path / "others", 3)
+    real_store, gate, entered = listener.store, threading.Event(), threading.Event()
+
+    def store(peer: Peer, request: StoreRequest) -> int:
+        if request.sop_instance_uid == slow.SOPInstanceUID:
+            entered.set()
+            assert gate.wait(30)
+        return real_store(peer, request)
+
+    listener.store = store  # type: ignore[method-assign]
+    ae = AE(ae_title="SLOWDISK")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    held = ae.associate(*listener.address, ae_title="QCNODE")
+    idle = ae.associate(*listener.address, ae_title="QCNODE")  # a second open association
+    statuses: list[int] = []
+    try:
+        assert held.is_established and idle.is_established
+        sender = threading.Thread(
+            target=lambda: statuses.append(int(held.send_c_store(slow).Status)))
+        sender.start()
+        assert entered.wait(10)
+        since = time.monotonic()
+        port = listener.address[1]
+        echo = echoscu(port)
+        result = storescu(port, others)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert len(successes(result.stdout + result.stderr)) == 3
+        assert sender.is_alive()  # still waiting for its disk
+        # Held past the network timeout (1 s): the guarantee under test, not a wait.
+        time.sleep(max(0.0, since + 1.5 - time.monotonic()))
+        gate.set()
+        sender.join(10)
+        assert statuses == [STATUS_SUCCESS]
+    finally:
+        gate.set()
+        held.release()
+        idle.release()
+        listener.stop(5.0)
+    assert not held.is_aborted
+    assert _applied(listener, str(slow.SOPInstanceUID))

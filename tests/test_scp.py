@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -197,6 +198,20 @@ def test_twenty_concurrent_associations(node: RunningNode, ledger: Ledger, tmp_p
         relpaths = ledger.instance_relpaths(uid)
         assert len(relpaths) == len(set(relpaths)) == 10
         assert len(list(node.spool.rglob(f"*/{uid}/*.dcm"))) == 10
+    # One thread serves all 20 associations: each log line still carries the context of
+    # its own (calling AE, association, series), never that of the one served before.
+    expected = {f"MOD{i}": str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+                for i, files in enumerate(series)}
+    lines = [json.loads(line) for line in node.log_text().splitlines()
+             if line.startswith("{") and '"instance journaled"' in line]
+    mine = [entry for entry in lines if entry.get("calling_ae") in expected]
+    assert len(mine) == 200
+    assert all(entry["series_uid"] == expected[entry["calling_ae"]] for entry in mine)
+    associations: dict[str, set[str]] = {}
+    for entry in mine:
+        associations.setdefault(entry["calling_ae"], set()).add(entry["assoc_id"])
+    assert all(len(ids) == 1 for ids in associations.values())
+    assert len(set().union(*associations.values())) == 20
 
 
 def test_idle_connections_do_not_lock_out_senders(node: RunningNode) -> None:
