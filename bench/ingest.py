@@ -84,13 +84,6 @@ def send(port: int, files: list[Path], aec: str, aet: str = "BENCH") -> float:
     return time.perf_counter() - start
 
 
-def send_parallel(port: int, groups: list[list[Path]], aec: str) -> float:
-    """Seconds from starting one storescu per group until the last one exited."""
-    start = time.perf_counter()
-    _wait_all(_senders(port, groups, aec))
-    return time.perf_counter() - start
-
-
 def accept_queue(port: int) -> int:
     """Connections waiting in the accept queue of the socket listening on ``port``
     (``rx_queue`` of its LISTEN row in ``/proc/net/tcp``)."""

@@ -113,10 +113,6 @@ class Aborted(Exception):
     """The association ends without release (peer abort, EOF, timeout, protocol error)."""
 
 
-def _nothing_received() -> Aborted:
-    return Aborted("nothing received within the timeout")
-
-
 #: What the protocol coroutine yields: it waits for more bytes from the peer.
 Wait = Generator[None, None, None]
 
@@ -148,8 +144,7 @@ class Connection:
         self.busy = False  # a call runs off the loop: do not read, do not time out
         self._failure: OSError | None = None  # a send failed while busy
         self.events = 0  # what the event loop watches the socket for
-        self.buf = bytearray(BUFFER_BYTES)
-        self.view = memoryview(self.buf)
+        self.view = memoryview(bytearray(BUFFER_BYTES))
         self.start = 0  # the first byte not yet consumed
         self.end = 0  # the end of what was received
         self.outbox = bytearray()  # bytes the socket did not take yet
@@ -187,7 +182,7 @@ class Connection:
 
     def expire(self) -> None:
         """Nothing arrived before :attr:`deadline` (ARTIM / network timeout)."""
-        self._resume(_nothing_received())
+        self._resume(Aborted("nothing received within the timeout"))
 
     def flush(self) -> None:
         """Send what :attr:`outbox` holds, as far as the socket takes it."""

@@ -5,10 +5,11 @@ when a socket is readable its bytes go into that connection's buffer and its pro
 coroutine runs until it needs more (:class:`node.acceptor.Connection`). With a thread
 per association, twenty concurrent senders meant twenty threads taking turns at the
 GIL, each turn a futex wake-up and a context switch — a third of the listener's CPU on
-a 2-core machine, and the aggregate rate fell below a single sender's. The node's work
-for a received data set (journal write, header check, one ``fdatasync``) runs in this
-thread too: the kernel keeps buffering the other connections' data meanwhile (a large
-receive buffer on each socket), and the other senders lose nothing.
+a 2-core machine, and the aggregate rate fell below a single sender's. Writing the
+received bytes to the journal runs in this thread; the calls that wait (a record's
+``fdatasync`` with the header check before it, an association's ledger row) run in
+:data:`OFFLOAD_THREADS` pool threads while the loop serves the other connections, or
+inline when there is no other connection to serve (:meth:`AcceptorServer.submit`).
 
 TCP_NODELAY is set on the listening and on every accepted socket (DICOM's request /
 response exchange stalls on Nagle's algorithm).

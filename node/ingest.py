@@ -12,7 +12,7 @@ The listener acknowledges a C-STORE once its data set is durable in the journal
    spool's filesystem once (``syncfs``) and only then marks the segment free for reuse.
 
 The applier stays out of the way of senders: on a 2-core machine its CPU (hashing,
-copying, ledger rows) competes with the association threads a modality is waiting on.
+copying, ledger rows) competes with the receive path a modality is waiting on.
 It applies when no record was committed for :data:`APPLY_QUIET` seconds, when its
 oldest record waited :data:`MAX_DEFER` seconds, or when the journal runs short of free
 segments, and when the last open association ends (:meth:`Applier.after` with

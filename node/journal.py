@@ -310,9 +310,9 @@ class Journal:
 
         The new header is not flushed on its own: a record's commit flushes the file
         (``fdatasync``), header page included, before the record is acknowledged. A
-        crash before any commit leaves the old header (free, or active under the old
-        salt, whose records were all applied): nothing of the new use is replayed, and
-        nothing of it was acknowledged.
+        crash before any commit leaves either the old header (free) or the new one with
+        no record under its salt: nothing of the new use is replayed, and nothing of it
+        was acknowledged.
         """
         with self.lock:
             seg = self._free.pop() if self._free else None

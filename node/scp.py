@@ -12,7 +12,7 @@ this module decides what happens to each association and instance:
   A-ASSOCIATE-RQ within the (short) ACSE timeout, each source host may hold at most
   ``max_associations_per_host`` connections, and the global limit is
   ``max_associations``.
-* **The association thread only receives, checks, journals, answers.** The data set
+* **The receive path only receives, checks, journals, answers.** The data set
   streams into the association's journal segment (:mod:`node.journal`);
   :func:`scan_header` checks UIDs and pixel-data completeness without decoding; one
   ``fdatasync`` makes the record durable, and only then is Success returned. The
@@ -115,8 +115,9 @@ class Listener:
     ledger
         Where they are recorded (``None`` only in tests of the receive path).
     on_association_closed
-        Called (in the association thread) after an association was released or
-        aborted, e.g. to wake the completion monitor.
+        Called once an association's end is recorded (after its images were applied;
+        in the journal applier's thread, or in the listener's if nothing was pending),
+        e.g. to wake the completion monitor.
 
     The receive journal lives in ``<home>/journal``; :meth:`recover` replays what a
     crash left there (called by :meth:`start` if the node did not call it first).
@@ -193,7 +194,7 @@ class Listener:
         self.applier.stop(timeout)
         self.journal.close()
 
-    # Association events (called by the acceptor in the association's thread) ----------
+    # Association events (called by the acceptor: its loop thread or a pool thread) ----
     def opened(self, peer: Peer) -> None:
         """An association was accepted."""
         structlog.contextvars.bind_contextvars(calling_ae=peer.calling_ae,
