@@ -6,7 +6,8 @@ It writes a 512×512 CT series with pydicom, sends it with ``/usr/bin/storescu``
 prints images/s and MB/s for each and the ratio qcnode / storescp; then 20 concurrent
 storescu senders (25 images each) to qcnode and to ``storescp --fork``; then the
 listener's RSS while it receives ``--rss-images`` distinct images. Each round measures
-every receiver once, back to back (a fresh qcnode each time), so a round's ratio
+every receiver once, back to back (a fresh qcnode each time), plus the disk alone
+writing and flushing each image in turn (:func:`flush_floor`), so a round's ratio
 compares runs under the same machine load; the medians over the rounds are printed at
 the end, leaving out rounds during which the hypervisor stole more than
 :data:`MAX_STEAL` of the CPUs.
@@ -288,6 +289,31 @@ def _all_applied(ledger: Ledger) -> bool:
     return ledger.open_associations() == 0
 
 
+def flush_floor(directory: Path, files: list[Path]) -> float:
+    """Images/s of the disk alone when each image must be on it before the next one
+    starts: every file's bytes written (``pwrite``) into a pre-written file and
+    flushed (``fdatasync``), one after the other — the device's part of what a
+    receiver that answers a C-STORE only once the image is durable pays per image
+    with one sender (no network, no sender, no parsing). storescp writes its files
+    to the page cache and flushes nothing while the sender waits."""
+    data = [f.read_bytes() for f in files]
+    span = max(len(d) for d in data) * 16
+    path = directory / "flush-floor.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, bytes(span))  # written in full: a flush then commits no metadata
+        os.fsync(fd)
+        start = time.perf_counter()
+        for i, blob in enumerate(data):
+            os.pwrite(fd, blob, (i % 16) * (span // 16))
+            os.fdatasync(fd)
+        elapsed = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+    return len(data) / elapsed
+
+
 def one_round(tmp: Path, series: list[Path], warm: list[Path]) -> dict[str, float]:
     """storescp (1 sender), storescp --fork (20), Orthanc (1), qcnode (1 and 20), back to
     back; every run timed by :func:`send_connected`."""
@@ -310,6 +336,10 @@ def one_round(tmp: Path, series: list[Path], warm: list[Path]) -> dict[str, floa
     with orthanc(tmp) as (port, pid):
         warm_up(port, pid, warm, "ORTHANC")
         record("orthanc", "Orthanc", port, pid, one, "ORTHANC")
+    os.sync()
+    rates["flush floor"] = flush_floor(tmp, series)
+    print(f"{'disk: write + fdatasync each':<28} {len(series):>5} images "
+          f"{rates['flush floor']:7.1f} img/s (the flush per image alone)", flush=True)
     for key, groups in (("qcnode 1", one), ("qcnode 20", twenty)):
         with qcnode(tmp / key.replace(" ", "")) as (port, pid, url), Ledger(url) as ledger:
             warm_up(port, pid, warm, "QCNODE", ledger)
@@ -365,7 +395,8 @@ def main() -> int:
         for name, ref in (("qcnode 1", "storescp"), ("qcnode 20", "qcnode 1"),
                           ("qcnode 20 launched", "qcnode 1 launched"),
                           ("qcnode 20", "storescp 20"),
-                          ("storescp 20", "storescp")) if rounds else ():
+                          ("storescp 20", "storescp"), ("storescp", "flush floor"),
+                          ("qcnode 1", "flush floor")) if rounds else ():
             ratio = statistics.median(r[name] / r[ref] for r in rounds)
             print(f"  ratio {name} / {ref} (median of rounds): {ratio:.2f}", flush=True)
         if args.rss_images:
