@@ -76,6 +76,44 @@ def test_committed_records_survive_and_uncommitted_do_not(tmp_path: Path) -> Non
     reopened.close()
 
 
+def test_record_views_follow_a_segment_that_grows_and_is_reused(tmp_path: Path) -> None:
+    """A segment is mapped once and the map kept (the listener scans every data set
+    through it): a record that runs past the segment's size (the file grows) is still
+    read whole, and after the segment was retired and taken again its views show the
+    new records, not the map's old pages."""
+    journal = _journal(tmp_path)
+    writer = journal.writer()
+    small, large = os.urandom(1000), os.urandom(SEGMENT + 300_000)
+    views = []
+    for data in (small, large):
+        record = writer.begin()
+        record.write(memoryview(data))
+        with record.view() as seen:  # what the listener's header scan reads
+            views.append(bytes(seen))
+        writer.commit(record, {"n": len(data)})
+    assert views == [small, large]
+    seg = writer.segment
+    assert seg is not None and os.fstat(seg.fd).st_size > SEGMENT
+    writer.close()
+    seg.applied = seg.written
+    journal.retire(seg)
+    again = journal.writer()
+    fresh = os.urandom(2000)
+    record = again.begin()
+    assert record.segment is seg  # reused
+    record.write(memoryview(fresh))
+    with record.view() as seen:
+        assert bytes(seen) == fresh
+    again.commit(record, {"n": len(fresh)})
+    again.close()
+    reopened = _crash(journal)
+    entries = reopened.open()
+    assert [e.meta for e in entries] == [{"n": len(fresh)}]
+    with entries[0].view() as seen:
+        assert bytes(seen) == fresh
+    reopened.close()
+
+
 def test_record_checksum_is_zlibs_crc32() -> None:
     """ISA-L computes the records' CRC-32: the same values as zlib's, so journals
     written by either recover under the other (also when fed in fragments)."""
