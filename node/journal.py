@@ -65,7 +65,6 @@ STATE_FREE, STATE_ACTIVE = 0, 1
 _ZERO_CHUNK = 1 << 20
 #: Free segments kept for reuse beyond ``segments`` (more are deleted when retired).
 _POOL_EXTRA = 8
-_MAP_LOCK = threading.Lock()
 
 
 class JournalError(OSError):
@@ -84,38 +83,6 @@ class Segment:
     applied: int = 0  # records whose spool file and ledger row exist (not yet flushed)
     closed: bool = False  # no more records will be appended
     broken: bool = False  # a write or flush failed: never append again
-    #: Read-only map of the file, made on first use and kept while the segment is open:
-    #: mapping and unmapping per data set cost five system calls on every C-STORE.
-    _map: mmap.mmap | None = field(default=None, repr=False, compare=False)
-
-    @contextlib.contextmanager
-    def region(self, offset: int, length: int) -> Iterator[memoryview]:
-        """A read-only view of ``length`` bytes from ``offset`` (written already)."""
-        if length == 0:
-            yield memoryview(b"")
-            return
-        with _MAP_LOCK:
-            mapped = self._map
-            if mapped is None or len(mapped) < offset + length:
-                # First use, or the file grew (a record may run past the capacity):
-                # a map covers what the file held when it was made. An old map is
-                # unmapped once no view of it is left.
-                mapped = self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-        whole = memoryview(mapped)
-        view = whole[offset:offset + length]
-        try:
-            yield view
-        finally:
-            view.release()
-            whole.release()
-
-    def unmap(self) -> None:
-        """Drop the map (before the file is closed or reused)."""
-        with _MAP_LOCK:
-            mapped, self._map = self._map, None
-        if mapped is not None:
-            with contextlib.suppress(BufferError):  # a view is still held: unmapped by GC
-                mapped.close()
 
 
 @dataclass(frozen=True)
@@ -130,8 +97,27 @@ class Entry:
     @contextlib.contextmanager
     def view(self) -> Iterator[memoryview]:
         """The data set's bytes (memory-mapped, read-only)."""
-        with self.segment.region(self.offset, self.length) as data:
+        with map_region(self.segment.fd, self.offset, self.length) as data:
             yield data
+
+
+@contextlib.contextmanager
+def map_region(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+    """A read-only memoryview of ``length`` bytes of file ``fd`` from ``offset``."""
+    if length == 0:
+        yield memoryview(b"")
+        return
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(fd, offset - base + length, access=mmap.ACCESS_READ, offset=base)
+    whole = memoryview(mapped)
+    view = whole[offset - base:]
+    try:
+        yield view
+    finally:
+        view.release()
+        whole.release()
+        with contextlib.suppress(BufferError):  # a caller kept a slice: unmapped by GC
+            mapped.close()
 
 
 def _segment_header(salt: int, state: int) -> bytes:
@@ -183,7 +169,7 @@ class Record:
 
     def view(self) -> contextlib.AbstractContextManager[memoryview]:
         """The bytes written so far (for header checks and quarantine)."""
-        return self.segment.region(self.data_offset, self.size)
+        return map_region(self.segment.fd, self.data_offset, self.size)
 
     def discard(self) -> None:
         """Forget the record (refused or aborted): the next one starts at the same place."""
@@ -310,7 +296,6 @@ class Journal:
         """Close every file."""
         with self.lock:
             for seg in self._all.values():
-                seg.unmap()
                 with contextlib.suppress(OSError):
                     os.close(seg.fd)
             self._all.clear()
@@ -354,7 +339,6 @@ class Journal:
 
     def retire(self, seg: Segment) -> None:
         """Mark a segment free (its derived files and rows are durable) for reuse."""
-        seg.unmap()  # its pages would count in the process's RSS while it waits
         try:
             _pwrite_all(seg.fd, _segment_header(seg.salt, STATE_FREE), 0)
             os.fdatasync(seg.fd)
@@ -424,7 +408,7 @@ def _scan_records(seg: Segment) -> Iterator[Entry]:
                 or pos + RECORD_HEADER_BYTES + length + meta_len > size):
             return
         data_at = pos + RECORD_HEADER_BYTES
-        with seg.region(data_at, length + meta_len) as body:
+        with map_region(fd, data_at, length + meta_len) as body:
             if crc32(body, 0) != crc:
                 return
             meta_raw = bytes(body[length:])

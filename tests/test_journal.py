@@ -77,10 +77,9 @@ def test_committed_records_survive_and_uncommitted_do_not(tmp_path: Path) -> Non
 
 
 def test_record_views_follow_a_segment_that_grows_and_is_reused(tmp_path: Path) -> None:
-    """A segment is mapped once and the map kept (the listener scans every data set
-    through it): a record that runs past the segment's size (the file grows) is still
-    read whole, and after the segment was retired and taken again its views show the
-    new records, not the map's old pages."""
+    """A record that runs past the segment's size (the file grows) is read whole by
+    the listener's header scan and replayed whole; after the segment was retired and
+    taken again, its views and its replay show the new record only."""
     journal = _journal(tmp_path)
     writer = journal.writer()
     small, large = os.urandom(1000), os.urandom(SEGMENT + 300_000)
