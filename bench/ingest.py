@@ -386,9 +386,10 @@ def main() -> int:
             print(f"{len(rounds) - len(clean)} of {len(rounds)} rounds left out: hypervisor "
                   f"steal above {MAX_STEAL:.0%} during a run", flush=True)
         rounds = clean or rounds
-        print(f"medians over {len(rounds)} rounds (load average now "
-              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; steal at most "
-              f"{max(r['steal'] for r in rounds):.0%}):", flush=True)
+        if rounds:  # --rounds 0: the RSS run only
+            print(f"medians over {len(rounds)} rounds (load average now "
+                  f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; steal at most "
+                  f"{max(r['steal'] for r in rounds):.0%}):", flush=True)
         for name in [n for n in rounds[0] if n != "steal"] if rounds else ():
             print(f"  {name:<20} {statistics.median(r[name] for r in rounds):7.1f} img/s",
                   flush=True)
