@@ -22,7 +22,7 @@ every receiver, time none of them can win back.
 Every receiver is measured in its steady state, as a modality meets it: after it
 started, it receives a 10-image warm-up series (its own UIDs), and the clock starts
 once it and its child processes are idle: less than a fifth of a core used over half a
-second (an idle qcnode tree polls for ~10 % of a core: the completion monitor and the
+second (an idle qcnode tree polls for ~4 % of a core: the completion monitor and the
 embedded workers' broker). A fresh ``qcnode serve`` spends its first seconds starting
 two Celery worker processes, which import for several seconds of CPU; timing a sender
 against that measured start-up on a 2-core machine, not ingest.
