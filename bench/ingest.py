@@ -387,19 +387,7 @@ def main() -> int:
                   f"steal above {MAX_STEAL:.0%} during a run", flush=True)
         rounds = clean or rounds
         if rounds:  # --rounds 0: the RSS run only
-            print(f"medians over {len(rounds)} rounds (load average now "
-                  f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; steal at most "
-                  f"{max(r['steal'] for r in rounds):.0%}):", flush=True)
-        for name in [n for n in rounds[0] if n != "steal"] if rounds else ():
-            print(f"  {name:<20} {statistics.median(r[name] for r in rounds):7.1f} img/s",
-                  flush=True)
-        for name, ref in (("qcnode 1", "storescp"), ("qcnode 20", "qcnode 1"),
-                          ("qcnode 20 launched", "qcnode 1 launched"),
-                          ("qcnode 20", "storescp 20"),
-                          ("storescp 20", "storescp"), ("storescp", "flush floor"),
-                          ("qcnode 1", "flush floor")) if rounds else ():
-            ratio = statistics.median(r[name] / r[ref] for r in rounds)
-            print(f"  ratio {name} / {ref} (median of rounds): {ratio:.2f}", flush=True)
+            print_medians(rounds)
         if args.rss_images:
             rss_run(tmp, args.rss_images, store_only=True)
             rss_run(tmp, args.rss_images, store_only=False)
@@ -409,6 +397,22 @@ def main() -> int:
     else:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def print_medians(rounds: list[dict[str, float]]) -> None:
+    """Each rate's median over the rounds, and the medians of the rounds' ratios."""
+    print(f"medians over {len(rounds)} rounds (load average now "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; steal at most "
+          f"{max(r['steal'] for r in rounds):.0%}):", flush=True)
+    for name in [n for n in rounds[0] if n != "steal"]:
+        print(f"  {name:<20} {statistics.median(r[name] for r in rounds):7.1f} img/s",
+              flush=True)
+    for name, ref in (("qcnode 1", "storescp"), ("qcnode 20", "qcnode 1"),
+                      ("qcnode 20 launched", "qcnode 1 launched"),
+                      ("qcnode 20", "storescp 20"), ("storescp 20", "storescp"),
+                      ("storescp", "flush floor"), ("qcnode 1", "flush floor")):
+        ratio = statistics.median(r[name] / r[ref] for r in rounds)
+        print(f"  ratio {name} / {ref} (median of rounds): {ratio:.2f}", flush=True)
 
 
 def rss_run(tmp: Path, count: int, *, store_only: bool) -> None:

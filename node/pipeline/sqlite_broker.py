@@ -76,8 +76,11 @@ class Channel(kombu_sqla.Channel):
         event.listen(engine, "connect", _on_connect)
         return engine
 
-    _probe: sqlite3.Connection | None = None
-    _probe_lock = threading.Lock()
+    def __init__(self, connection: Any, **kwargs: Any) -> None:
+        self._probe: sqlite3.Connection | None = None  # opened on the first poll
+        self._probe_lock = threading.Lock()
+        self._idle_at: dict[str, int] = {}  # queue → data_version it was found empty at
+        super().__init__(connection, **kwargs)  # type: ignore[no-untyped-call]
 
     def _data_version(self) -> int | None:
         """SQLite's ``data_version`` seen from a connection of our own: it changes
@@ -89,7 +92,6 @@ class Channel(kombu_sqla.Channel):
                 if not database or database == ":memory:":
                     return None
                 self._probe = sqlite3.connect(database, check_same_thread=False)
-                self._idle_at: dict[str, int] = {}
             row = self._probe.execute("PRAGMA data_version").fetchone()
         return int(row[0])
 
