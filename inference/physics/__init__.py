@@ -33,7 +33,7 @@ class PhysicsEngine:
 
     def measure(self, series: PreparedSeries) -> list[SliceMeasures]:
         """The measurements of every prepared slice, in slice order."""
-        return [measure_slice(s.hu, s.pixel_spacing) for s in series.slices]
+        return [measure_slice(s.hu, s.pixel_spacing, s.hu_range) for s in series.slices]
 
     def assess(self, series: PreparedSeries) -> AssessmentResult:
         """Assess one prepared series (raises ValueError if it has no slices)."""

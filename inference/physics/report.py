@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference.physics.measures import BODY_HU, Box, SliceMeasures
+from inference.physics.measures import Box, SliceMeasures, body_threshold
 from inference.physics.scoring import (
     ScoreThresholds,
     noise_words,
@@ -71,7 +71,7 @@ def _truncation(series: PreparedSeries) -> tuple[float, PreparedSlice]:
     worst = (0.0, series.slices[0])
     for s in series.slices:
         border = np.concatenate([s.hu[0], s.hu[-1], s.hu[:, 0], s.hu[:, -1]])
-        frac = float((border > BODY_HU).mean())
+        frac = float((border > body_threshold(s.hu_range)).mean())
         worst = max(worst, (frac, s), key=lambda x: x[0])
     return worst
 
@@ -119,6 +119,11 @@ def _streaks(scored: list[_Scored], t: ScoreThresholds) -> tuple[list[Finding],
            is not Severity.NONE]
     if not hit:
         dense = [x for x in scored if x.m.streak.dense_pixels]
+        if dense and all(x.m.streak.clipped for x in dense):
+            return [], [], (
+                f"Bone or metal (at the window's top, which cannot tell them apart) on "
+                f"{len(dense)} slice(s); streak index {value:.0f} HU in the soft tissue "
+                f"around it at slice {worst.number}, below a notable level.")
         if dense:
             return [], [], f"Dense material on {len(dense)} slice(s) without notable streaks."
         return [], [], "No dense material, no streaks."
