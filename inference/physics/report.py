@@ -232,6 +232,24 @@ def describe_measurements(series: PreparedSeries, measures: Sequence[SliceMeasur
     return _describe(series, measures, t).measurements_text()
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """The physics measurements of a series without a score: for another engine's result
+    (the VLM's words stand beside these numbers)."""
+
+    text: str
+    findings: tuple[Finding, ...]
+    measurements: tuple[Measurement, ...]
+
+
+def evidence(series: PreparedSeries, measures: Sequence[SliceMeasures],
+             t: ScoreThresholds) -> Evidence:
+    """The measurements in words, as coded findings and as evidence items."""
+    described = _describe(series, measures, t)
+    return Evidence(described.measurements_text(), tuple(described.findings),
+                    tuple(described.evidence))
+
+
 def build_result(series: PreparedSeries, measures: Sequence[SliceMeasures],
                  t: ScoreThresholds, info: EngineInfo) -> AssessmentResult:
     """The series result from per-slice measures (same order as ``series.slices``)."""
