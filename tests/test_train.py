@@ -198,6 +198,12 @@ def test_overfit_answer_comes_back_through_qcnode_assess(tiny: Path, tmp_path: P
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert ANSWER_TEXT in result["explanation"]
     assert result["engine"]["name"] == "vlm"
+    # evaluate reports the paper's metric too: the score written in the generated answer
+    report = tmp_path / "eval"
+    qcnode(["evaluate", str(manifest), "--engine", "vlm", "--model", str(tiny), "--adapter",
+            str(out), "--slices", "1", "--device", "cpu", "--out", str(report)])
+    (line,) = (report / f"predictions-vlm+{out.name}-text.jsonl").read_text().splitlines()
+    assert json.loads(line)["score"] == pytest.approx(3.0)  # "Score: 3.0" as trained
 
 
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
