@@ -22,8 +22,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inference.dataset import Record, validate_manifest, write_manifest
+from inference.dataset import (
+    ManifestError,
+    Record,
+    read_manifest,
+    validate_manifest,
+    write_manifest,
+)
 from inference.prepare import PrepareError, Window, group_series, prepare_series
+from inference.splits import SplitListError, import_splits
 
 DEFAULT_HOLDOUT = 100
 #: The window LDCTIQA's challenge page reports for its slices (others report L−300/W1400).
@@ -157,15 +164,37 @@ def main(args: argparse.Namespace) -> int:
                 print(f"{args.manifest}: {problem}", file=sys.stderr)
             print(f"{args.manifest}: {len(good)} good record(s), {len(problems)} problem(s)")
             return 1 if problems else 0
+        if args.data_command == "splits":
+            return _splits(args)
         if args.data_command == "ldctiqa":
             records = convert_ldctiqa(args.root, args.out, holdout=args.holdout,
                                       seed=args.seed, window=(args.window[0], args.window[1]))
         else:
             records = convert_dicom_csv(args.folder, args.scores, args.out, k=args.slices,
                                         holdout_fraction=args.holdout_fraction, seed=args.seed)
-    except (ConvertError, OSError) as exc:
+    except (ConvertError, OSError, ManifestError, SplitListError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     n_test = sum(r.split == "test" for r in records)
     print(f"{args.out}: {len(records)} record(s), {n_test} in the test hold-out")
     return 0
+
+
+def _splits(args: argparse.Namespace) -> int:
+    """``qcnode train data splits MANIFEST OUT --list SPLIT=FILE …``."""
+    lists: dict[str, Path] = {}
+    for item in args.list:
+        split, sep, file = item.partition("=")
+        if not sep or not split or not file:
+            raise ConvertError(f"--list {item!r} is not SPLIT=FILE")
+        lists[split] = Path(file)
+    done = import_splits(read_manifest(args.manifest), lists)
+    write_manifest(args.out, done.records)
+    counts = ", ".join(f"{n} {split}" for split, n in done.assigned.items())
+    print(f"{args.out}: {len(done.records)} record(s); from the lists: {counts}")
+    missing = {split: names for split, names in done.unmatched.items() if names}
+    for split, names in missing.items():
+        shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+        print(f"{split}: {len(names)} listed image(s) not in {args.manifest}: {shown}",
+              file=sys.stderr)
+    return 1 if missing else 0

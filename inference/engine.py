@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 from inference.errors import EngineError
 from inference.prepare import PreparedSeries, Window
 from inference.result import AssessmentResult, EngineInfo
+from inference.vlm.policy import ExplainPolicy
 
 __all__ = ["ENGINE_NAMES", "Engine", "EngineError", "create_engine", "engine_window"]
 
@@ -44,12 +45,14 @@ class Engine(Protocol):
 def create_engine(
     name: str, *, model: Path | None = None, adapter: Path | None = None,
     device: str = "auto", max_batch: int | None = None,
+    explain: ExplainPolicy | None = None,
 ) -> Engine:
     """Build the engine called ``name`` ("physics" or "vlm").
 
     The VLM needs a local ``model`` directory (and optionally a LoRA ``adapter``
     directory); nothing is fetched from a hub. ``max_batch`` bounds the slices per
-    forward pass (default: the model card's).
+    forward pass (default: the model card's). ``explain`` is the VLM's
+    :class:`~inference.vlm.policy.ExplainPolicy` (default: explain every series).
 
     Raises
     ------
@@ -68,7 +71,8 @@ def create_engine(
         source: Any = import_module("inference.vlm.source")
         source.resolve_source(model, adapter)  # torch-free: fails before torch loads
         vlm: Any = import_module("inference.vlm")
-        engine: Engine = vlm.VlmEngine(model, adapter, device=device, max_batch=max_batch)
+        engine: Engine = vlm.VlmEngine(model, adapter, device=device, max_batch=max_batch,
+                                       explain=explain)
         return engine
     raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
 

@@ -91,7 +91,9 @@ class PreparedSlice:
     """One selected image plane: HU, geometry and the rendered RGB image.
 
     ``frame`` is the 1-based frame number of a multi-frame instance, else None;
-    ``index`` is the 0-based position of the plane in the series sorted along the normal.
+    ``index`` is the 0-based position of the plane in the series sorted along the normal;
+    ``hu_range`` is the (floor, ceiling) HU of a windowed raster whose ``hu`` was
+    reconstructed from grey values (values at either end were clipped), None for DICOM.
     """
 
     sop_instance_uid: str
@@ -101,6 +103,7 @@ class PreparedSlice:
     pixel_spacing: tuple[float, float]
     rgb: np.ndarray
     index: int = 0
+    hu_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ import structlog
 import torch
 
 from inference.card import DEFAULT_CARD, ModelCard
-from inference.dataset import ManifestError, read_manifest
+from inference.dataset import ManifestError, Record, read_manifest
 from inference.train_args import TrainArgs, TrainArgsError, load_train_args
 from inference.train_data import ExampleDataset, TrainDataError, collate
 from inference.train_loop import Trainer, TrainState, latest_checkpoint, write_log
@@ -129,11 +130,16 @@ def run(args: TrainArgs, *, process_index: int = 0) -> TrainOutcome:
     card = base_card(args, model.config)
     dataset = ExampleDataset(processor, card, records,
                              require_explanations=args.data.require_explanations)
+    evaluation = None
+    if args.data.eval_split is not None:
+        evaluation = ExampleDataset(processor, card, eval_records(args),
+                                    require_explanations=args.data.require_explanations)
     out = Path(args.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_args.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
     pad_id = int(processor.tokenizer.pad_token_id)
-    trainer = Trainer(model, dataset, args.training, lambda b: collate(b, pad_id), device)
+    trainer = Trainer(model, dataset, args.training, lambda b: collate(b, pad_id), device,
+                      eval_dataset=evaluation)
     resume = args.training.resume_from
     if resume == "latest":
         found = latest_checkpoint(out)
@@ -147,6 +153,20 @@ def run(args: TrainArgs, *, process_index: int = 0) -> TrainOutcome:
     log.info("train_done", steps=state.global_step, seconds=round(time.monotonic() - started, 1),
              final_loss=state.history[-1]["loss"] if state.history else None)
     return TrainOutcome(state, model, processor, ModelCard.load(saved), out)
+
+
+def eval_records(args: TrainArgs) -> list[Record]:
+    """The fixed eval sample: at most ``eval_max_records`` of ``eval_split``, drawn once
+    with ``eval_seed`` (the same records at every evaluation and on every resume)."""
+    data = args.data
+    records = read_manifest(Path(data.manifest), split=data.eval_split, check_images=True)
+    if not records:
+        raise TrainDataError(f"no records of eval split {data.eval_split!r} in {data.manifest}")
+    if len(records) > data.eval_max_records:
+        picked = sorted(random.Random(data.eval_seed).sample(range(len(records)),
+                                                              data.eval_max_records))
+        records = [records[i] for i in picked]
+    return records
 
 
 def save_final(model: Any, processor: Any, card: ModelCard, args: TrainArgs, out: Path) -> Path:
@@ -168,7 +188,8 @@ def _args_from_cli(ns: argparse.Namespace) -> TrainArgs:
         value = getattr(ns, flag, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(str(value))}")
-    return load_train_args(getattr(ns, "args", None), overrides)
+    return load_train_args(getattr(ns, "args", None), overrides,
+                           recipe=getattr(ns, "recipe", None))
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -197,4 +218,5 @@ if __name__ == "__main__":  # `accelerate launch -m inference.train --args F`
     parser.add_argument("--args", type=Path, default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--recipe", default=None)
     sys.exit(main(parser.parse_args()))

@@ -16,6 +16,12 @@ Example ``train.toml``::
     gradient_accumulation_steps = 16
     learning_rate = 2e-4
 
+``qcnode train --recipe published`` starts from the published recipe (seed 000's
+``trainSFT.py``): LoRA on all linear layers (the SigLIP tower included), gradient
+clipping at 0.3, batch 4 × 4 accumulation, and an eval loss every 50 steps on a fixed
+sample of at most 100 records of the ``val`` split (import the authors' split lists with
+``qcnode train data splits``). A file and ``--set`` overrides still apply on top.
+
 Torch-free, so the arguments can be checked on any host.
 """
 
@@ -59,6 +65,11 @@ class DataArguments:
 
     manifest: str = ""
     train_split: str | None = "train"  # None: every record
+    #: records of this split give an eval loss (None: no evaluation); a fixed sample of
+    #: at most ``eval_max_records``, drawn once with ``eval_seed``
+    eval_split: str | None = None
+    eval_max_records: int = 100
+    eval_seed: int = 42
     require_explanations: bool = True  # else score-only answers ("Reasoning: " empty)
     max_records: int | None = None
 
@@ -77,6 +88,7 @@ class TrainingArguments:
     warmup_ratio: float = 0.03
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
+    eval_steps: int = 50  # eval loss every N optimizer steps and at the end (with eval_split)
     gradient_checkpointing: bool = True
     logging_steps: int = 1
     save_steps: int = 100
@@ -116,9 +128,24 @@ class TrainArgs:
             problems.append("training.num_train_epochs or training.max_steps must be positive")
         if t.learning_rate <= 0:
             problems.append("training.learning_rate must be positive")
+        if t.max_grad_norm <= 0:
+            problems.append("training.max_grad_norm must be positive")
+        if self.data.eval_split is not None and self.data.eval_split == self.data.train_split:
+            problems.append("data.eval_split must differ from data.train_split")
+        if self.data.eval_max_records < 1 or t.eval_steps < 0:
+            problems.append("data.eval_max_records must be >= 1 and training.eval_steps >= 0")
         if problems:
             raise TrainArgsError("; ".join(problems))
 
+
+#: The published recipe's settings (REFERENCES.md; seed 000's trainSFT.py), as overrides.
+RECIPES: dict[str, tuple[str, ...]] = {
+    "published": (
+        'model.lora_target_modules="all-linear"', "training.max_grad_norm=0.3",
+        "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=4",
+        'data.eval_split="val"', "training.eval_steps=50", "data.eval_max_records=100",
+    ),
+}
 
 _SECTIONS = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
 
@@ -147,13 +174,21 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def load_train_args(path: Path | None = None, overrides: list[str] | None = None) -> TrainArgs:
-    """Arguments from a TOML or JSON file (sections model/data/training), then overrides.
+def load_train_args(path: Path | None = None, overrides: list[str] | None = None,
+                    recipe: str | None = None) -> TrainArgs:
+    """Arguments from a recipe (:data:`RECIPES`), then a TOML or JSON file (sections
+    model/data/training), then overrides.
 
     ``overrides`` are ``section.key=value`` strings; the value is parsed as JSON when it
     can be (numbers, true/false, null), else taken as text.
     """
+    if recipe is not None and recipe not in RECIPES:
+        raise TrainArgsError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     args = TrainArgs()
+    for item in RECIPES.get(recipe or "", ()):
+        name, _, raw = item.partition("=")
+        section, _, key = name.partition(".")
+        _set(args, section, key, _parse_value(raw))
     if path is not None:
         try:
             text = path.read_text(encoding="utf-8")

@@ -33,7 +33,7 @@ class SizedDataset(Protocol):
     def __getitem__(self, index: int) -> Any: ...
 
 
-LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "seconds")
+LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "seconds", "eval_loss")
 _STATE_FILE = "trainer_state.json"
 
 
@@ -73,12 +73,14 @@ class Trainer:
     def __init__(
         self, model: Any, dataset: SizedDataset, args: TrainingArguments,
         collate: Callable[[list[Any]], dict[str, torch.Tensor]], device: str,
+        eval_dataset: SizedDataset | None = None,
     ) -> None:
         from accelerate import Accelerator
 
         self.accelerator = Accelerator(cpu=device == "cpu")
         self.args = args
         self.dataset = dataset
+        self.eval_dataset = eval_dataset
         self.collate = collate
         self.device = device
         params = [p for p in model.parameters() if p.requires_grad]
@@ -113,8 +115,10 @@ class Trainer:
         per_epoch = math.ceil(len(self._micro_batches(0)) / self.args.gradient_accumulation_steps)
         return max(1, math.ceil(per_epoch * self.args.num_train_epochs))
 
-    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.collate([self.dataset[i] for i in indices])
+    def _batch(self, indices: list[int], dataset: SizedDataset | None = None
+               ) -> dict[str, torch.Tensor]:
+        source = self.dataset if dataset is None else dataset
+        batch = self.collate([source[i] for i in indices])
         dtype = next(p for p in self.params).dtype if self.device == "cpu" else torch.bfloat16
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -137,7 +141,33 @@ class Trainer:
             if pos >= len(micro):
                 self.state.epoch += 1
                 self.state.micro_in_epoch = 0
+        history = self.state.history
+        if self.eval_dataset is not None and history and "eval_loss" not in history[-1]:
+            history[-1]["eval_loss"] = self.eval_loss()
         return self.state
+
+    def eval_loss(self) -> float:
+        """Mean loss (answer tokens) over the eval dataset, without gradients.
+
+        Each example's loss is weighted by its batch's size, so the value does not depend
+        on how the fixed eval sample falls into batches.
+        """
+        if self.eval_dataset is None or len(self.eval_dataset) == 0:
+            raise ValueError("no eval dataset")
+        bs = self.args.per_device_train_batch_size
+        total, count = 0.0, 0
+        self.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(self.eval_dataset), bs):
+                indices = list(range(start, min(start + bs, len(self.eval_dataset))))
+                out = self.model(**self._batch(indices, self.eval_dataset))
+                total += float(out.loss) * len(indices)
+                count += len(indices)
+        self.model.train()
+        loss = total / count
+        log.info("train_eval", step=self.state.global_step, eval_loss=round(loss, 6),
+                 records=count)
+        return loss
 
     def _step(self, window: list[list[int]]) -> float:
         total = 0.0
@@ -161,6 +191,9 @@ class Trainer:
             "learning_rate": float(self.scheduler.get_last_lr()[0]),
             "grad_norm": self._last_norm, "seconds": time.monotonic() - started,
         }
+        every = self.args.eval_steps
+        if self.eval_dataset is not None and every > 0 and s.global_step % every == 0:
+            row["eval_loss"] = self.eval_loss()
         s.history.append(row)
         if s.global_step % max(1, self.args.logging_steps) == 0:
             log.info("train_step", **{k: round(v, 6) for k, v in row.items()})
@@ -219,14 +252,20 @@ def write_log(output_dir: Path, history: list[dict[str, float]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: row[k] for k in LOG_FIELDS})
+            writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history], marker=".")
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], marker=".",
+            label="train")
+    evals = [r for r in history if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o",
+                label="eval")
+        ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (answer tokens)")
     ax.set_title("qcnode train")

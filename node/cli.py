@@ -116,6 +116,8 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--resume", default=None, help="checkpoint directory, or 'latest'")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one argument, e.g. training.max_steps=10")
+    p.add_argument("--recipe", choices=("published",), default=None,
+                   help="start from the published recipe (all-linear LoRA, clip 0.3, eval loss)")
     p.set_defaults(handler="train")
     actions = p.add_subparsers(dest="train_command", metavar="ACTION")
     e = actions.add_parser("explain", help="draft explanations for a scores-only manifest")
@@ -139,6 +141,11 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--window", type=float, nargs=2, default=[40.0, 350.0],
                    metavar=("CENTER", "WIDTH"), help="HU window the TIFFs were made with")
+    v = data.add_parser("splits", help="set splits from published lists (e.g. the authors')")
+    v.add_argument("manifest", type=Path)
+    v.add_argument("out", type=Path)
+    v.add_argument("--list", action="append", required=True, metavar="SPLIT=FILE",
+                   help="a JSONL (with \"image\") or text list, e.g. val=val.jsonl")
     v = data.add_parser("dicom", help="folder of DICOM series + CSV of scores -> manifest")
     v.add_argument("folder", type=Path)
     v.add_argument("scores", type=Path)

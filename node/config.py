@@ -268,6 +268,11 @@ class EngineSettings(_Section):
     adapter: Path | None = None
     slices: int = Field(default=8, ge=1, le=512)
     device: str = "auto"
+    #: VLM: which series get a generated explanation (inference.vlm.policy): "always",
+    #: "below" (read-out score below ``explain_below``; others get the physics words),
+    #: or "never".
+    explain: Literal["always", "below", "never"] = "always"
+    explain_below: float = Field(default=2.5, ge=0.0, le=4.0)
 
     @model_validator(mode="after")
     def _vlm_needs_model(self) -> EngineSettings:

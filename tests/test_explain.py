@@ -11,9 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from inference.dataset import read_manifest
+from inference.ctsim import simulate_slice
+from inference.dataset import Record, read_manifest
+from inference.explain import physics_draft
+from inference.physics import PhysicsEngine
 from node.cli import main as qcnode
 from tests.support.labelled import write_series
 from tests.support.net import free_port, wait_port
@@ -111,3 +116,31 @@ def test_physics_drafts_without_a_teacher(scores_only: Path, tmp_path: Path) -> 
     for r in records:
         assert r.explanation and "Noise" in r.explanation and "HU" in r.explanation
         assert not re.search(r"\bscore\b", r.explanation, re.I)  # no competing score
+
+
+def _windowed_tiff(path: Path, metal: bool) -> Path:
+    """A simulated abdominal slice as LDCTIQA stores it: W350/L40 grey values in a TIFF."""
+    hu, _ = simulate_slice(512, 0.7, 0.3, 0.5, metal, np.random.default_rng(7))
+    gray = np.clip((hu - (40.0 - 175.0)) / 350.0, 0.0, 1.0).astype(np.float32)
+    Image.fromarray(gray, mode="F").save(path)
+    return path
+
+
+def test_physics_draft_of_a_windowed_slice_measures_what_the_window_still_shows(
+    tmp_path: Path,
+) -> None:
+    """After the 350/40 window air reads −135 HU and metal 215 HU: the body is what lies
+    above the floor, bone and metal what sits at the ceiling, so a metal slice's draft
+    speaks of its streaks — not of "no dense material" and a body cut by the field of
+    view, which is what the fixed −500/2000 HU thresholds described before."""
+    engine = PhysicsEngine()
+    drafts = {}
+    for metal in (True, False):
+        image = _windowed_tiff(tmp_path / f"metal{int(metal)}.tif", metal)
+        drafts[metal] = physics_draft(Record(image=image, score=1.0, id=str(metal)), engine)
+    for text in drafts.values():
+        assert "No dense material" not in text
+        assert "field of view" not in text
+        assert "0.0 HU in fat" not in text  # air at the floor is not fat
+    assert "Streaks from" in drafts[True]
+    assert "Streaks from" not in drafts[False] and "Bone or metal" in drafts[False]

@@ -198,6 +198,12 @@ def test_overfit_answer_comes_back_through_qcnode_assess(tiny: Path, tmp_path: P
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert ANSWER_TEXT in result["explanation"]
     assert result["engine"]["name"] == "vlm"
+    # evaluate reports the paper's metric too: the score written in the generated answer
+    report = tmp_path / "eval"
+    qcnode(["evaluate", str(manifest), "--engine", "vlm", "--model", str(tiny), "--adapter",
+            str(out), "--slices", "1", "--device", "cpu", "--out", str(report)])
+    (line,) = (report / f"predictions-vlm+{out.name}-text.jsonl").read_text().splitlines()
+    assert json.loads(line)["score"] == pytest.approx(3.0)  # "Score: 3.0" as trained
 
 
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
@@ -224,3 +230,69 @@ def test_missing_explanations_fail_with_every_record_named(
     err = capsys.readouterr().err
     assert "1 record(s) have no explanation: held (line 5)" in err
     assert "qcnode train explain" in err
+
+
+def test_published_recipe_adapts_the_vision_tower_and_reports_an_eval_loss(
+    tiny: Path, manifest: Path, tmp_path: Path
+) -> None:
+    """The recipe's options: LoRA on all linear layers (SigLIP included), clipping at 0.3,
+    and an eval loss on a fixed sample of the ``val`` split, logged beside the loss.
+
+    The base is loaded unquantised here: bitsandbytes 0.50's CPU 4-bit kernel adds a
+    layer's bias in place (``result += bias``), which autograd refuses once a LoRA layer
+    upstream makes the input require grad — only SigLIP's layers have biases, so only
+    all-linear on CPU meets it (the decoder-only default trains in 4-bit above)."""
+    lines = manifest.read_text().splitlines()
+    val = [json.dumps({**json.loads(lines[i]), "split": "val", "id": f"val{i}"})
+           for i in (1, 2)]
+    split_manifest = manifest.parent / "with_val.jsonl"
+    split_manifest.write_text("\n".join([*lines[:4], *val]) + "\n")
+    args = load_train_args(None, [
+        f"model.model_dir={json.dumps(str(tiny))}",
+        f"data.manifest={json.dumps(str(split_manifest))}",
+        f"training.output_dir={json.dumps(str(tmp_path / 'adapter'))}",
+        "training.max_steps=4", "training.eval_steps=2", "training.save_steps=0",
+        "training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=1",
+        "training.device=\"cpu\"", "training.learning_rate=0.005", "training.warmup_ratio=0",
+        "model.load_in_4bit=false",
+    ], recipe="published")
+    assert (args.model.lora_target_modules, args.training.max_grad_norm) == ("all-linear", 0.3)
+    outcome = run(args)
+    evals = [(r["step"], r["eval_loss"]) for r in outcome.state.history if "eval_loss" in r]
+    assert [step for step, _ in evals] == [2.0, 4.0]
+    assert all(np.isfinite(loss) and loss > 0 for _, loss in evals)
+    csv_rows = (outcome.output_dir / "training_log.csv").read_text().splitlines()
+    assert csv_rows[0].endswith(",eval_loss") and csv_rows[2].split(",")[-1] != ""
+    keys = load_file(str(outcome.output_dir / "adapter_model.safetensors")).keys()
+    assert any("vision" in k for k in keys) and any("language_model" in k for k in keys)
+    with pytest.raises(TrainArgsError, match="unknown recipe"):
+        load_train_args(None, [], recipe="mine")
+
+
+def test_the_authors_split_lists_set_the_manifest_splits(tmp_path: Path) -> None:
+    """Their lists hold paths like ./data/LDCTiqa_png/0249.png and a teacher's answer that
+    saw the score: only membership is taken, matched by file name without extension."""
+    root = tmp_path / "tif"
+    root.mkdir()
+    lines = []
+    for name in ("0249", "0527", "0822", "0900"):
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / f"{name}.tif")
+        lines.append(json.dumps({"image": f"tif/{name}.tif", "score": 2.0, "split": "train"}))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    authors_val = tmp_path / "val.jsonl"
+    authors_val.write_text("".join(json.dumps({
+        "image": f"./data/LDCTiqa_png/{n}.png", "instruction": "…",
+        "output": "Score: 1.8\nReasoning: a rating of 1.8 …"}) + "\n" for n in ("0249", "0822")))
+    authors_train = tmp_path / "train.txt"
+    authors_train.write_text("0527.png\n0900\n")
+    out = tmp_path / "out.jsonl"
+    rc = qcnode(["train", "data", "splits", str(manifest), str(out),
+                 "--list", f"val={authors_val}", "--list", f"train={authors_train}"])
+    assert rc == 0
+    got = {r.image.stem: (r.split, r.explanation) for r in read_manifest(out)}
+    assert got == {"0249": ("val", None), "0822": ("val", None), "0527": ("train", None),
+                   "0900": ("train", None)}
+    authors_train.write_text("0527\n0900\n1234\n")  # an image the manifest lacks
+    assert qcnode(["train", "data", "splits", str(manifest), str(out),
+                   "--list", f"train={authors_train}"]) == 1

@@ -7,6 +7,7 @@ MedGemma, and its numbers are checked against plain transformers calls.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ from inference.prepare import PreparedSeries
 from inference.result import SCORE_LABELS
 from inference.vlm import ModelDirectoryError, VlmEngine
 from inference.vlm.engine import aggregate, deciding_slices
+from inference.vlm.policy import ExplainMode, ExplainPolicy
 from inference.vlm.prompting import prompt_text, to_image
 from inference.vlm.readout import SliceReadout
+from tests.support.labelled import phantom
 from tests.support.prepared import random_series
 from tests.support.tiny_gemma import build_merged
 
@@ -245,3 +248,54 @@ def test_disagreement_between_text_and_readout_is_noted(engine: VlmEngine) -> No
 def test_vlm_engine_is_an_engine_for_the_type_checker(tiny_gemma_dir: Path) -> None:
     engine: Engine = VlmEngine(tiny_gemma_dir, device="cpu")
     assert engine.info.version
+
+
+def _phantom_series(n: int = 3) -> PreparedSeries:
+    """Random RGB for the model, a measurable water-cylinder phantom in HU for physics."""
+    base = random_series(n, seed=4, series=1)
+    slices = tuple(replace(s, hu=phantom(72, seed=i).astype(np.float32))
+                   for i, s in enumerate(base.slices))
+    return replace(base, slices=slices)
+
+
+def test_the_vlm_result_carries_the_physics_evidence_of_its_slices(engine: VlmEngine) -> None:
+    """The README's promise: the measured evidence (noise in HU, where) beside the words.
+    Before, only the physics engine's result had any."""
+    series = _phantom_series()
+    result = engine.assess(series)
+    noise = [m for m in result.evidence if m.name == "noise_hu"]
+    assert len(noise) == 1
+    assert 5.0 < noise[0].value < 20.0  # the phantom's noise is 10 HU
+    assert noise[0].sop_instance_uid in {s.sop_instance_uid for s in series.slices}
+    assert noise[0].region is not None  # where it was measured
+
+
+@pytest.mark.parametrize(("mode", "below", "explained"),
+                         [("never", 2.5, False), ("below", 0.0, False), ("below", 4.0, True)])
+def test_the_explain_policy_decides_which_series_get_generated_text(
+    tiny_gemma_dir: Path, mode: ExplainMode, below: float, explained: bool
+) -> None:
+    engine = VlmEngine(tiny_gemma_dir, device="cpu", explain=ExplainPolicy(mode, below))
+    result = engine.assess(_phantom_series())
+    # the tiny random model writes no "Score:" line: each generated answer leaves a note
+    generated = any("no score after a 'Score:' label" in n for n in result.notes)
+    assert generated is explained
+    if not explained:  # the physics measurements in words, and the read-out score
+        assert result.explanation.startswith("Noise ")
+        assert "read from the model's score probabilities" in result.explanation
+
+
+def test_ratings_in_the_generated_prose_never_contradict_the_readout(engine: VlmEngine) -> None:
+    """The published answers repeat their score inside the prose; before, only the
+    ``Score:`` line was taken out, and a report could say "rate it 1/4" beside 3.0."""
+    from inference.vlm.engine import _Explained
+
+    series = _phantom_series(1)
+    readouts = [SliceReadout.from_digits((0.0, 0.0, 0.1, 0.8, 0.1))]  # read-out 3.0
+    answer = ("Score: 3.0\nReasoning: Mild noise in the liver. Overall I would rate it 1/4. "
+              "The image quality is bad.")
+    result = engine._result(series, readouts, [_Explained(0, "worst", answer)])
+    assert "1/4" not in result.explanation and "bad" not in result.explanation
+    assert "Mild noise in the liver." in result.explanation
+    notes = [n for n in result.notes if "left out" in n]
+    assert len(notes) == 2 and "read-out gives 3.0" in notes[0]

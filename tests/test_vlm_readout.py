@@ -8,6 +8,7 @@ continuation), computed here by hand from the text ``… Score: d.``.
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -135,6 +136,16 @@ def test_max_batch_chunks_the_readout_with_two_passes_per_chunk(
     )
     texts = small_batch_engine.generate(series.slices[:3])  # generation is chunked too
     assert len(texts) == 3
+
+
+def test_the_readout_passes_the_cache_by_the_models_current_keyword(engine: VlmEngine) -> None:
+    """transformers 5.x deprecated ``past_key_values=`` (FutureWarning, removed in 5.40):
+    the decimal pass must use the keyword the installed model's ``forward`` declares."""
+    series = _series(2, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        readouts = engine.read_slices(series.slices)
+    assert len(readouts) == 2 and all(len(r.values) == 41 for r in readouts)
 
 
 def test_max_batch_must_be_positive(tiny_gemma_dir: Path) -> None:

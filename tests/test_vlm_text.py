@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from inference.result import FindingKind, Severity
+from inference.vlm.consistency import check_ratings
 from inference.vlm.findings import extract_findings, merge_findings
 from inference.vlm.parsing import parse_answer, parse_score
+from inference.vlm.policy import ExplainMode, ExplainPolicy
 
 
 @pytest.mark.parametrize(
@@ -100,3 +102,54 @@ def test_merge_keeps_the_most_severe_per_kind() -> None:
     assert merged[FindingKind.NOISE].severity is Severity.SEVERE
     assert merged[FindingKind.NOISE].sop_instance_uid == "1.2"
     assert merged[FindingKind.BLUR].severity is Severity.MILD
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "rated"),
+    [
+        # the published answers' habit: a rating repeated inside the prose
+        ("Moderate noise in the liver. Overall I would rate it 3/4.",
+         "Moderate noise in the liver.", [3.0]),
+        ("A score of 1.5 reflects the heavy noise. Streaks from the hip prosthesis.",
+         "Streaks from the hip prosthesis.", [1.5]),
+        ("The overall image quality is excellent, with sharp edges.\nFat is dark.",
+         "Fat is dark.", [4.0]),
+        ("The image was rated 2 out of 4.", "", [2.0]),
+        ("Good quality image with minimal noise.", "", [3.0]),
+        # measured quantities are not ratings
+        ("Noise about 20 HU; slice 3 of 4 shows streaks; edges 0.7 mm wide.",
+         "Noise about 20 HU; slice 3 of 4 shows streaks; edges 0.7 mm wide.", []),
+        ("The noise level scored 12 HU. Streak index 3.5 HU.",
+         "The noise level scored 12 HU. Streak index 3.5 HU.", []),
+    ],
+)
+def test_ratings_inside_the_prose_are_taken_out(text: str, kept: str, rated: list[float]
+                                                 ) -> None:
+    checked = check_ratings(text, readout=1.4, threshold=0.75)
+    assert checked.text == kept
+    assert [r.value for r in checked.ratings] == rated
+
+
+def test_a_rating_contradicts_when_it_is_far_from_the_readout() -> None:
+    text = "Mild noise. I would give it 3.5. Overall quality is poor."
+    near = check_ratings(text, readout=3.2, threshold=0.75)
+    assert [r.contradicts for r in near.ratings] == [False, True]  # 3.5 ≈ 3.2; poor ≠ good
+    far = check_ratings(text, readout=1.0, threshold=0.75)
+    assert [r.contradicts for r in far.ratings] == [True, False]  # 3.5 ≠ 1.0; poor ≈ poor
+    assert near.text == far.text == "Mild noise."
+
+
+@pytest.mark.parametrize(
+    ("mode", "below", "score", "wants"),
+    [("always", 2.5, 3.9, True), ("below", 2.5, 2.4, True), ("below", 2.5, 2.6, False),
+     ("never", 2.5, 0.1, False)],
+)
+def test_explain_policy(mode: ExplainMode, below: float, score: float, wants: bool) -> None:
+    assert ExplainPolicy(mode, below).wants(score) is wants
+
+
+def test_explain_policy_is_validated() -> None:
+    with pytest.raises(ValueError, match="explain must be one of"):
+        ExplainPolicy("sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="0–4"):
+        ExplainPolicy("below", 5.0)

@@ -9,7 +9,7 @@ and the series result is assembled with coded findings, evidence and an explanat
 from __future__ import annotations
 
 from inference.physics.measures import SliceMeasures, measure_slice
-from inference.physics.report import build_result, describe_measurements
+from inference.physics.report import Evidence, build_result, describe_measurements, evidence
 from inference.physics.scoring import DEFAULT_THRESHOLDS, ScoreThresholds
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult, EngineInfo
@@ -17,7 +17,9 @@ from inference.result import AssessmentResult, EngineInfo
 ENGINE_NAME = "physics"
 ENGINE_VERSION = "1.0.0"
 
-__all__ = ["DEFAULT_THRESHOLDS", "PhysicsEngine", "ScoreThresholds", "SliceMeasures"]
+__all__ = [
+    "DEFAULT_THRESHOLDS", "Evidence", "PhysicsEngine", "ScoreThresholds", "SliceMeasures",
+]
 
 
 class PhysicsEngine:
@@ -33,7 +35,7 @@ class PhysicsEngine:
 
     def measure(self, series: PreparedSeries) -> list[SliceMeasures]:
         """The measurements of every prepared slice, in slice order."""
-        return [measure_slice(s.hu, s.pixel_spacing) for s in series.slices]
+        return [measure_slice(s.hu, s.pixel_spacing, s.hu_range) for s in series.slices]
 
     def assess(self, series: PreparedSeries) -> AssessmentResult:
         """Assess one prepared series (raises ValueError if it has no slices)."""
@@ -47,3 +49,10 @@ class PhysicsEngine:
         if not series.slices:
             raise ValueError(f"series {series.series_instance_uid} has no prepared slices")
         return describe_measurements(series, self.measure(series), self.thresholds)
+
+    def evidence(self, series: PreparedSeries) -> Evidence:
+        """The measurements of ``series`` in words, findings and evidence items, without a
+        score (for another engine's result); raises ValueError like :meth:`assess`."""
+        if not series.slices:
+            raise ValueError(f"series {series.series_instance_uid} has no prepared slices")
+        return evidence(series, self.measure(series), self.thresholds)

@@ -9,6 +9,15 @@
   edge-spread profiles across the body outline, aligned and averaged; 10–90 % edge width
   in mm and the MTF50 of the Gaussian edge with that width.
 * Contrast in HU between soft tissue and fat, and CNR = contrast / noise.
+
+A slice may come from a windowed raster (LDCTIQA's PNG/TIFF: W350/L40), whose grey values
+only cover ``hu_range`` = [−135, 215] HU: air reads as the floor, bone and metal as the
+ceiling. The measures then use what such an image still shows: the body is what lies
+above the floor, dense material is what sits at the ceiling (bone and metal alike, the
+window cannot tell them apart), streaks are measured in the soft tissue (0–150 HU)
+around it (the step from bone to tissue would otherwise read as streaks; values beyond
+the window are clipped, so the index reads lower than on the scanner's HU), and the
+skin–air edge is not measured (its rise from −1000 HU is cut off at the floor).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ SOFT_TISSUE_HU = (0.0, 150.0)
 FAT_HU = (-300.0, 0.0)
 DENSE_HU = 2000.0
 BODY_HU = -500.0
+#: Pixels within this many HU of a windowed image's floor or ceiling count as clipped.
+CLIP_TOLERANCE_HU = 0.5
 MIN_DENSE_PIXELS = 4
 STREAK_ANNULUS_MM = (4.0, 40.0)
 EDGE_RAYS = 90
@@ -33,6 +44,8 @@ _WIDTH_PER_SIGMA = 2.5631
 _F50_TIMES_SIGMA = math.sqrt(math.log(2) / (2 * math.pi**2))
 
 Box = tuple[float, float, float, float]  # col0, row0, col1, row1
+#: (floor, ceiling) HU a windowed image's grey values span; None: unclipped HU.
+HuRange = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class StreakMeasure:
     index_hu: float
     dense_pixels: int
     box: Box | None
+    #: dense means "at a windowed image's ceiling" (bone or metal), not > 2000 HU
+    clipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,9 +169,25 @@ def tissue_noise(mean: np.ndarray, sd: np.ndarray, mask: np.ndarray, factor: flo
     return NoiseMeasure(sd_hu, float(mean[mask].mean()), count, _box(mask))
 
 
-def body_mask(hu: np.ndarray) -> np.ndarray:
-    """The largest connected region above −500 HU, holes filled."""
-    labels, n = ndimage.label(hu > BODY_HU)
+def body_threshold(hu_range: HuRange | None) -> float:
+    """HU above which a pixel belongs to the body: −500, or just above the floor of a
+    windowed image whose floor lies higher (there, air reads as the floor)."""
+    if hu_range is None or hu_range[0] + CLIP_TOLERANCE_HU < BODY_HU:
+        return BODY_HU
+    return hu_range[0] + CLIP_TOLERANCE_HU
+
+
+def dense_threshold(hu_range: HuRange | None) -> float:
+    """HU above which material is dense: 2000, or just below the ceiling of a windowed
+    image whose ceiling lies lower (there, bone and metal both read as the ceiling)."""
+    if hu_range is None or hu_range[1] - CLIP_TOLERANCE_HU > DENSE_HU:
+        return DENSE_HU
+    return hu_range[1] - CLIP_TOLERANCE_HU
+
+
+def body_mask(hu: np.ndarray, hu_range: HuRange | None = None) -> np.ndarray:
+    """The largest connected region above :func:`body_threshold`, holes filled."""
+    labels, n = ndimage.label(hu > body_threshold(hu_range))
     if n == 0:
         return np.zeros(hu.shape, dtype=bool)
     sizes = ndimage.sum_labels(np.ones_like(hu), labels, index=np.arange(1, n + 1))
@@ -165,24 +196,36 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
 
 
 def streak_index(hu: np.ndarray, mean: np.ndarray, body: np.ndarray, ref_sd: float | None,
-                 spacing: tuple[float, float]) -> StreakMeasure:
+                 spacing: tuple[float, float], hu_range: HuRange | None = None
+                 ) -> StreakMeasure:
     """sqrt(SD² − SD_ref²) of tissue in an annulus around dense material (0 without)."""
-    dense = hu > DENSE_HU
+    threshold = dense_threshold(hu_range)
+    clipped = threshold < DENSE_HU
+    dense = hu > threshold
     count = int(dense.sum())
     if count < MIN_DENSE_PIXELS or ref_sd is None:
-        return StreakMeasure(0.0, count, None)
+        return StreakMeasure(0.0, count, None, clipped)
     distance = ndimage.distance_transform_edt(~dense) * min(spacing)
     near, far = STREAK_ANNULUS_MM
     annulus = (distance > near) & (distance < far) & body
-    tissue = annulus & (mean > -200.0) & (mean < 300.0)
+    if clipped:
+        # bone sits at the ceiling too: only soft tissue around it, so that the step from
+        # bone to tissue does not read as streaks; the window has bounded the values
+        tissue = annulus & (mean > SOFT_TISSUE_HU[0]) & (mean < SOFT_TISSUE_HU[1])
+    else:
+        tissue = annulus & (mean > -200.0) & (mean < 300.0)
     if tissue.sum() < 100:
-        return StreakMeasure(0.0, count, _box(dense))
+        return StreakMeasure(0.0, count, _box(dense), clipped)
     values = hu[tissue]
-    lo, hi = np.percentile(values, [2, 98])
-    trimmed = values[(values >= lo) & (values <= hi)]
-    # a 2–98 % trimmed SD of a normal sample is 0.88 σ; undo the trim
-    sd_art = float(trimmed.std()) / 0.88
-    return StreakMeasure(math.sqrt(max(sd_art**2 - ref_sd**2, 0.0)), count, _box(annulus))
+    if clipped:
+        sd_art = float(values.std())
+    else:
+        lo, hi = np.percentile(values, [2, 98])
+        trimmed = values[(values >= lo) & (values <= hi)]
+        # a 2–98 % trimmed SD of a normal sample is 0.88 σ; undo the trim
+        sd_art = float(trimmed.std()) / 0.88
+    index = math.sqrt(max(sd_art**2 - ref_sd**2, 0.0))
+    return StreakMeasure(index, count, _box(annulus), clipped)
 
 
 def edge_sharpness(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float]
@@ -245,11 +288,13 @@ def _rise_distance(x: np.ndarray, esf: np.ndarray) -> float | None:
     return width if width > 0 else None
 
 
-def measure_slice(hu: np.ndarray, spacing: tuple[float, float]) -> SliceMeasures:
-    """All measures for one HU slice with ``spacing`` (row, column) in mm."""
+def measure_slice(hu: np.ndarray, spacing: tuple[float, float],
+                  hu_range: HuRange | None = None) -> SliceMeasures:
+    """All measures for one HU slice with ``spacing`` (row, column) in mm; ``hu_range``
+    for a windowed image (see the module doc)."""
     size = _kernel(spacing)
     mean, sd = local_stats(hu, size)
-    body = body_mask(hu)
+    body = body_mask(hu, hu_range)
     core = ndimage.binary_erosion(body, iterations=size) if body.any() else body
     soft = tissue_mask(mean, SOFT_TISSUE_HU, core)
     factor, n_eff = 1.0 - 1.0 / (size * size), float(size * size)
@@ -263,8 +308,9 @@ def measure_slice(hu: np.ndarray, spacing: tuple[float, float]) -> SliceMeasures
     factor *= (nu - 1.0) / nu
     noise = tissue_noise(mean, sd, soft, factor)
     fat = tissue_noise(mean, sd, tissue_mask(mean, FAT_HU, core), factor)
-    streak = streak_index(hu, mean, body, noise.sd_hu, spacing)
-    edge = edge_sharpness(hu, body, spacing)
+    streak = streak_index(hu, mean, body, noise.sd_hu, spacing, hu_range)
+    air_clipped = body_threshold(hu_range) > BODY_HU
+    edge = EdgeMeasure(None, None) if air_clipped else edge_sharpness(hu, body, spacing)
     contrast = cnr = None
     if noise.mean_hu is not None and fat.mean_hu is not None and noise.sd_hu:
         contrast = noise.mean_hu - fat.mean_hu

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference.physics.measures import BODY_HU, Box, SliceMeasures
+from inference.physics.measures import Box, SliceMeasures, body_threshold
 from inference.physics.scoring import (
     ScoreThresholds,
     noise_words,
@@ -71,7 +71,7 @@ def _truncation(series: PreparedSeries) -> tuple[float, PreparedSlice]:
     worst = (0.0, series.slices[0])
     for s in series.slices:
         border = np.concatenate([s.hu[0], s.hu[-1], s.hu[:, 0], s.hu[:, -1]])
-        frac = float((border > BODY_HU).mean())
+        frac = float((border > body_threshold(s.hu_range)).mean())
         worst = max(worst, (frac, s), key=lambda x: x[0])
     return worst
 
@@ -119,6 +119,11 @@ def _streaks(scored: list[_Scored], t: ScoreThresholds) -> tuple[list[Finding],
            is not Severity.NONE]
     if not hit:
         dense = [x for x in scored if x.m.streak.dense_pixels]
+        if dense and all(x.m.streak.clipped for x in dense):
+            return [], [], (
+                f"Bone or metal (at the window's top, which cannot tell them apart) on "
+                f"{len(dense)} slice(s); streak index {value:.0f} HU in the soft tissue "
+                f"around it at slice {worst.number}, below a notable level.")
         if dense:
             return [], [], f"Dense material on {len(dense)} slice(s) without notable streaks."
         return [], [], "No dense material, no streaks."
@@ -225,6 +230,24 @@ def describe_measurements(series: PreparedSeries, measures: Sequence[SliceMeasur
     For text that must not carry a competing score, e.g. training explanations.
     """
     return _describe(series, measures, t).measurements_text()
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The physics measurements of a series without a score: for another engine's result
+    (the VLM's words stand beside these numbers)."""
+
+    text: str
+    findings: tuple[Finding, ...]
+    measurements: tuple[Measurement, ...]
+
+
+def evidence(series: PreparedSeries, measures: Sequence[SliceMeasures],
+             t: ScoreThresholds) -> Evidence:
+    """The measurements in words, as coded findings and as evidence items."""
+    described = _describe(series, measures, t)
+    return Evidence(described.measurements_text(), tuple(described.findings),
+                    tuple(described.evidence))
 
 
 def build_result(series: PreparedSeries, measures: Sequence[SliceMeasures],

@@ -5,8 +5,14 @@ distribution of every selected slice (:mod:`inference.vlm.readout`: the digit an
 ``Score: X.X`` answers, the decimal digit); the series score is the mean of the slices'
 expected scores and its uncertainty the standard deviation of the mixture of their
 distributions. Only the slices that decide the series score (by default the worst and
-the median, from the card) get a generated explanation; its written score is parsed and
-compared with the read-out, and its statements are mapped to coded findings.
+the median, from the card) get a generated explanation — for every series, only below a
+score, or never (:class:`~inference.vlm.policy.ExplainPolicy`); its written score is parsed
+and compared with the read-out, ratings inside its prose are taken out and contradictions
+noted (:mod:`inference.vlm.consistency`), and its statements are mapped to coded findings.
+
+Beside the words, the result carries the physics engine's measurements of the same slices
+(noise in HU, streak index, edge, contrast, and where): the evidence the explanation is
+read against. A series that is not explained gets those measurements in words instead.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import torch
 
 from inference.card import ModelCard
 from inference.errors import EngineError
+from inference.physics import Evidence, PhysicsEngine
 from inference.prepare import PreparedSeries, PreparedSlice
-from inference.result import AssessmentResult, EngineInfo, Finding, SliceScore
+from inference.result import AssessmentResult, EngineInfo, Finding, SliceScore, score_label
+from inference.vlm.consistency import check_ratings
 from inference.vlm.findings import extract_findings, merge_findings
 from inference.vlm.loading import (
     compute_dtype,
@@ -35,13 +43,15 @@ from inference.vlm.loading import (
     weights_revision,
 )
 from inference.vlm.parsing import parse_answer
+from inference.vlm.policy import ExplainPolicy
 from inference.vlm.prompting import ScoreTokens, prompt_text, score_tokens, to_image
 from inference.vlm.readout import SliceReadout, generate_answers, read_scores
 
 ENGINE_NAME = "vlm"
 #: Bump when the read-out, aggregation or parsing changes what a result means.
 #: 1.1: the read-out reads the decimal digit of ``Score: X.X`` answers (was: digit only).
-ENGINE_VERSION = "1.1"
+#: 1.2: ratings inside the prose are removed; physics evidence beside the words.
+ENGINE_VERSION = "1.2"
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +91,8 @@ class VlmEngine:
         At most this many slices per forward pass; ``None`` takes the card's
         ``max_batch``. A setting of the host (GPU memory), so it is not part of
         :attr:`info`: results do not depend on it.
+    explain
+        Which series get a generated explanation (default: every series).
 
     The directories and the card are checked at construction (a hub id or a missing
     directory raises :class:`~inference.vlm.loading.ModelDirectoryError`); the model
@@ -90,6 +102,7 @@ class VlmEngine:
     def __init__(
         self, model_dir: Path | str, adapter_dir: Path | str | None = None,
         device: str = "auto", *, quantize: bool = True, max_batch: int | None = None,
+        explain: ExplainPolicy | None = None,
     ) -> None:
         self._source = resolve_source(model_dir, adapter_dir)
         self._device = device
@@ -97,6 +110,8 @@ class VlmEngine:
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise EngineError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch: int = max_batch if max_batch is not None else self.card.max_batch
+        self.explain = explain or ExplainPolicy()
+        self._physics = PhysicsEngine()
 
     @property
     def card(self) -> ModelCard:
@@ -133,7 +148,8 @@ class VlmEngine:
         if not series.slices:
             raise ValueError(f"series {series.series_instance_uid} has no prepared slices")
         readouts = self.read_slices(series.slices)
-        explained = self._explain(series.slices, readouts)
+        score, _ = aggregate(readouts)
+        explained = self._explain(series.slices, readouts) if self.explain.wants(score) else []
         return self._result(series, readouts, explained)
 
     def read_slices(self, slices: tuple[PreparedSlice, ...]) -> list[SliceReadout]:
@@ -167,6 +183,7 @@ class VlmEngine:
     ) -> AssessmentResult:
         score, spread = aggregate(readouts)
         notes: list[str] = []
+        measured = self._measure(series, notes)
         if not self._source.card_found:
             notes.append("no qcnode_card.json found; the default CT-IQA card was used")
         if series.window != self.card.window:
@@ -180,16 +197,28 @@ class VlmEngine:
             sl, ro = series.slices[item.index], readouts[item.index]
             parsed = parse_answer(item.text, self.card.reasoning_prefix)
             notes.extend(_disagreement(item.role, ro, parsed.score, parsed.problem, self.card))
-            if parsed.reasoning:
+            checked = check_ratings(parsed.reasoning, ro.expected,
+                                    self.card.disagreement_threshold)
+            notes.extend(
+                f"{item.role} slice: its explanation rated the image {r.text!r}, the read-out "
+                f"gives {ro.expected:.1f}; that sentence was left out"
+                for r in checked.contradictions
+            )
+            if checked.text:
                 paragraphs.append(
                     f"{item.role.capitalize()} slice (z {sl.z:.1f} mm, read-out score "
-                    f"{ro.expected:.2f}): {parsed.reasoning}"
+                    f"{ro.expected:.1f}): {checked.text}"
                 )
-                finding_groups.append(extract_findings(parsed.reasoning, sl.sop_instance_uid))
-        explanation = "\n\n".join(paragraphs) or (
-            f"Score {score:.2f} ± {spread:.2f} read from the model's score probabilities over "
-            f"{len(readouts)} slices; the model generated no explanation."
-        )
+                finding_groups.append(extract_findings(checked.text, sl.sop_instance_uid))
+        read = (f"Score {score:.1f} of 4 ({score_label(_clamp(score))}) read from the model's "
+                f"score probabilities over {len(readouts)} slices")
+        if paragraphs:
+            explanation = "\n\n".join(paragraphs)
+        elif measured is not None:
+            explanation = f"{measured.text} {read}."
+            finding_groups.append(measured.findings)
+        else:
+            explanation = f"{read}; no explanation was generated."
         slice_scores = tuple(
             SliceScore(s.sop_instance_uid, _clamp(r.expected), r.std, frame=s.frame)
             for s, r in zip(series.slices, readouts, strict=True)
@@ -203,8 +232,18 @@ class VlmEngine:
             series_instance_uid=series.series_instance_uid,
             score=_clamp(score), uncertainty=spread, explanation=explanation,
             engine=self.info, slices=slice_scores,
-            findings=merge_findings(finding_groups), notes=(*series.notes, *notes),
+            findings=merge_findings(finding_groups),
+            evidence=measured.measurements if measured is not None else (),
+            notes=(*series.notes, *notes),
         )
+
+    def _measure(self, series: PreparedSeries, notes: list[str]) -> Evidence | None:
+        """The physics measurements of the assessed slices, or None (with a note)."""
+        try:
+            return self._physics.evidence(series)
+        except ValueError as exc:
+            notes.append(f"no physics measurements beside the model's words: {exc}")
+            return None
 
 
 def deciding_slices(scores: list[float], roles: tuple[str, ...]) -> list[tuple[int, str]]:

@@ -21,6 +21,7 @@ continuations (``d.`` for d = 0–3) on the repeated cache. Batches hold at most
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ def _read_batch(
         if not tokens.decimal_ids:
             return [SliceReadout.from_digits(row.tolist()) for row in digits]
         decimals = _decimal_distribution(
-            model, out.past_key_values, inputs["attention_mask"], tokens
+            model, _returned_cache(out), inputs["attention_mask"], tokens
         ).cpu()
     readouts = []
     for row, conditional in zip(digits, decimals, strict=True):
@@ -181,11 +182,29 @@ def _decimal_distribution(
         [attention_mask.repeat_interleave(len(heads), dim=0), torch.ones_like(ext)], dim=1
     )
     out = model(
-        input_ids=ext, attention_mask=mask, past_key_values=cache, logits_to_keep=1,
-        use_cache=True,
+        input_ids=ext, attention_mask=mask, logits_to_keep=1, use_cache=True,
+        **{cache_keyword(model): cache},
     )
     probs = _restricted_softmax(out.logits[:, -1, :], tokens.decimal_ids)
     return probs.reshape(rows, len(heads), len(tokens.decimal_ids))
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword the model's ``forward`` takes a KV cache by.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns, and
+    goes in 5.40); the range in pyproject admits releases on both sides, so the
+    unwrapped model's own signature decides. A PEFT wrapper forwards ``**kwargs``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    """The KV cache a forward pass returned, under either name (see :func:`cache_keyword`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def generate_answers(

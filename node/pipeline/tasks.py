@@ -27,6 +27,7 @@ from pydicom import Dataset
 from inference.engine import Engine, EngineError, create_engine
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
+from inference.vlm.policy import ExplainPolicy
 from node.config import DeliverySettings, DestinationSettings, Settings
 from node.ledger import ConfirmedBy, DeliveryState, JobInfo, JobState, Ledger, SeriesState
 from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
@@ -71,12 +72,14 @@ def _ledger(url: str, pid: int) -> Ledger:
 
 
 @lru_cache(maxsize=2)
-def _engine(name: str, model: str | None, adapter: str | None, device: str) -> Engine:
+def _engine(name: str, model: str | None, adapter: str | None, device: str,
+            explain: ExplainPolicy) -> Engine:
     """The engine, built once per worker process on first use (the model loads lazily)."""
     from pathlib import Path
 
     return create_engine(name, model=Path(model) if model else None,
-                         adapter=Path(adapter) if adapter else None, device=device)
+                         adapter=Path(adapter) if adapter else None, device=device,
+                         explain=explain)
 
 
 def ledger_for(settings: Settings) -> Ledger:
@@ -88,7 +91,8 @@ def engine_for(settings: Settings) -> Engine:
     """This process's engine."""
     cfg = settings.engine
     return _engine(cfg.name, str(cfg.model) if cfg.model else None,
-                   str(cfg.adapter) if cfg.adapter else None, cfg.device)
+                   str(cfg.adapter) if cfg.adapter else None, cfg.device,
+                   ExplainPolicy(cfg.explain, cfg.explain_below))
 
 
 def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
