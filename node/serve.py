@@ -163,9 +163,7 @@ def _load(path: Path | None) -> Settings | None:
     try:
         return load_settings(path)
     except ConfigError as exc:
-        print(f"{exc.source}: {len(exc.problems)} error(s); not starting", file=sys.stderr)
-        for key, message in exc.problems:
-            print(f"  {key}: {message}", file=sys.stderr)
+        print(exc.report("not starting"), file=sys.stderr)
         return None
 
 
