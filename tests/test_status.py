@@ -167,13 +167,18 @@ def test_status_from_any_directory_shows_description_number_score(tmp_path: Path
 
 
 def test_status_without_the_node_home_says_so(tmp_path: Path) -> None:
-    """No settings found from here: the default relative home does not exist; status
-    says which home it looked for and exits 1, creating nothing."""
-    result = _status(tmp_path, {})
+    """The settings name a relative home that does not exist from this directory:
+    status says which home it looked for and exits 1, creating nothing."""
+    config = tmp_path / "etc" / "qcnode.toml"
+    config.parent.mkdir()
+    config.write_text('[node]\nhome = "var"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _status(elsewhere, {"QCNODE_CONFIG": str(config)})
     assert result.returncode == 1
-    assert f"node home {tmp_path / 'var'} does not exist" in result.stderr
-    assert "--config" in result.stderr and result.stdout == ""
-    assert list(tmp_path.iterdir()) == []
+    assert f"node home {elsewhere / 'var'} does not exist (relative" in result.stderr
+    assert f"settings {config}" in result.stderr and result.stdout == ""
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
