@@ -49,6 +49,8 @@ log = get_logger(__name__)
 EXIT_OK = 0
 EXIT_CONFIG = 1
 RECOVERED_ASSOC = "recovered"
+#: Signals that stop the node (SIGHUP reloads its settings instead).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _VERSION_RE = re.compile(r"\.v([0-9]+)\.dcm$")
 
 OnComplete = Callable[[str, str], None]
@@ -193,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
     tmp = settings.node.home / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(tmp.resolve())
-    signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    signals = SignalPipe((*STOP_SIGNALS, signal.SIGHUP))
     from node.pipeline.service import Pipeline  # the pipeline's hook (issue 5)
 
     config = getattr(args, "config", None)
@@ -204,11 +206,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"listening on {host}:{port} as {settings.node.ae_title}", flush=True)
         while True:
             received = signals.wait()
-            stopping = [s for s in received if s != signal.SIGHUP]
+            stopping = [s for s in received if s in STOP_SIGNALS]
             if stopping:
                 log.info("stopping", signal=stopping[0].name)
                 break
-            reloader.reload()
+            if signal.SIGHUP in received:
+                reloader.reload()
     log.info("stopped")
     return EXIT_OK
 
@@ -231,8 +234,10 @@ class SignalPipe:
             signal.signal(signum, _ignore)
 
     def wait(self) -> list[signal.Signals]:
-        """Block until signals arrive; those that did, in order."""
-        return [signal.Signals(n) for n in os.read(self._read, 64)]
+        """Block until signals arrive; those that did, in order (any signal with a
+        Python handler is written to the pipe: the caller picks the ones it handles)."""
+        known = set(signal.Signals)
+        return [signal.Signals(n) for n in os.read(self._read, 64) if n in known]
 
     def __enter__(self) -> SignalPipe:
         return self
