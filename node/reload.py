@@ -83,7 +83,11 @@ class Reloader:
             return False
         plan = plan_reload(self.current, new)
         for apply in self.targets:
-            apply(plan)
+            try:
+                apply(plan)
+            except Exception:  # the other parts still take the new settings
+                log.exception("config_reload_apply_failed",
+                              target=getattr(apply, "__qualname__", "?"))
         self.current = plan.settings
         if plan.restart_needed:
             log.warning("config_restart_needed", keys=list(plan.restart_needed),
