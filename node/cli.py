@@ -177,15 +177,14 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def config_check(args: argparse.Namespace) -> int:
-    """``qcnode config check [F]``: print every error with its key; non-zero if any."""
+    """``qcnode config check [F]``: print every error in one pass — key path, line of the
+    file or environment variable, "did you mean" for unknown keys; non-zero if any."""
     from node.config import ConfigError, load_settings, resolve_config_path
 
     try:
         settings = load_settings(args.file)
     except ConfigError as exc:
-        print(f"{exc.source}: {len(exc.problems)} error(s)", file=sys.stderr)
-        for key, message in exc.problems:
-            print(f"  {key}: {message}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return EXIT_FAILURE
     path = resolve_config_path(args.file)
     print(

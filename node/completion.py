@@ -60,6 +60,10 @@ class CompletionMonitor:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def use_settings(self, settings: Settings) -> None:
+        """Take reloaded settings (rules' quiet and max-wait times) from the next pass."""
+        self._settings = settings
+
     # Lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         """Start the monitor thread (once)."""

@@ -3,7 +3,8 @@
 Sources, highest priority first:
 
 1. environment variables ``QCNODE_<SECTION>__<KEY>`` (e.g. ``QCNODE_NODE__PORT=11113``);
-2. the TOML file given with ``--config`` (or ``./qcnode.toml`` when present);
+2. the TOML file given with ``--config``, else ``$QCNODE_CONFIG``, else the first of
+   ``./qcnode.toml`` and ``/etc/qcnode/qcnode.toml`` that exists;
 3. built-in defaults (a node that runs with no external server).
 
 Values are validated here, at the edge, once: AE titles follow PS3.5 §6.2 (AE VR),
@@ -14,6 +15,7 @@ trusts the typed objects it is handed.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Sequence
@@ -29,14 +31,28 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
+from node.config_errors import (
+    CROSS_REFERENCE,
+    Problem,
+    Sources,
+    cross_reference_problems,
+    explain,
+)
+
 DEFAULT_CONFIG_FILE = Path("qcnode.toml")
+SYSTEM_CONFIG_FILE = Path("/etc/qcnode/qcnode.toml")
+#: Environment variable naming the settings file (when ``--config`` is not given).
+CONFIG_ENV = "QCNODE_CONFIG"
 AE_TITLE_MAX_LENGTH = 16
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -325,15 +341,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
-        names = [d.name for d in self.destinations]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
-        known = set(names)
-        for rule in self.rules:
-            for dest in rule.destinations or ():
-                if dest not in known:
-                    raise ValueError(f"rule {rule.name!r} names unknown destination {dest!r}")
+        problems = cross_reference_problems(
+            self.model_dump(include={"destinations", "rules"}))
+        if problems:
+            raise PydanticCustomError(CROSS_REFERENCE, "; ".join(m for _, m in problems))
         return self
 
     @classmethod
@@ -388,30 +399,54 @@ class Settings(BaseSettings):
 
 
 class ConfigError(Exception):
-    """A configuration could not be loaded; ``problems`` lists ``(key, message)``."""
+    """A configuration could not be loaded.
 
-    def __init__(self, source: str, problems: Sequence[tuple[str, str]]) -> None:
+    ``issues`` lists each :class:`~node.config_errors.Problem` (key, message, line of
+    the file or environment variable); ``problems`` the same as ``(key, message)``.
+    """
+
+    def __init__(self, source: str, issues: Sequence[Problem]) -> None:
         self.source = source
-        self.problems = list(problems)
-        lines = [f"{key}: {message}" for key, message in self.problems]
-        super().__init__(f"invalid configuration {source}:\n  " + "\n  ".join(lines))
+        self.issues = list(issues)
+        self.problems = [(p.key, p.message) for p in self.issues]
+        super().__init__(f"invalid configuration {source}:\n  "
+                         + "\n  ".join(str(p) for p in self.issues))
+
+    def report(self, action: str = "") -> str:
+        """``SOURCE: N error(s)[; action]`` and one indented line per problem."""
+        head = f"{self.source}: {len(self.issues)} error(s){'; ' + action if action else ''}"
+        return "\n".join([head, *(f"  {p}" for p in self.issues)])
 
 
-def _loc_to_key(loc: Sequence[int | str]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            parts.append(("." if parts else "") + item)
-    return "".join(parts) or "(file)"
+def config_candidates() -> list[Path]:
+    """Where a settings file is looked for when none is given, first found wins:
+    ``$QCNODE_CONFIG``, ``./qcnode.toml``, ``/etc/qcnode/qcnode.toml``."""
+    env = os.environ.get(CONFIG_ENV)
+    return [*([Path(env)] if env else []), DEFAULT_CONFIG_FILE, SYSTEM_CONFIG_FILE]
 
 
 def resolve_config_path(path: Path | None) -> Path | None:
-    """The file to load: ``path`` if given, else ``./qcnode.toml`` if it exists."""
+    """The file to load: ``path`` if given, else the first of :func:`config_candidates`
+    that exists (``$QCNODE_CONFIG`` is used even when missing: an error then)."""
     if path is not None:
         return path
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return next((p for p in config_candidates() if p.is_file()), None)
+
+
+def _read(config_path: Path, source: str) -> tuple[str, dict[str, Any]]:
+    try:
+        text = config_path.read_bytes().decode("utf-8")
+        return text, tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigError(source, [Problem("(file)", f"cannot read: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [Problem("(file)", f"not UTF-8: {exc}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        raise ConfigError(source, [Problem("(file)", f"TOML syntax error: {exc}", line)]) from exc
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
@@ -420,26 +455,23 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     Raises
     ------
     ConfigError
-        With one ``(key, message)`` per problem: unreadable file, TOML syntax, or each
-        validation error with its dotted key (e.g. ``senders[0].host``).
+        With every problem at once: unreadable file, TOML syntax, or each validation
+        error and cross-section problem with its dotted key (e.g. ``senders[0].host``),
+        the file's line or the environment variable, and "did you mean" for unknown keys.
     """
     config_path = resolve_config_path(path)
     source = str(config_path) if config_path is not None else "(built-in defaults)"
-    if config_path is not None:
-        try:
-            with config_path.open("rb") as fh:
-                tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(source, [("(file)", f"cannot read: {exc.strerror}")]) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(source, [("(file)", f"TOML syntax error: {exc}")]) from exc
-
+    text, data = _read(config_path, source) if config_path is not None else ("", {})
     cls: type[Settings] = Settings
     if config_path is not None:
         config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_path})
         cls = type("FileSettings", (Settings,), {"model_config": config})
     try:
+        env = EnvSettingsSource(cls)()
         return cls(**overrides)
+    except SettingsError as exc:  # an override that is not valid JSON, for one
+        raise ConfigError(source, [Problem("(environment)", str(exc))]) from exc
     except ValidationError as exc:
-        problems = [(_loc_to_key(err["loc"]), err["msg"]) for err in exc.errors()]
-        raise ConfigError(source, problems) from exc
+        sources = Sources(text, data, env, str(cls.model_config.get("env_prefix", "")),
+                          str(cls.model_config.get("env_nested_delimiter") or "__"))
+        raise ConfigError(source, explain(exc, Settings, sources)) from exc

@@ -14,6 +14,9 @@ Start-up order (each step needs the previous one):
 7. start the completion monitor, then the listener; print one line
    ``listening on HOST:PORT as AE_TITLE`` to stdout.
 
+SIGHUP reloads the settings file (:mod:`node.reload`): senders, destinations and rules
+change without dropping an association; an invalid file is logged and ignored.
+
 SIGTERM / SIGINT stop the listener first (running associations finish, new ones are
 refused), then the journal applier (what was acknowledged is applied and flushed),
 then the completion monitor; no partial file is left in the spool because files only
@@ -23,11 +26,11 @@ enter it by atomic rename.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -38,6 +41,7 @@ from node.dicomio import MalformedDataset, read_header
 from node.ingest import instance_record
 from node.ledger import Ledger
 from node.logs import configure_logging, get_logger
+from node.reload import Reloader, ReloadPlan
 from node.scp import Listener
 from node.spool import Spool, Stored, file_sha256
 
@@ -45,6 +49,8 @@ log = get_logger(__name__)
 EXIT_OK = 0
 EXIT_CONFIG = 1
 RECOVERED_ASSOC = "recovered"
+#: Signals that stop the node (SIGHUP reloads its settings instead).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _VERSION_RE = re.compile(r"\.v([0-9]+)\.dcm$")
 
 OnComplete = Callable[[str, str], None]
@@ -129,6 +135,16 @@ class Node:
             raise
         return self
 
+    def apply(self, plan: ReloadPlan) -> None:
+        """Run with reloaded settings (SIGHUP, :mod:`node.reload`): the listener admits
+        by the new ``[[senders]]`` from the next association and routes by the new
+        ``[[rules]]`` from the next C-STORE; open associations are not touched."""
+        self.settings = plan.settings
+        if self.listener is not None:
+            self.listener.settings = plan.settings
+        if self.monitor is not None:
+            self.monitor.use_settings(plan.settings)
+
     def _wake_monitor(self) -> None:
         if self.monitor is not None:
             self.monitor.wake()
@@ -163,9 +179,7 @@ def _load(path: Path | None) -> Settings | None:
     try:
         return load_settings(path)
     except ConfigError as exc:
-        print(f"{exc.source}: {len(exc.problems)} error(s); not starting", file=sys.stderr)
-        for key, message in exc.problems:
-            print(f"  {key}: {message}", file=sys.stderr)
+        print(exc.report("not starting"), file=sys.stderr)
         return None
 
 
@@ -181,21 +195,58 @@ def main(args: argparse.Namespace) -> int:
     tmp = settings.node.home / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(tmp.resolve())
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signals = SignalPipe((*STOP_SIGNALS, signal.SIGHUP))
     from node.pipeline.service import Pipeline  # the pipeline's hook (issue 5)
 
-    with Pipeline(settings, getattr(args, "config", None)) as pipeline, \
+    config = getattr(args, "config", None)
+    with signals, Pipeline(settings, config) as pipeline, \
             Node(settings, [pipeline.on_complete]) as node:
+        reloader = Reloader(config, settings, [node.apply, pipeline.apply])
         host, port = node.address
         print(f"listening on {host}:{port} as {settings.node.ae_title}", flush=True)
-        while not stop.wait(1.0):
-            pass
+        while True:
+            received = signals.wait()
+            stopping = [s for s in received if s in STOP_SIGNALS]
+            if stopping:
+                log.info("stopping", signal=stopping[0].name)
+                break
+            if signal.SIGHUP in received:
+                reloader.reload()
     log.info("stopped")
     return EXIT_OK
+
+
+class SignalPipe:
+    """Signals handed to the main loop through a pipe (:func:`signal.set_wakeup_fd`).
+
+    The handlers do nothing (they only replace the default action: SIGHUP would end the
+    process); the interpreter writes each signal's number to the pipe and
+    :meth:`wait` reads them. No lock is taken in a handler, so a signal can never
+    deadlock the thread it interrupts. Installed at construction, so a SIGHUP during
+    start-up is kept until the loop reads it.
+    """
+
+    def __init__(self, signums: tuple[signal.Signals, ...]) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for signum in signums:
+            signal.signal(signum, _ignore)
+
+    def wait(self) -> list[signal.Signals]:
+        """Block until signals arrive; those that did, in order (any signal with a
+        Python handler is written to the pipe: the caller picks the ones it handles)."""
+        known = set(signal.Signals)
+        return [signal.Signals(n) for n in os.read(self._read, 64) if n in known]
+
+    def __enter__(self) -> SignalPipe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _ignore(_signum: int, _frame: FrameType | None) -> None:
+    """A handler that leaves the work to :class:`SignalPipe`'s reader."""

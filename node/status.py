@@ -3,14 +3,22 @@
 Series (Series Instance UID, state, instance count, closing trigger), counts by state,
 the oldest series still waiting in a non-final state, and failed or dead-lettered jobs
 and deliveries with their last error. ``--json`` prints one JSON object (keys below)
-for scripts; without it, a short text summary. Output holds UIDs only, no patient data.
+for scripts; without it, a short text summary. Output holds UIDs and series
+descriptions, no patient attributes.
+
+The node is found like ``qcnode serve`` finds it (``--config``, ``$QCNODE_CONFIG``,
+``./qcnode.toml``, ``/etc/qcnode/qcnode.toml``); when its home does not exist, status
+says so and exits 1 rather than creating an empty one. A closed pipe (``| head``) ends
+the output quietly.
 
 JSON keys: ``journal`` (images acknowledged but not yet in the spool and the ledger:
 ``waiting``, ``oldest_waiting_seconds``, ``failing`` and ``last_error`` when the spool or
 the ledger refuses them, ``updated_at``; null when the node never ran), ``counts``
 {state: n}, ``oldest_waiting`` (object or null), ``series``
-[objects, most recently changed first, at most ``--limit``; each with its current
-job's ``sr_uid``, ``report_path`` (the SR kept under ``<home>/reports``),
+[objects, most recently changed first, at most ``--limit``; each with its
+``description`` (Series Description), ``series_number`` (from a spool file's header;
+null when the spool is not reachable), the current job's ``score`` and ``score_label``
+(null until assessed), ``sr_uid``, ``report_path`` (the SR kept under ``<home>/reports``),
 ``destinations`` (deliveries made) and a ``note``, e.g. "no destinations; report kept
 at ..."], ``failures`` [objects], ``queues`` {``gpu``/``io``: messages waiting, null if
 the broker cannot be asked} and ``queues_note`` (why they are null, else null). Status
@@ -24,17 +32,24 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from node.config import ConfigError, Settings, load_settings
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from inference.result import score_label
+from node.config import CONFIG_ENV, ConfigError, Settings, load_settings, resolve_config_path
 from node.ingest import STATE_FILE
 from node.ledger import FailureInfo, JobState, Ledger, SeriesInfo, SeriesState
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+#: Series Number (0020,0011), PS3.3 C.7.3.1.
+SERIES_NUMBER = "SeriesNumber"
 DEFAULT_LIMIT = 200
 #: States in which a series still waits for the node to do something.
 WAITING_STATES = (
@@ -72,6 +87,7 @@ def series_entry(info: SeriesInfo) -> dict[str, Any]:
         "series_instance_uid": info.series_instance_uid,
         "study_instance_uid": info.study_instance_uid,
         "modality": info.modality,
+        "description": info.description,
         "rule": info.rule,
         "state": info.state.value,
         "instance_count": info.instance_count,
@@ -107,8 +123,65 @@ def oldest_waiting(ledger: Ledger, now: dt.datetime) -> dict[str, Any] | None:
     }
 
 
+def series_number(ledger: Ledger, info: SeriesInfo, spool: Path | None) -> int | None:
+    """Series Number (0020,0011) from the header of one of the series' spool files.
+
+    The ledger keeps no series number; None when the spool is not reachable from here
+    (``spool`` None, a status run on another host) or the file has none.
+    """
+    if spool is None:
+        return None
+    relpaths = ledger.instance_relpaths(info.series_instance_uid)
+    if not relpaths:
+        return None
+    try:
+        ds = pydicom.dcmread(spool / relpaths[0], stop_before_pixels=True,
+                             specific_tags=[SERIES_NUMBER])
+    except (OSError, InvalidDicomError):
+        return None
+    try:
+        return int(ds[SERIES_NUMBER].value)
+    except (KeyError, TypeError, ValueError):  # absent, empty or not a number
+        return None
+
+
+def score_entry(ledger: Ledger, info: SeriesInfo) -> dict[str, Any]:
+    """The current generation's assessment score, if any (the LDCTIQA 0–4 scale of
+    :mod:`inference.result`, with its word)."""
+    entry: dict[str, Any] = {"score": None, "score_label": None}
+    for job in reversed(ledger.jobs_of_series(info.series_instance_uid)):
+        if job.generation != info.generation or job.result_json is None:
+            continue
+        try:
+            score = float(json.loads(job.result_json)["score"])
+            entry.update(score=score, score_label=score_label(score))
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable result shows as no score; the job's state tells why
+        break
+    return entry
+
+
+def series_details(ledger: Ledger, info: SeriesInfo, spool: Path | None) -> dict[str, Any]:
+    """Series number and score of one series, for the listing."""
+    return {"series_number": series_number(ledger, info, spool)} | score_entry(ledger, info)
+
+
+def series_header() -> str:
+    """The heading of the text listing's series table."""
+    return (f"{'SERIES INSTANCE UID':<64}  {'STATE':<10} {'IMAGES':>6}  {'TRIGGER':<9} "
+            f"{'NO.':>5} {'SCORE':>5}  DESCRIPTION")
+
+
+def series_row(s: dict[str, Any]) -> str:
+    """One series of the text listing (see :func:`series_header`)."""
+    number = "-" if s.get("series_number") is None else str(s["series_number"])
+    score = "-" if s.get("score") is None else f"{s['score']:.1f}"
+    return (f"{s['series_instance_uid']:<64}  {s['state']:<10} {s['instance_count']:>6}  "
+            f"{s['trigger'] or '-':<9} {number:>5} {score:>5}  {s.get('description') or '-'}")
+
+
 def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
-                 reports: Path | None = None) -> dict[str, Any]:
+                 reports: Path | None = None, spool: Path | None = None) -> dict[str, Any]:
     """Everything ``qcnode status`` shows, as a JSON-ready dict.
 
     ``reports`` is the node's reports directory (``<home>/reports``); report paths
@@ -120,8 +193,8 @@ def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
         "generated_at": _iso(now),
         "counts": {state.value: n for state, n in ledger.series_counts().items()},
         "oldest_waiting": oldest_waiting(ledger, now),
-        "series": [series_entry(s) | report_entry(ledger, s, root)
-                   for s in ledger.list_series(limit=limit)],
+        "series": [series_entry(s) | series_details(ledger, s, spool)
+                   | report_entry(ledger, s, root) for s in ledger.list_series(limit=limit)],
         "failures": [failure_entry(f) for f in ledger.list_failed()],
     }
 
@@ -153,12 +226,9 @@ def render_text(report: dict[str, Any]) -> str:
             f"for {oldest['waiting_seconds']:.0f} s"
         )
     if report["series"]:
-        lines.append(f"{'SERIES INSTANCE UID':<64}  {'STATE':<10} {'IMAGES':>6}  TRIGGER")
+        lines.append(series_header())
         for s in report["series"]:
-            lines.append(
-                f"{s['series_instance_uid']:<64}  {s['state']:<10} "
-                f"{s['instance_count']:>6}  {s['trigger'] or '-'}"
-            )
+            lines.append(series_row(s))
             if s.get("note"):
                 lines.append(f"  {s['note']}")
             elif s.get("report_path"):
@@ -186,26 +256,57 @@ def _settings(args: argparse.Namespace) -> Settings | None:
         return None
 
 
+def missing_home(settings: Settings, config: Path | None) -> str | None:
+    """Why status cannot look at this node: its home (which holds the default ledger)
+    does not exist — a relative home from the wrong directory, or the wrong file.
+    None when it exists, or when the ledger is configured elsewhere (PostgreSQL)."""
+    home = settings.node.home
+    if settings.ledger.url is not None or home.is_dir():
+        return None
+    where = f"settings {config}" if config is not None else "built-in defaults"
+    relative = "" if home.is_absolute() else (
+        f" (relative to the current directory {Path.cwd()}: run from the node's working "
+        "directory, or set an absolute [node] home)")
+    return (f"node home {home.absolute()} does not exist{relative}; {where}; "
+            f"give the node's settings with --config or ${CONFIG_ENV}")
+
+
+def emit(text: str) -> int:
+    """Print ``text``; a reader that went away (``qcnode status | head -1``) ends the
+    output quietly: no traceback, and none at exit when Python flushes stdout."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_OK
+
+
 def main(args: argparse.Namespace) -> int:
     """``qcnode status [--json] [--limit N]``."""
     settings = _settings(args)
     if settings is None:
         return EXIT_FAILURE
+    problem = missing_home(settings, resolve_config_path(getattr(args, "config", None)))
+    if problem is not None:
+        print(f"qcnode status: {problem}", file=sys.stderr)
+        return EXIT_FAILURE
     limit = getattr(args, "limit", None) or DEFAULT_LIMIT
     from node.pipeline.app import GPU, IO, missing_broker, queue_depths
     from node.pipeline.reports import reports_root
 
+    spool = settings.spool_dir if settings.spool_dir.is_dir() else None
     with Ledger.open(settings.ledger_url) as ledger:
-        report = build_report(ledger, limit=limit, reports=reports_root(settings).resolve())
+        report = build_report(ledger, limit=limit, reports=reports_root(settings).resolve(),
+                              spool=spool)
     report["journal"] = journal_state(settings.node.home)
     report["queues_note"] = missing_broker(settings)
     report["queues"] = ({GPU: None, IO: None} if report["queues_note"]
                         else queue_depths(settings))
     if getattr(args, "json", False):
-        print(json.dumps(report, indent=2))
-    else:
-        print(render_text(report))
-    return EXIT_OK
+        return emit(json.dumps(report, indent=2))
+    return emit(render_text(report))
 
 
 def retry_main(args: argparse.Namespace) -> int:

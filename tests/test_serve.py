@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pydicom
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
 
 from node.ledger import Ledger, SeriesState
 from tests.support.dcmtk import echoscu, storescu, storescu_popen, successes, write_ct_series
 from tests.support.net import free_port, wait_for
-from tests.support.node import REPO, default_sections, running_node, start_node, write_config
+from tests.support.node import (
+    REPO,
+    RunningNode,
+    default_sections,
+    running_node,
+    start_node,
+    write_config,
+)
 
 
 def test_unknown_calling_ae_host_or_called_ae_rejected(tmp_path: Path, dcmtk: Path) -> None:
@@ -94,3 +106,78 @@ def test_sigterm_stops_cleanly(tmp_path: Path, dcmtk: Path) -> None:
         assert not [p for p in (node.home / "tmp").iterdir() if p.is_file()]
         assert len(list(node.spool.rglob("*.dcm"))) == 5
         assert echoscu(node.port).returncode != 0  # no longer listening
+
+
+def _events(node: RunningNode, name: str) -> list[dict[str, Any]]:
+    found = []
+    for line in node.log_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == name:
+            found.append(entry)
+    return found
+
+
+def test_sighup_reloads_senders_without_dropping_associations(
+    tmp_path: Path, dcmtk: Path
+) -> None:
+    """A sender not yet allowed is rejected; the file is edited and SIGHUP sent while
+    another association is open; the new sender is admitted, the open association
+    (whose sender the new file no longer lists) completes its stores, and the key
+    that cannot change at run time is named. An invalid file then leaves the node
+    running with what it had."""
+    files = write_ct_series(tmp_path / "ct", 4)
+    senders = {"senders": [{"ae_title": "MODALITY1", "host": "127.0.0.1"}]}
+    with running_node(tmp_path, tables=senders) as node:
+        refused = echoscu(node.port, aet="NEWCT")
+        assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="QCNODE")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0x0000
+
+            sections = default_sections(node.home, node.port)
+            sections["node"]["max_pdu"] = 65536  # bound at start: needs a restart
+            write_config(node.config, sections,
+                         {"senders": [{"ae_title": "NEWCT", "host": "127.0.0.1"}]})
+            node.proc.send_signal(signal.SIGHUP)
+            (reloaded,) = wait_for(lambda: _events(node, "config_reloaded"), timeout=30,
+                                   what="config_reloaded")
+            assert reloaded["changed"] == ["senders"]
+            assert reloaded["restart_needed"] == ["node.max_pdu"]
+
+            for path in files[1:]:
+                assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+        finally:
+            assoc.release()
+        assert echoscu(node.port, aet="NEWCT").returncode == 0
+        gone = echoscu(node.port, aet="MODALITY1")
+        assert "Calling AE Title Not Recognized" in gone.stdout + gone.stderr
+
+        node.config.write_text('[node]\nport = "x"\n[[senders]]\nhots = "127.0.0.1"\n')
+        node.proc.send_signal(signal.SIGHUP)
+        (failed,) = wait_for(lambda: _events(node, "config_reload_failed"), timeout=30,
+                             what="config_reload_failed")
+        assert any("node.port" in e for e in failed["errors"])
+        assert any("did you mean 'host'" in e for e in failed["errors"])
+        assert node.proc.poll() is None
+        assert echoscu(node.port, aet="NEWCT").returncode == 0  # the reloaded list stays
+
+        series = pydicom.dcmread(files[0]).SeriesInstanceUID
+        with Ledger.open(node.ledger_url) as ledger:
+            wait_for(lambda: ledger.series_info(series).instance_count == 4, timeout=30,
+                     what="the four images of the open association in the ledger")
+    assert node.proc.returncode == 0
+
+
+def test_systemd_units_reload_with_sighup() -> None:
+    """``systemctl reload`` sends what the test above shows ``serve`` handling."""
+    units = REPO / "deploy" / "systemd"
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in (units / "qcnode.service").read_text()
+    worker = (units / "qcnode-worker@.service").read_text()
+    check = worker.index("ExecReload=/opt/qcnode/.venv/bin/qcnode config check")
+    assert check < worker.index("ExecReload=/bin/kill -HUP $MAINPID")

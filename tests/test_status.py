@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
 from node.ledger import DeliveryState, JobState, Ledger, SeriesState
 from tests.test_ledger import make_record
 
@@ -105,3 +108,90 @@ def test_status_limit(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["series"]) == 1 and sum(report["counts"].values()) == 2
+
+
+def _site(tmp_path: Path) -> tuple[Path, Path]:
+    """A node home with one assessed series (spool file with Series Number 7, a job
+    with score 3.0) and a settings file naming that home; returns (config, home)."""
+    home = tmp_path / "nodehome"
+    record = make_record(0, "1.2.40", study="1.2.4")
+    spool_file = home / "spool" / record.relpath
+    spool_file.parent.mkdir(parents=True)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = record.sop_class_uid, record.sop_instance_uid
+    ds.SeriesInstanceUID = "1.2.40"
+    ds.SeriesNumber = 7
+    ds.save_as(spool_file, enforce_file_format=True)
+    with Ledger.open(f"sqlite:///{home / 'ledger.sqlite3'}") as ledger:
+        ledger.record_instance(record)
+        ledger.record_instance(make_record(0, "1.2.41", study="1.2.4"))  # not assessed
+        assert ledger.close_series("1.2.40", 1, "quiet")
+        job = ledger.create_job("1.2.40", 1, "physics|1|-|-")
+        ledger.move_job(job.id, JobState.ASSESSING)
+        ledger.move_job(job.id, JobState.REPORTING, result_json=json.dumps({"score": 3.0}))
+    config = tmp_path / "etc" / "qcnode.toml"
+    config.parent.mkdir()
+    config.write_text(f'[node]\nhome = "{home}"\n')
+    return config, home
+
+
+def _status(cwd: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QCNODE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "status", *extra], env={**clean, **env}, cwd=cwd,
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_status_from_any_directory_shows_description_number_score(tmp_path: Path) -> None:
+    """Found through $QCNODE_CONFIG from an unrelated directory (the default search of
+    ``serve``), not the built-in defaults' ``./var``; each series with its Series
+    Description, Series Number and score."""
+    config, _ = _site(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _status(elsewhere, {"QCNODE_CONFIG": str(config)}, "--json")
+    assert result.returncode == 0, result.stderr
+    series = {s["series_instance_uid"]: s for s in json.loads(result.stdout)["series"]}
+    assert series["1.2.40"]["description"] == "chest"
+    assert (series["1.2.40"]["series_number"], series["1.2.40"]["score"]) == (7, 3.0)
+    assert series["1.2.40"]["score_label"] == "good"
+    assert (series["1.2.41"]["series_number"], series["1.2.41"]["score"]) == (None, None)
+    text = _status(elsewhere, {}, "--config", str(config)).stdout
+    assert "NO. SCORE  DESCRIPTION" in text
+    row = next(line for line in text.splitlines() if line.startswith("1.2.40 "))
+    assert row.split()[-3:] == ["7", "3.0", "chest"]
+    assert not (elsewhere / "var").exists()
+
+
+def test_status_without_the_node_home_says_so(tmp_path: Path) -> None:
+    """The settings name a relative home that does not exist from this directory:
+    status says which home it looked for and exits 1, creating nothing."""
+    config = tmp_path / "etc" / "qcnode.toml"
+    config.parent.mkdir()
+    config.write_text('[node]\nhome = "var"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _status(elsewhere, {"QCNODE_CONFIG": str(config)})
+    assert result.returncode == 1
+    assert f"node home {elsewhere / 'var'} does not exist (relative" in result.stderr
+    assert f"settings {config}" in result.stderr and result.stdout == ""
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """``qcnode status | head -1``: the reader is gone before status writes."""
+    config, _ = _site(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "node.cli", "status", "--config", str(config)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""

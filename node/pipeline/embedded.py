@@ -55,6 +55,7 @@ class EmbeddedWorkers:
         self._commands = {q: worker_command(config, q) for q in queues}
         self._on_restart = on_restart
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._restarting: set[str] = set()  # asked to stop by :meth:`restart`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="qcnode-workers",
                                         daemon=True)
@@ -76,9 +77,23 @@ class EmbeddedWorkers:
         while not self._stop.wait(RESTART_CHECK_SECONDS):
             for queue, proc in list(self._procs.items()):
                 if proc.poll() is not None and not self._stop.is_set():
+                    if queue in self._restarting:
+                        self._restarting.discard(queue)
+                        self._spawn(queue)  # warm shutdown: nothing was lost
+                        continue
                     log.warning("worker_exited", queue=queue, returncode=proc.returncode)
                     self._spawn(queue)
                     self._restarted(queue)
+
+    def restart(self) -> None:
+        """Replace every worker, e.g. to read a reloaded settings file: SIGTERM is
+        Celery's warm shutdown (the running task finishes and is acknowledged), then
+        the supervisor starts the new process."""
+        for queue, proc in list(self._procs.items()):
+            if proc.poll() is None:
+                self._restarting.add(queue)
+                proc.send_signal(signal.SIGTERM)
+                log.info("worker_restarting", queue=queue, pid=proc.pid, reason="reload")
 
     def _restarted(self, queue: str) -> None:
         if self._on_restart is None:

@@ -28,6 +28,7 @@ from node.ledger import Ledger
 from node.pipeline.app import embedded
 from node.pipeline.dispatch import Dispatcher
 from node.pipeline.embedded import EmbeddedWorkers
+from node.reload import ReloadPlan
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +48,27 @@ class Pipeline:
         if self.dispatcher is None:
             raise RuntimeError("pipeline not started")
         self.dispatcher.on_complete(series_uid, trigger)
+
+    def apply(self, plan: ReloadPlan) -> None:
+        """Run with reloaded settings (SIGHUP, :mod:`node.reload`).
+
+        The dispatcher picks destinations (hence companions) by the new rules at
+        once. The embedded workers read the settings file themselves: when the
+        destinations or rules changed they are restarted warm (each finishes its
+        running task) — unless the file also changed keys that need a restart of
+        the node, which the workers would otherwise take alone (another ledger,
+        broker or engine than the node's); they then keep the old ones until then.
+        """
+        self.settings = plan.settings
+        if self.dispatcher is not None:
+            self.dispatcher.settings = plan.settings
+        if self.workers is None or not plan.changed:
+            return
+        if plan.restart_needed:
+            log.warning("workers_not_reloaded", changed=list(plan.changed),
+                        reason="keys that need a restart changed too")
+            return
+        self.workers.restart()
 
     def _worker_restarted(self, queue: str) -> None:
         if self.dispatcher is not None:
