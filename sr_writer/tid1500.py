@@ -18,7 +18,7 @@ Content tree (PS3.16 TID 1500, built with highdicom's template classes):
 
   Each NUM also carries its SCOORD as INFERRED FROM (TID 300 → TID 320), because OHIF's
   measurement panel reads the coordinates from under the NUM. Each group also holds one
-  TEXT DCM 121106 "Comment" that states the group in words (``Series quality 2.60 of 4
+  TEXT DCM 121106 "Comment" that states the group in words (``Series quality 2.6 of 4
   (good)``): a text qualitative evaluation of the group's subject, which TID 1410 allows
   like TID 1501 rows 11–12 (CODE/TEXT) and TID 1411 rows 16–17; never under the NUM
   (TID 1419 / TID 300 have no TEXT row). OHIF's measurement panel shows it as the label.
@@ -222,12 +222,12 @@ def _groups(ctx: _Ctx, result: AssessmentResult, anchor: str) -> list[
     out = [_group(ctx, _marked(SERIES_GROUP, True, True), marker,
                   [_score(result.score, result.uncertainty)], [label], ctx.algorithm,
                   prose.series_label(result))]
-    numbers = prose.slice_numbers(result)
+    numbers = prose.instance_numbers(ctx.by_uid.values())
     for n, s in enumerate(result.slices, 1):
         region, whole = ctx.image_region(s.region, s.sop_instance_uid, s.frame)
         out.append(_group(ctx, _marked(f"{SLICE_GROUP} {n}", whole), region,
                           [_score(s.score, s.uncertainty)],
-                          comment=prose.slice_label(n, s)))
+                          comment=prose.slice_label(s, numbers)))
     for n, f in enumerate(result.findings, 1):
         region, whole = ctx.image_region(f.region, f.sop_instance_uid or anchor, None)
         tracking = _marked(f"{FINDING_GROUP} {n}", whole, f.sop_instance_uid is None)

@@ -235,9 +235,10 @@ def test_disagreement_between_text_and_readout_is_noted(engine: VlmEngine) -> No
     from inference.vlm.engine import _disagreement
 
     readout = SliceReadout.from_digits((0.0, 0.0, 0.1, 0.8, 0.1))
-    assert _disagreement("worst", readout, 3.2, None, engine.card) == []
-    (note,) = _disagreement("worst", readout, 1.0, None, engine.card)
-    assert "says score 1" in note and "3.00" in note
+    assert _disagreement("worst slice (slice 7)", readout, 3.2, None, engine.card) == []
+    (note,) = _disagreement("worst slice (slice 7)", readout, 1.0, None, engine.card)
+    assert note.startswith("worst slice (slice 7): ")
+    assert "says score 1" in note and "gives 3.0 " in note
     (missing,) = _disagreement("median", readout, None, "no score", engine.card)
     assert "no score" in missing
 

@@ -179,15 +179,16 @@ class VlmEngine:
         for item in explained:
             sl, ro = series.slices[item.index], readouts[item.index]
             parsed = parse_answer(item.text, self.card.reasoning_prefix)
-            notes.extend(_disagreement(item.role, ro, parsed.score, parsed.problem, self.card))
+            notes.extend(_disagreement(f"{item.role} slice ({sl.name})", ro, parsed.score,
+                                       parsed.problem, self.card))
             if parsed.reasoning:
                 paragraphs.append(
-                    f"{item.role.capitalize()} slice (z {sl.z:.1f} mm, read-out score "
-                    f"{ro.expected:.2f}): {parsed.reasoning}"
+                    f"{item.role.capitalize()} slice ({sl.name}, score {ro.expected:.1f}): "
+                    f"{parsed.reasoning}"
                 )
                 finding_groups.append(extract_findings(parsed.reasoning, sl.sop_instance_uid))
         explanation = "\n\n".join(paragraphs) or (
-            f"Score {score:.2f} ± {spread:.2f} read from the model's score probabilities over "
+            f"Score {score:.1f} ± {spread:.1f} read from the model's score probabilities over "
             f"{len(readouts)} slices; the model generated no explanation."
         )
         slice_scores = tuple(
@@ -228,16 +229,17 @@ def aggregate(readouts: list[SliceReadout]) -> tuple[float, float]:
 
 
 def _disagreement(
-    role: str, readout: SliceReadout, written: float | None, problem: str | None,
+    which: str, readout: SliceReadout, written: float | None, problem: str | None,
     card: ModelCard,
 ) -> list[str]:
     if written is None:
-        return [f"{role} slice: {problem}; the read-out score {readout.expected:.2f} is used"]
+        return [f"{which}: {problem}; the read-out score {readout.expected:.1f} is used"]
     gap = abs(written - readout.expected)
     if gap > card.disagreement_threshold:
         return [
-            f"{role} slice: generated text says score {written:g}, the score read-out gives "
-            f"{readout.expected:.2f} (difference {gap:.2f} > {card.disagreement_threshold:g})"
+            f"{which}: generated text says score {written:g}, the score read-out gives "
+            f"{readout.expected:.1f} (difference {gap:.1f}, more than "
+            f"{card.disagreement_threshold:g})"
         ]
     return []
 
