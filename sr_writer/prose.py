@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
+from inference.dicom import instance_number
 from inference.result import (
     SCORE_LABELS,
     AssessmentResult,
@@ -26,7 +27,6 @@ from inference.result import (
     score_label,
     slice_reference,
 )
-from inference.dicom import instance_number
 from sr_writer import codes
 
 SCALE = ", ".join(f"{n} {label}" for n, label in enumerate(SCORE_LABELS))
