@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import structlog
 from tqdm import tqdm
 
 from inference.dicom import Header, PrepareError
@@ -108,8 +109,15 @@ def _assess_one(headers: list[Header], engine: Engine, args: argparse.Namespace,
     return result
 
 
+def _logs_to_stderr() -> None:
+    """Log lines (structlog's default goes to stdout) on stderr: stdout holds only the
+    results, one JSON object per line with ``--json``."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+
+
 def assess_main(args: argparse.Namespace) -> int:
     """The ``qcnode assess`` handler; returns the exit code."""
+    _logs_to_stderr()
     try:
         engine = create_engine(args.engine, model=args.model, adapter=args.adapter)
         window = engine_window(args.engine, model=args.model, adapter=args.adapter)

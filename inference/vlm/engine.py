@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from inference.vlm.loading import (
     compute_dtype,
     load_model,
     load_processor,
+    native_image_size,
     pick_device,
     resolve_source,
     weights_revision,
@@ -92,6 +93,10 @@ class VlmEngine:
         device: str = "auto", *, quantize: bool = True, max_batch: int | None = None,
     ) -> None:
         self._source = resolve_source(model_dir, adapter_dir)
+        self._card = self._source.card
+        #: Says where the card came from when there is none beside the weights.
+        self._card_note = "" if self._source.card_found else (
+            "no qcnode_card.json found; the default CT-IQA card was used")
         self._device = device
         self._quantize = quantize
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
@@ -100,8 +105,9 @@ class VlmEngine:
 
     @property
     def card(self) -> ModelCard:
-        """The model card in force (beside the adapter, in the merged model, or default)."""
-        return self._source.card
+        """The model card in force (beside the adapter, in the merged model, or default;
+        without a card, its image size becomes the model's own once loaded)."""
+        return self._card
 
     @cached_property
     def info(self) -> EngineInfo:
@@ -124,8 +130,22 @@ class VlmEngine:
         device = pick_device(self._device)
         processor = load_processor(self._source)
         model = load_model(self._source, device, quantize=self._quantize)
+        if not self._source.card_found:
+            self._adopt_image_size(model, processor)
         tokens = score_tokens(processor.tokenizer, self.card, prompt_text(processor, self.card))
         return LoadedModel(model, processor, tokens, device, compute_dtype(device))
+
+    def _adopt_image_size(self, model: Any, processor: Any) -> None:
+        """Without a card the default card's image size (MedGemma's 896 px) says nothing
+        about these weights: take the size from the model's own processor or vision
+        config, and say so in every result's notes."""
+        native = native_image_size(model, processor)
+        if native is None:
+            self._card_note += f" (image size {self._card.image_size} px assumed)"
+            return
+        size, where = native
+        self._card = replace(self._card, image_size=size)
+        self._card_note += f", with the image size {size} px from the model's {where}"
 
     # Engine protocol -------------------------------------------------------------
     def assess(self, series: PreparedSeries) -> AssessmentResult:
@@ -166,9 +186,7 @@ class VlmEngine:
         self, series: PreparedSeries, readouts: list[SliceReadout], explained: list[_Explained]
     ) -> AssessmentResult:
         score, spread = aggregate(readouts)
-        notes: list[str] = []
-        if not self._source.card_found:
-            notes.append("no qcnode_card.json found; the default CT-IQA card was used")
+        notes: list[str] = [self._card_note] if self._card_note else []
         if series.window != self.card.window:
             notes.append(
                 f"slices were windowed with {series.window}, the model card expects "
