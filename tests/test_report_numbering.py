@@ -58,8 +58,8 @@ def assessed(tmp_path_factory: pytest.TempPathFactory) -> tuple[
     series = prepare_series(files, k=4)
     result = PhysicsEngine().assess(series)
     assessed_uids = {s.sop_instance_uid for s in series.slices}
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
-    sources = [ds for ds in sources if ds.SOPInstanceUID in assessed_uids]
+    read: list[Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    sources = [ds for ds in read if ds.SOPInstanceUID in assessed_uids]
     numbers = {FIRST_NUMBER - STEP * i for i in range(len(files))}
     counted = {s.index for s in series.slices} | {s.index + 1 for s in series.slices}
     assert not numbers & (counted | set(range(1, len(files) + 1)))  # no number is both
