@@ -140,6 +140,22 @@ def test_score_uncertainty_is_encoded_as_tid_310_measurement_properties(assessed
         assert kinds.index("SCOORD") > max(i for i, k in enumerate(kinds) if k == "NUM")
 
 
+def test_the_prepared_payload_keeps_instance_numbers(tmp_path: Path) -> None:
+    """Workers get the prepared series as bytes: the names must survive the trip."""
+    from inference.prepare import PreparedSeries
+
+    synthesize(SynthSpec(slices=3, size=64, seed=1), tmp_path)
+    files = sorted((tmp_path / "dose1").glob("*.dcm"))
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = 301 + i
+        ds.save_as(path)
+    series = prepare_series(files, k=3)
+    back = PreparedSeries.from_bytes(series.to_bytes())
+    assert [s.name for s in back.slices] == [s.name for s in series.slices]
+    assert {s.name for s in back.slices} == {"slice 301", "slice 302", "slice 303"}
+
+
 def test_a_result_without_instance_numbers_names_images_by_uid(tmp_path: Path) -> None:
     from tests.support.ctsources import ct_series, sample_result
 
@@ -151,3 +167,19 @@ def test_a_result_without_instance_numbers_names_images_by_uid(tmp_path: Path) -
     texts = list(_texts(list(text_sr.ContentSequence)))
     assert not any(re.search(r"\b[Ss]lices? \d", t) for t in texts), texts  # no made-up number
     assert any(f"Image {sources[0].SOPInstanceUID} quality" in t for t in texts), texts
+
+
+def test_a_frame_is_named_by_its_instance_and_frame_number() -> None:
+    from inference.result import Finding, FindingKind, Region, Severity, SliceScore
+    from sr_writer.parse import _GROUP
+    from sr_writer.prose import finding_label, slice_label
+    from sr_writer.tid1500 import _slice_tracking
+
+    s = SliceScore("1.2.3", 1.24, 0.26, frame=12)
+    assert slice_label(s, {"1.2.3": 4}) == "Image 4 frame 12 quality 1.2 ± 0.3 of 4 (poor)"
+    f = Finding(FindingKind.NOISE, Severity.MILD, "", "1.2.3", Region.box("1.2.3", 1, 1, 5, 5, 12))
+    assert finding_label(f, {"1.2.3": 4}) == "Image noise, mild (image 4 frame 12)"
+    tracking = _slice_tracking(s, {"1.2.3": 4})
+    assert tracking == "qcnode slice 4 frame 12"
+    match = _GROUP.match(f"{tracking} [whole image]")
+    assert match is not None and match[1] == "qcnode slice"
