@@ -246,3 +246,24 @@ def test_disagreement_between_text_and_readout_is_noted(engine: VlmEngine) -> No
 def test_vlm_engine_is_an_engine_for_the_type_checker(tiny_gemma_dir: Path) -> None:
     engine: Engine = VlmEngine(tiny_gemma_dir, device="cpu")
     assert engine.info.version
+
+
+def test_explanation_names_slices_by_instance_number_with_one_decimal(
+        engine: VlmEngine) -> None:
+    """The radiologist finds "slice 57" in the viewer; a z position or 2.13 they do not."""
+    import dataclasses
+
+    from inference.vlm.engine import _Explained
+
+    series = _series(3)
+    numbered = tuple(dataclasses.replace(s, instance_number=55 + i)
+                     for i, s in enumerate(series.slices))
+    series = dataclasses.replace(series, slices=numbered)
+    readouts = [SliceReadout.from_digits(p) for p in ((0, 0.13, 0.61, 0.26, 0),
+                                                       (0, 0, 0.2, 0.6, 0.2),
+                                                       (0, 0, 0, 0.3, 0.7))]
+    explained = [_Explained(0, "worst", "Score: 2.1\nReasoning: streaks over the liver.")]
+    result = engine._result(series, readouts, explained)
+    expected = f"Worst slice (slice 55, score {readouts[0].expected:.1f}): streaks over the liver."
+    assert result.explanation == expected
+    assert "z " not in result.explanation
