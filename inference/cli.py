@@ -1,7 +1,10 @@
 """`qcnode assess PATH…`: offline assessment of CT series, no server, no config.
 
 Files and folders in; one result per series out (human-readable, or one JSON object per
-line with ``--json``); optionally a TID 1500 SR per series in ``--sr-out DIR``. Every
+line with ``--json``); optionally, per series in ``--sr-out DIR``, the TID 1500 SR and its
+companions, as a node sends them: the Basic Text SR and the Encapsulated PDF quality
+card with the worst slice (``SR_…``, ``TEXT_…``, ``PDF_…`` ``.dcm``, named by SOP
+Instance UID). Every
 problem (non-CT input, one-slice series, corrupt pixel data, a missing model directory)
 is one line on stderr naming it, and a non-zero exit code; never a traceback. A file that
 is not a DICOM image instance is skipped with a one-line warning naming it and why; the
@@ -11,6 +14,7 @@ rest is still assessed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from importlib import import_module
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import structlog
 from tqdm import tqdm
 
 from inference.dicom import Header, PrepareError
@@ -42,8 +47,8 @@ def _warn_skipped(path: Path, reason: str) -> None:
 def _human(result: AssessmentResult) -> str:
     lines = [
         f"series {result.series_instance_uid}",
-        f"  score {result.score:.2f} ({result.label})"
-        + (f" ± {result.uncertainty:.2f}" if result.uncertainty is not None else "")
+        f"  score {result.score:.1f} ({result.label})"
+        + (f" ± {result.uncertainty:.1f}" if result.uncertainty is not None else "")
         + f"   engine {result.engine.name} {result.engine.version}",
         f"  {result.explanation}",
     ]
@@ -54,9 +59,22 @@ def _human(result: AssessmentResult) -> str:
     return "\n".join(lines)
 
 
+#: File name prefix of each object ``--sr-out`` writes, by :mod:`sr_writer` builder.
+REPORT_FILES = (("build_sr", "SR"), ("build_text_sr", "TEXT"), ("build_pdf", "PDF"))
+
+
+def _worst_rgb(series: PreparedSeries, result: AssessmentResult) -> Any:
+    """The rendered worst slice (for the PDF card), or None."""
+    worst = result.worst_slice
+    return next((s.rgb for s in series.slices if worst is not None
+                 and (s.sop_instance_uid, s.frame) == (worst.sop_instance_uid, worst.frame)),
+                None)
+
+
 def write_sr(result: AssessmentResult, series: PreparedSeries, headers: list[Header],
-             engine: Engine, out: Path) -> Path:
-    """Build the series' SR with :func:`sr_writer.build_sr` and write it into ``out``."""
+             engine: Engine, out: Path) -> list[Path]:
+    """Write the series' SR (:func:`sr_writer.build_sr`) and its companions, the Basic
+    Text SR and the PDF card, into ``out``; returns their paths, the SR first."""
     try:
         sr_module: Any = import_module("sr_writer")
     except ImportError as exc:
@@ -69,11 +87,17 @@ def write_sr(result: AssessmentResult, series: PreparedSeries, headers: list[Hea
         if h.frames and h.frames[0].sop_instance_uid in assessed
     ]
     job_key = f"{result.series_instance_uid}|{engine.info.key}"
-    sr = sr_module.build_sr(sources, result, job_key=job_key)
+    created = datetime.datetime.now()
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"SR_{sr.SOPInstanceUID}.dcm"
-    sr.save_as(path, enforce_file_format=True)
-    return path
+    paths = []
+    for builder, prefix in REPORT_FILES:
+        extra = {"image": _worst_rgb(series, result)} if prefix == "PDF" else {}
+        ds = getattr(sr_module, builder)(sources, result, job_key=job_key, created=created,
+                                         **extra)
+        path = out / f"{prefix}_{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def _assess_one(headers: list[Header], engine: Engine, args: argparse.Namespace,
@@ -85,8 +109,15 @@ def _assess_one(headers: list[Header], engine: Engine, args: argparse.Namespace,
     return result
 
 
+def _logs_to_stderr() -> None:
+    """Log lines (structlog's default goes to stdout) on stderr: stdout holds only the
+    results, one JSON object per line with ``--json``."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+
+
 def assess_main(args: argparse.Namespace) -> int:
     """The ``qcnode assess`` handler; returns the exit code."""
+    _logs_to_stderr()
     try:
         engine = create_engine(args.engine, model=args.model, adapter=args.adapter)
         window = engine_window(args.engine, model=args.model, adapter=args.adapter)

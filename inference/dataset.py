@@ -305,6 +305,7 @@ def load_prepared(record: Record, window: Window, k: int = 8) -> PreparedSeries:
         slc = PreparedSlice(
             sop_instance_uid=ref.sop_instance_uid, frame=ref.frame, z=ref.z, hu=hu,
             pixel_spacing=ref.pixel_spacing, rgb=window.apply(hu),
+            instance_number=ref.instance_number,
         )
         return PreparedSeries(
             header.study_instance_uid, header.series_instance_uid, header.modality,
@@ -314,7 +315,8 @@ def load_prepared(record: Record, window: Window, k: int = 8) -> PreparedSeries:
     center, width = record.window or (40.0, 350.0)
     hu = (gray * np.float32(width) + np.float32(center - width / 2.0)).astype(np.float32)
     slc = PreparedSlice(record_uid(record, "sop"), None, 0.0, hu, RASTER_SPACING_MM,
-                        _gray_rgb(gray), hu_range=(center - width / 2.0, center + width / 2.0))
+                        _gray_rgb(gray), instance_number=1,  # the record's one image
+                        hu_range=(center - width / 2.0, center + width / 2.0))
     return PreparedSeries(
         record_uid(record, "study"), record_uid(record, "series"), "CT", record.id,
         (slc,), 1, window,

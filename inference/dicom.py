@@ -53,6 +53,8 @@ class FrameRef:
     padding: tuple[int, int] | None  # stored-value range set to air, inclusive
     localizer: bool
     spacing_known: bool = True
+    #: Instance Number (0020,0013), the image number a viewer shows; None when absent.
+    instance_number: int | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ def _normal(iop: Sequence[float]) -> np.ndarray:
 
 def _frames(ds: Dataset, path: Path) -> Iterator[FrameRef]:
     sop = str(ds.SOPInstanceUID)
+    number = instance_number(ds)
     padding = _padding(ds)
     localizer = "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -184,7 +187,7 @@ def _frames(ds: Dataset, path: Path) -> Iterator[FrameRef]:
                 intercept=float(ds.get("RescaleIntercept", 0) or 0),
                 pixel_spacing=_spacing(ds.get("PixelSpacing")), padding=padding,
                 spacing_known=_spacing_valid(ds.get("PixelSpacing")),
-                localizer=localizer,
+                localizer=localizer, instance_number=number,
             )
         return
     for index in range(n_frames):
@@ -208,8 +211,18 @@ def _frames(ds: Dataset, path: Path) -> Iterator[FrameRef]:
             intercept=float(intercept if intercept is not None else ds.get("RescaleIntercept", 0)),
             pixel_spacing=_spacing(spacing),
             spacing_known=_spacing_valid(spacing),
-            padding=padding, localizer=localizer,
+            padding=padding, localizer=localizer, instance_number=number,
         )
+
+
+def instance_number(ds: Dataset) -> int | None:
+    """Instance Number (0020,0013; Type 2 in the General Image Module, PS3.3 C.7.6.1):
+    the number a viewer shows for an image, or None when empty or not an integer."""
+    value = ds.get("InstanceNumber")
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _spacing_valid(value: Any) -> bool:

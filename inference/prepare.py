@@ -29,6 +29,7 @@ from inference.dicom import (
     parse_header,
     read_hu,
 )
+from inference.result import slice_reference
 from inference.screen import Screen, screen
 
 __all__ = [
@@ -91,9 +92,12 @@ class PreparedSlice:
     """One selected image plane: HU, geometry and the rendered RGB image.
 
     ``frame`` is the 1-based frame number of a multi-frame instance, else None;
-    ``index`` is the 0-based position of the plane in the series sorted along the normal;
-    ``hu_range`` is the (floor, ceiling) HU of a windowed raster whose ``hu`` was
-    reconstructed from grey values (values at either end were clipped), None for DICOM.
+    ``index`` is the 0-based position of the plane in the series sorted along the normal
+    (internal: never shown to people); ``instance_number`` is the image's Instance Number
+    (0020,0013), the number a viewer shows, and the one every text names a slice by
+    (:func:`inference.result.slice_reference`); ``hu_range`` is the (floor, ceiling) HU
+    of a windowed raster whose ``hu`` was reconstructed from grey values (values at
+    either end were clipped), None for DICOM.
     """
 
     sop_instance_uid: str
@@ -103,7 +107,14 @@ class PreparedSlice:
     pixel_spacing: tuple[float, float]
     rgb: np.ndarray
     index: int = 0
+    instance_number: int | None = None
     hu_range: tuple[float, float] | None = None
+
+    @property
+    def name(self) -> str:
+        """How texts name this plane: ``slice 11`` (its Instance Number), ``image 4
+        frame 12`` in a multi-frame instance; by position along the normal without one."""
+        return slice_reference(self.instance_number, self.frame) or f"slice at {self.z:.1f} mm"
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,8 @@ class PreparedSeries:
             "window": [self.window.center, self.window.width, self.window.mode],
             "notes": list(self.notes),
             "slices": [
-                [s.sop_instance_uid, s.frame, s.z, list(s.pixel_spacing), s.index]
+                [s.sop_instance_uid, s.frame, s.z, list(s.pixel_spacing), s.index,
+                 s.instance_number]
                 for s in self.slices
             ],
         }
@@ -171,8 +183,10 @@ class PreparedSeries:
                     hu=npz[f"hu{i}"].astype(np.float32),
                     pixel_spacing=(float(spacing[0]), float(spacing[1])),
                     rgb=npz[f"rgb{i}"], index=int(index),
+                    # payloads written before the Instance Number was carried have 5 fields
+                    instance_number=number[0] if number else None,
                 )
-                for i, (uid, frame, z, spacing, index) in enumerate(meta["slices"])
+                for i, (uid, frame, z, spacing, index, *number) in enumerate(meta["slices"])
             )
         center, width, mode = meta["window"]
         return cls(
@@ -245,6 +259,7 @@ def prepare_series(
         PreparedSlice(
             sop_instance_uid=ref.sop_instance_uid, frame=ref.frame, z=ref.z, hu=hu,
             pixel_spacing=ref.pixel_spacing, rgb=window.apply(hu), index=index,
+            instance_number=ref.instance_number,
         )
         for index, ref, hu in chosen
     )

@@ -25,6 +25,22 @@ def score_label(score: float) -> str:
     return SCORE_LABELS[round(score)]
 
 
+def slice_reference(instance_number: int | None, frame: int | None = None) -> str | None:
+    """How every text shown to people names an image: by its Instance Number
+    (0020,0013, PS3.3 C.7.6.1), the number a viewer shows beside it.
+
+    ``slice 11`` for a single-frame image, ``image 4 frame 12`` for a frame of a
+    multi-frame instance (whose frames share one Instance Number); None without an
+    Instance Number (the caller names the image another way). Never an array index or a
+    position among the assessed slices: those match nothing the radiologist sees.
+    """
+    if instance_number is None:
+        return None
+    if frame is None:
+        return f"slice {instance_number}"
+    return f"image {instance_number} frame {frame}"
+
+
 def _check_score(value: float, name: str) -> None:
     if not isinstance(value, int | float) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")

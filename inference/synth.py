@@ -7,7 +7,10 @@ over soft tissue, see :mod:`inference.ctsim`) and where metal was put. Per-slice
 are in slice order (``IM0001.dcm`` first): ``slice_noise_hu[i]`` is null for a metal
 slice, whose streaks make "the noise" meaningless. The files are CT
 Image Storage instances (PS3.3 A.3) that dciodvfy accepts; the patient is synthetic
-(``QC^PHANTOM``). The same seed gives the same pixels and UIDs.
+(``QC^PHANTOM``). The same seed gives the same pixels; the UIDs are fresh on every run
+(``--uid-seed TEXT`` makes them reproducible). A UID names one object for good (PS3.5
+9): a second run, perhaps with other options, sent to the same node or PACS must be new
+images, not different pixels under the UIDs of the first run's instances.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +61,8 @@ class SynthSpec:
     size: int = 512
     seed: int = 0
     transfer_syntax: str = "explicit"
+    #: Source of the UIDs; None: fresh UIDs on every :func:`synthesize` run.
+    uid_seed: str | None = None
 
     def __post_init__(self) -> None:
         if not self.dose_levels or any(d <= 0 or d > 10 for d in self.dose_levels):
@@ -85,8 +91,12 @@ class SeriesTruth:
     sop_instance_uids: list[str] = field(default_factory=list)
 
 
-def _uid(seed: int, *parts: object) -> str:
-    return str(generate_uid(entropy_srcs=["qcnode-synth", str(seed), *map(str, parts)]))
+def _uid(spec: SynthSpec, *parts: object) -> str:
+    """A UID derived from the spec's ``uid_seed`` (:func:`synthesize` sets a fresh one
+    per run unless the caller fixed it) and ``parts``."""
+    if spec.uid_seed is None:
+        raise ValueError("SynthSpec.uid_seed is unset: write series through synthesize()")
+    return str(generate_uid(entropy_srcs=["qcnode-synth", spec.uid_seed, *map(str, parts)]))
 
 
 def _base_dataset(spec: SynthSpec, study_uid: str, series_uid: str, number: int,
@@ -111,7 +121,7 @@ def _base_dataset(spec: SynthSpec, study_uid: str, series_uid: str, number: int,
     ds.SeriesDescription = description
     ds.BodyPartExamined = "ABDOMEN"
     ds.PatientPosition = "FFS"
-    ds.FrameOfReferenceUID = _uid(spec.seed, "for")
+    ds.FrameOfReferenceUID = _uid(spec, "for")
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = "qcnode"
     ds.ManufacturerModelName = "qcnode synth"
@@ -165,7 +175,7 @@ def write_series(spec: SynthSpec, out: Path, dose: float, artifact: str, number:
     """Simulate and write one series; returns (and writes) its truth sidecar."""
     metal = artifact == "metal"
     name = f"dose{dose:.3g}" + ("_metal" if metal else "")
-    series_uid = _uid(spec.seed, "series", dose, artifact)
+    series_uid = _uid(spec, "series", dose, artifact)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     base = _base_dataset(spec, study_uid, series_uid, number,
@@ -178,7 +188,7 @@ def write_series(spec: SynthSpec, out: Path, dose: float, artifact: str, number:
         u = i / max(spec.slices - 1, 1)
         has_metal = metal and lo <= i < hi
         hu, noise = ctsim.simulate_slice(spec.size, pixel_mm, u, dose, has_metal, rng)
-        sop_uid = _uid(spec.seed, "sop", dose, artifact, i)
+        sop_uid = _uid(spec, "sop", dose, artifact, i)
         _write_slice(base, spec, i, sop_uid, hu, folder / f"IM{i + 1:04d}.dcm")
         truth.sop_instance_uids.append(sop_uid)
         if has_metal:
@@ -199,8 +209,11 @@ def _soft_tissue_sd(size: int, u: float, noise: np.ndarray) -> float:
 
 
 def synthesize(spec: SynthSpec, out: Path) -> list[SeriesTruth]:
-    """Write every (artifact, dose) series of ``spec`` under ``out``."""
-    study_uid = _uid(spec.seed, "study")
+    """Write every (artifact, dose) series of ``spec`` under ``out``: the same pixels
+    for the same ``seed``, fresh UIDs on every call unless ``spec.uid_seed`` is set."""
+    if spec.uid_seed is None:
+        spec = replace(spec, uid_seed=uuid.uuid4().hex)
+    study_uid = _uid(spec, "study")
     truths = []
     number = 1
     for artifact in spec.artifacts:
@@ -217,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
             dose_levels=tuple(args.dose_levels),
             artifacts=tuple(dict.fromkeys(args.artifacts or ["none"])),
             slices=args.slices, size=args.size, seed=args.seed,
-            transfer_syntax=args.transfer_syntax,
+            transfer_syntax=args.transfer_syntax, uid_seed=args.uid_seed,
         )
     except ValueError as exc:
         print(f"qcnode synth: {exc}", file=sys.stderr)

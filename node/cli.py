@@ -97,7 +97,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", nargs="*", default=[], choices=("metal", "none"))
     p.add_argument("--slices", type=int, default=32)
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed, the same pixels")
+    p.add_argument("--uid-seed", default=None, metavar="TEXT",
+                   help="derive the UIDs from TEXT (default: fresh UIDs on every run)")
     p.add_argument("--transfer-syntax", default="explicit",
                    choices=("explicit", "implicit", "rle", "jpeg-ls", "jpeg2000"))
     p.set_defaults(handler="synth")

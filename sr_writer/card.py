@@ -141,13 +141,14 @@ def _draw_image(
         _outline(canvas, region, x0, y0, (dw / cols, dh / rows), dh)
 
 
-def _lines(result: AssessmentResult) -> list[str]:
-    numbers = prose.slice_numbers(result)
+def card_lines(result: AssessmentResult, numbers: prose.Numbers) -> list[str]:
+    """The lines beside the image: score, scale, algorithm, worst slice, findings and
+    measurements (slices by Instance Number: ``numbers`` from
+    :func:`sr_writer.prose.instance_numbers`)."""
     lines = [prose.series_label(result), prose.scale_line(), prose.engine_line(result.engine)]
     worst = result.worst_slice
     if worst is not None:
-        lines.append(prose.slice_label(numbers[worst.sop_instance_uid], worst)
-                     + " – worst slice, shown")
+        lines.append(prose.slice_label(worst, numbers) + " – worst slice, shown")
     lines += [f"Finding: {prose.finding_line(f, numbers)}"
               for f in result.findings] or ["Findings: none"]
     lines += [f"Measured: {prose.evidence_line(m, numbers)}" for m in result.evidence]
@@ -159,6 +160,7 @@ def render_card(
     header: Sequence[str],
     image: np.ndarray | None = None,
     grid: tuple[int, int] | None = None,
+    numbers: prose.Numbers | None = None,
 ) -> bytes:
     """The card as PDF bytes (one A4 page).
 
@@ -172,6 +174,9 @@ def render_card(
         The worst slice rendered (uint8 H×W or H×W×3), or None.
     grid
         (rows, columns) of the source image the region coordinates refer to.
+    numbers
+        SOP Instance UID → Instance Number of the assessed images, to name slices by
+        (:func:`sr_writer.prose.instance_numbers`).
     """
     _register_fonts()
     buf = io.BytesIO()
@@ -196,7 +201,7 @@ def render_card(
         worst = result.worst_slice
         _draw_image(canvas, image, worst.region if worst else None,
                     grid or image.shape[:2], 15 * mm, y_img)
-    side = [Paragraph(markup(line), body) for line in _lines(result)]
+    side = [Paragraph(markup(line), body) for line in card_lines(result, numbers or {})]
     side_w = width - 30 * mm - IMAGE_SIZE - 5 * mm
     Frame(15 * mm + IMAGE_SIZE + 5 * mm, y_img, side_w, IMAGE_SIZE).addFromList(
         [KeepInFrame(side_w, IMAGE_SIZE, side, mode="truncate")], canvas

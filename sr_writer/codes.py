@@ -39,7 +39,7 @@ Choices (concept → code → reason):
   "Qualitative Evaluations" container (UMLS C0034375); finding and evidence
   descriptions and notes → DCM 121106 "Comment" TEXT items in the same container.
 - Group comment → DCM 121106 "Comment", one TEXT item in each TID 1410 measurement
-  group, stating the group in words (``Slice 3 quality 1.40 of 4 (poor)``). Allowed:
+  group, stating the group in words (``Slice 11 quality 1.4 of 4 (poor)``). Allowed:
   the measurement-group templates have a pair of rows for qualitative evaluations of
   the group's subject, coded (CODE) or in text (TEXT) — TID 1501 rows 11 and 12
   ("… coded questions with coded or text answers"), TID 1411 rows 16 and 17, and the

@@ -29,7 +29,8 @@ from sr_writer import codes
 from sr_writer import tid1500 as t
 
 _COMMENT = re.compile(r"^(Finding|Evidence|Note) (\d+): (.*)$", re.DOTALL)
-_GROUP = re.compile(r"^(qcnode [a-z ]+?)(?: (\d+))?(?: (\[whole image\]|\[series\]))?$")
+_GROUP = re.compile(
+    r"^(qcnode [a-z ]+?)(?: (\d+)(?: frame \d+)?)?(?: (\[whole image\]|\[series\]))?$")
 Group = PlanarROIMeasurementsAndQualitativeEvaluations
 
 

@@ -90,7 +90,8 @@ def build_pdf(
     identity = identity_dataset(ordered[0])
     worst = result.worst_slice
     grid_ds = by_uid[worst.sop_instance_uid] if worst else ordered[0]
-    pdf = render_card(result, _header(identity), image, (int(grid_ds.Rows), int(grid_ds.Columns)))
+    pdf = render_card(result, _header(identity), image, (int(grid_ds.Rows), int(grid_ds.Columns)),
+                      prose.instance_numbers(by_uid.values()))
     when = created or datetime.datetime.now()
     return _encapsulate(pdf, identity, ordered, job_key=job_key, when=when,
                         series_number=series_number)

@@ -1,7 +1,8 @@
 """The viewer-safe Basic Text SR companion: the same content in prose.
 
 Basic Text SR (PS3.3 A.35.1) cannot hold NUM or SCOORD items, so scores and measurements
-are TEXT items whose values read on their own ("Series quality 2.20 ± 0.45 of 4 (fair)").
+are TEXT items whose values read on their own ("Series quality 2.2 ± 0.5 of 4 (fair)");
+slices are named by Instance Number, as the viewer shows them (:mod:`sr_writer.prose`).
 No template is claimed (TID 1500 needs NUM). Titled LOINC 18748-4 "Diagnostic Imaging
 Report" (a DCM 126000 title makes OHIF v3 look for measurements and show nothing).
 
@@ -83,10 +84,10 @@ def _summary(result: AssessmentResult) -> ContainerContentItem:
 
 
 def _findings(result: AssessmentResult, by_uid: dict[str, Dataset]) -> ContainerContentItem:
-    numbers = prose.slice_numbers(result)
+    numbers = prose.instance_numbers(by_uid.values())
     items: list[Any] = []
-    for n, s in enumerate(result.slices, 1):
-        line = _text(codes.IMAGE_QUALITY_RATING, prose.slice_label(n, s))
+    for s in result.slices:
+        line = _text(codes.IMAGE_QUALITY_RATING, prose.slice_label(s, numbers))
         ds = by_uid[s.sop_instance_uid]
         frames = [s.frame] if s.frame is not None else None
         line.ContentSequence = ContentSequence(

@@ -12,13 +12,13 @@ Content tree (PS3.16 TID 1500, built with highdicom's template classes):
     "Image Quality") and the TID 4019 algorithm identification (engine name, version,
     model and adapter revision as parameters) — once, on this group, to keep the
     document small and the build fast;
-  * ``qcnode slice N``: each assessed slice's score on its region;
+  * ``qcnode slice N``: each assessed slice's score on its region (N: its Instance Number);
   * ``qcnode finding N``: a coded finding (kind → severity) on its region;
   * ``qcnode evidence N``: a measured value with its UCUM unit on its region.
 
   Each NUM also carries its SCOORD as INFERRED FROM (TID 300 → TID 320), because OHIF's
   measurement panel reads the coordinates from under the NUM. Each group also holds one
-  TEXT DCM 121106 "Comment" that states the group in words (``Series quality 2.60 of 4
+  TEXT DCM 121106 "Comment" that states the group in words (``Series quality 2.6 of 4
   (good)``): a text qualitative evaluation of the group's subject, which TID 1410 allows
   like TID 1501 rows 11–12 (CODE/TEXT) and TID 1411 rows 16–17; never under the NUM
   (TID 1419 / TID 300 have no TEXT row). OHIF's measurement panel shows it as the label.
@@ -64,7 +64,7 @@ from highdicom.sr import (
 )
 from pydicom.dataset import Dataset
 
-from inference.result import AssessmentResult, EngineInfo, Region
+from inference.result import AssessmentResult, EngineInfo, Region, SliceScore
 from sr_writer import codes, prose
 from sr_writer.document import (
     MANUFACTURER,
@@ -168,16 +168,19 @@ def _group(
     evaluations: Sequence[QualitativeEvaluation] = (),
     algorithm: AlgorithmIdentification | None = None,
     comment: str = "",
+    tracking_key: str | None = None,
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     """A TID 1410 group; every NUM gets the region again as INFERRED FROM SCOORD.
 
     ``comment`` becomes the group's TEXT DCM 121106 "Comment" (a text qualitative
-    evaluation of the group's subject, see the module docstring).
+    evaluation of the group's subject, see the module docstring). The Tracking UID is
+    derived from ``tracking_key`` (default: the identifier ``tracking``).
     """
     image_region, under_num = _scoords(region, ctx.by_uid)
+    key = tracking if tracking_key is None else tracking_key
     group = PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
-            uid=derive_uid(ctx.job_key, f"tracking|{tracking}"), identifier=tracking
+            uid=derive_uid(ctx.job_key, f"tracking|{key}"), identifier=tracking
         ),
         referenced_region=image_region,
         algorithm_id=algorithm,
@@ -195,6 +198,19 @@ def _group(
 
 
 def _score(value: float, uncertainty: float | None) -> Measurement:
+    """DCM 111029 with its uncertainty as TID 310 "Measurement Properties".
+
+    PS3.16 TID 300 row 8 is ``> HAS PROPERTIES INCLUDE DTID 310``; TID 310 row 5 is a
+    NUM whose concept name comes from CID 225 (SCT 371886008 "+, range of upper
+    measurement uncertainty", 371885007 "-, range of lower …"), and the rows of TID 310
+    carry no relationship of their own: the including row's HAS PROPERTIES applies.
+    highdicom's :class:`MeasurementProperties` encodes exactly that (checked against the
+    current rows, tests/test_report_numbering.py), so no workaround is needed. TID 300
+    is order-significant: these items (row 8) precede the SCOORD that :func:`_group`
+    appends (row 13, TID 320). A template validator that matches them against TID 300
+    row 2 ($ModType, HAS CONCEPT MOD) instead reports "expected HAS CONCEPT MOD"
+    (highdicom PR #198): HAS CONCEPT MOD would be the non-standard encoding.
+    """
     props = None
     if uncertainty is not None:
         props = MeasurementProperties(
@@ -204,6 +220,17 @@ def _score(value: float, uncertainty: float | None) -> Measurement:
     return Measurement(
         name=codes.IMAGE_QUALITY_RATING, value=value, unit=codes.SCORE_UNIT, properties=props
     )
+
+
+def _slice_tracking(s: SliceScore, numbers: prose.Numbers) -> str:
+    """A slice group's Tracking Identifier, e.g. ``qcnode slice 116``: the slice's
+    Instance Number, the number the viewer shows (``qcnode slice 4 frame 2`` for a frame;
+    ``qcnode slice`` without an Instance Number). Its Tracking UID comes from the
+    group's position, so that it stays unique either way."""
+    number = numbers.get(s.sop_instance_uid)
+    if number is None:
+        return SLICE_GROUP
+    return f"{SLICE_GROUP} {number}" + (f" frame {s.frame}" if s.frame is not None else "")
 
 
 def _marked(base: str, whole: bool, series_wide: bool = False) -> str:
@@ -222,12 +249,13 @@ def _groups(ctx: _Ctx, result: AssessmentResult, anchor: str) -> list[
     out = [_group(ctx, _marked(SERIES_GROUP, True, True), marker,
                   [_score(result.score, result.uncertainty)], [label], ctx.algorithm,
                   prose.series_label(result))]
-    numbers = prose.slice_numbers(result)
+    numbers = prose.instance_numbers(ctx.by_uid.values())
     for n, s in enumerate(result.slices, 1):
         region, whole = ctx.image_region(s.region, s.sop_instance_uid, s.frame)
-        out.append(_group(ctx, _marked(f"{SLICE_GROUP} {n}", whole), region,
+        out.append(_group(ctx, _marked(_slice_tracking(s, numbers), whole), region,
                           [_score(s.score, s.uncertainty)],
-                          comment=prose.slice_label(n, s)))
+                          comment=prose.slice_label(s, numbers),
+                          tracking_key=f"{SLICE_GROUP} {n}"))
     for n, f in enumerate(result.findings, 1):
         region, whole = ctx.image_region(f.region, f.sop_instance_uid or anchor, None)
         tracking = _marked(f"{FINDING_GROUP} {n}", whole, f.sop_instance_uid is None)

@@ -12,6 +12,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from inference.synth import SynthSpec, synthesize
+from sr_writer import extract_pdf
+from tests.support.dicom3tools import dciodvfy
 
 QCNODE = Path(sys.executable).parent / "qcnode"
 WARNING = "qcnode assess: warning: skipped "
@@ -56,9 +58,16 @@ def test_assess_human_and_sr_out(study: Path, tmp_path: Path) -> None:
     proc = _run(str(study / "dose1"), "--sr-out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "score" in proc.stdout and "Noise" in proc.stdout
-    srs = list(tmp_path.glob("*.dcm"))
-    assert len(srs) == 1
-    assert pydicom.dcmread(srs[0]).Modality == "SR"
+    written = {p.name.split("_")[0]: pydicom.dcmread(p) for p in tmp_path.glob("*.dcm")}
+    assert sorted(written) == ["PDF", "SR", "TEXT"]  # the SR and both companions
+    assert written["SR"].SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert written["TEXT"].SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.11"
+    assert written["PDF"].SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1"
+    assert b"/Subtype /Image" in extract_pdf(written["PDF"])  # the worst slice is on the card
+    for kind, ds in written.items():
+        assert ds.StudyInstanceUID == written["SR"].StudyInstanceUID
+        verdict = dciodvfy(ds, tmp_path)
+        assert verdict.errors == (), f"{kind}: {verdict.output}"
 
 
 def test_assess_bad_inputs(study: Path, tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ def test_every_group_has_an_image_region_a_comment_and_num_has_scoord(sources):
     assert num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "{score}"
     comment = next(i for i in series_group.ContentSequence if i.ValueType == "TEXT"
                    and i.ConceptNameCodeSequence[0].CodeValue == "121106")
-    assert comment.TextValue == "Series quality 2.20 ± 0.45 of 4 (fair)"
+    assert comment.TextValue == "Series quality 2.2 ± 0.5 of 4 (fair)"
     worst = result.worst_slice
     assert worst is not None and worst.region is not None
     uid, points = _scoord(series_group)

@@ -41,7 +41,7 @@ def test_text_sr_valid_without_num_and_in_prose(tmp_path, dcmtk):
     title = text_sr.ConceptNameCodeSequence[0]
     assert (title.CodeValue, title.CodingSchemeDesignator) == ("18748-4", "LN")  # not 126000
     rendered = dsrdump(text_sr, tmp_path)
-    assert "Series quality 2.20 ± 0.45 of 4 (fair)" in rendered
+    assert "Series quality 2.2 ± 0.5 of 4 (fair)" in rendered
     assert explanation in rendered
     assert "Streak artifact, severe (slice 3) – Streaks from the left hip." in rendered
     sr = build_sr(sources, result, job_key=JOB)

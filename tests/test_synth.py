@@ -50,11 +50,33 @@ def test_synth_series_valid(tmp_path: Path, syntax: str) -> None:
     assert low["simulated_noise_hu"] > 1.2 * truth["simulated_noise_hu"]
 
 
-def test_synth_is_deterministic_and_rejects_bad_options(tmp_path: Path) -> None:
+def _uids(path: Path) -> tuple[str, ...]:
+    ds = pydicom.dcmread(path)
+    return (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+            ds.FrameOfReferenceUID)
+
+
+def test_synth_same_seed_same_pixels_fresh_uids_per_run(tmp_path: Path) -> None:
+    """A second run is new images (fresh UIDs), never other pixels under old UIDs."""
+    runs = []
+    for name in ("a", "b"):
+        proc = subprocess.run([str(QCNODE), "synth", str(tmp_path / name), "--slices", "2",
+                               "--size", "64", "--seed", "9"],
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(tmp_path / name / "dose1" / "IM0001.dcm")
+    a, b = (pydicom.dcmread(p) for p in runs)
+    assert a.PixelData == b.PixelData
+    assert not set(_uids(runs[0])) & set(_uids(runs[1]))  # every UID is new
+    truth = json.loads((tmp_path / "b/dose1/truth.json").read_text())
+    assert truth["sop_instance_uids"][0] == b.SOPInstanceUID
+
+
+def test_synth_uid_seed_reproduces_a_run_and_bad_options_are_rejected(tmp_path: Path) -> None:
     from inference.synth import SynthSpec, synthesize
 
-    a = synthesize(SynthSpec(slices=2, size=64, seed=9), tmp_path / "a")
-    b = synthesize(SynthSpec(slices=2, size=64, seed=9), tmp_path / "b")
+    a = synthesize(SynthSpec(slices=2, size=64, seed=9, uid_seed="x"), tmp_path / "a")
+    b = synthesize(SynthSpec(slices=2, size=64, seed=9, uid_seed="x"), tmp_path / "b")
     assert a == b
     assert (tmp_path / "a/dose1/IM0001.dcm").read_bytes() == (
         tmp_path / "b/dose1/IM0001.dcm").read_bytes()

@@ -5,6 +5,7 @@ Run as a subprocess through the installed ``qcnode`` script, as a user would.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,29 @@ def test_a_bad_card_beside_the_model_is_one_line(tmp_path: Path) -> None:
     (model / "qcnode_card.json").write_text('{"max_batch": 0}')
     line = _the_one_line(_assess("--model", str(model), str(tmp_path)))
     assert "max_batch must be a positive integer" in line
+
+
+@pytest.fixture(scope="module")
+def cardless_gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma 3 directory as downloaded from a hub: weights, processor, no card."""
+    from tests.support.tiny_gemma import build_tiny_gemma
+
+    model = build_tiny_gemma(tmp_path_factory.mktemp("cardless") / "model")
+    assert not (model / "qcnode_card.json").exists()
+    return model
+
+
+def test_a_model_without_a_card_takes_its_own_image_size(cardless_gemma: Path,
+                                                         tmp_path: Path) -> None:
+    from inference.synth import SynthSpec, synthesize
+    from tests.support.tiny_gemma import TINY_IMAGE_SIZE
+
+    synthesize(SynthSpec(slices=3, size=64, seed=4), tmp_path / "ct")
+    proc = _assess("--model", str(cardless_gemma), "--json", "--slices", "2",
+                   str(tmp_path / "ct" / "dose1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "belongs to other weights" not in proc.stderr
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert row["engine"]["name"] == "vlm"
+    (note,) = [n for n in row["notes"] if "qcnode_card.json" in n]
+    assert f"image size {TINY_IMAGE_SIZE} px from the model's image processor" in note, note

@@ -238,9 +238,10 @@ def test_disagreement_between_text_and_readout_is_noted(engine: VlmEngine) -> No
     from inference.vlm.engine import _disagreement
 
     readout = SliceReadout.from_digits((0.0, 0.0, 0.1, 0.8, 0.1))
-    assert _disagreement("worst", readout, 3.2, None, engine.card) == []
-    (note,) = _disagreement("worst", readout, 1.0, None, engine.card)
-    assert "says score 1" in note and "3.00" in note
+    assert _disagreement("worst slice (slice 7)", readout, 3.2, None, engine.card) == []
+    (note,) = _disagreement("worst slice (slice 7)", readout, 1.0, None, engine.card)
+    assert note.startswith("worst slice (slice 7): ")
+    assert "says score 1" in note and "gives 3.0 " in note
     (missing,) = _disagreement("median", readout, None, "no score", engine.card)
     assert "no score" in missing
 
@@ -299,3 +300,24 @@ def test_ratings_in_the_generated_prose_never_contradict_the_readout(engine: Vlm
     assert "Mild noise in the liver." in result.explanation
     notes = [n for n in result.notes if "left out" in n]
     assert len(notes) == 2 and "read-out gives 3.0" in notes[0]
+
+
+def test_explanation_names_slices_by_instance_number_with_one_decimal(
+        engine: VlmEngine) -> None:
+    """The radiologist finds "slice 57" in the viewer; a z position or 2.13 they do not."""
+    import dataclasses
+
+    from inference.vlm.engine import _Explained
+
+    series = _series(3)
+    numbered = tuple(dataclasses.replace(s, instance_number=55 + i)
+                     for i, s in enumerate(series.slices))
+    series = dataclasses.replace(series, slices=numbered)
+    readouts = [SliceReadout.from_digits(p) for p in ((0, 0.13, 0.61, 0.26, 0),
+                                                       (0, 0, 0.2, 0.6, 0.2),
+                                                       (0, 0, 0, 0.3, 0.7))]
+    explained = [_Explained(0, "worst", "Score: 2.1\nReasoning: streaks over the liver.")]
+    result = engine._result(series, readouts, explained)
+    expected = f"Worst slice (slice 55, score {readouts[0].expected:.1f}): streaks over the liver."
+    assert result.explanation == expected
+    assert "z " not in result.explanation

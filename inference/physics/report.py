@@ -42,8 +42,9 @@ class _Scored:
     uncertainty: float
 
     @property
-    def number(self) -> int:
-        return self.slice.index + 1
+    def name(self) -> str:
+        """The slice as texts name it: its Instance Number (``slice 11``)."""
+        return self.slice.name
 
     def region(self, box: Box | None) -> Region | None:
         if box is None:
@@ -82,7 +83,7 @@ def _noise(scored: list[_Scored], t: ScoreThresholds) -> tuple[list[Finding], li
     worst = max(scored, key=lambda x: x.noise)
     evidence = [Measurement(
         "noise_hu", mid.noise, "[hnsf'U]",
-        f"soft tissue 0–150 HU, mode of local SD (median slice {mid.number})",
+        f"typical noise in soft tissue (0–150 HU) over small patches, median {mid.name}",
         mid.slice.sop_instance_uid, mid.region(mid.m.noise.box),
     )]
     fat = [x for x in scored if x.m.fat_noise.sd_hu is not None]
@@ -91,21 +92,22 @@ def _noise(scored: list[_Scored], t: ScoreThresholds) -> tuple[list[Finding], li
         fmid = _median_item_by(fat, lambda x: x.m.fat_noise.sd_hu or 0.0)
         fat_sd = fmid.m.fat_noise.sd_hu or 0.0
         evidence.append(Measurement(
-            "noise_fat_hu", fat_sd, "[hnsf'U]", f"fat −300–0 HU (slice {fmid.number})",
+            "noise_fat_hu", fat_sd, "[hnsf'U]",
+            f"typical noise in fat (−300–0 HU) over small patches, median {fmid.name}",
             fmid.slice.sop_instance_uid, fmid.region(fmid.m.fat_noise.box),
         ))
         fat_text = f"; {fat_sd:.1f} HU in fat"
     text = (f"Noise {mid.noise:.1f} HU in soft tissue (median of {len(scored)} slices"
             f"{fat_text}), {noise_words(mid.noise, t)}")
     if worst.noise > 1.15 * mid.noise:
-        text += f"; highest {worst.noise:.1f} HU at slice {worst.number}"
+        text += f"; highest {worst.noise:.1f} HU at {worst.name}"
     findings = []
     level = severity(mid.noise, t.noise_severity_hu)
     if level is not Severity.NONE:
         findings.append(Finding(
             FindingKind.NOISE, level,
-            f"noise {mid.noise:.1f} HU in soft tissue (worst {worst.noise:.1f} HU, "
-            f"slice {worst.number})",
+            f"noise {mid.noise:.1f} HU in soft tissue (highest {worst.noise:.1f} HU, "
+            f"{worst.name})",
             worst.slice.sop_instance_uid, worst.region(worst.m.noise.box),
         ))
     return findings, evidence, text + "."
@@ -122,25 +124,26 @@ def _streaks(scored: list[_Scored], t: ScoreThresholds) -> tuple[list[Finding],
         if dense and all(x.m.streak.clipped for x in dense):
             return [], [], (
                 f"Bone or metal (at the window's top, which cannot tell them apart) on "
-                f"{len(dense)} slice(s); streak index {value:.0f} HU in the soft tissue "
-                f"around it at slice {worst.number}, below a notable level.")
+                f"{len(dense)} slice(s); streak index {value:.1f} HU in the soft tissue "
+                f"around it at {worst.name}, below a notable level.")
         if dense:
             return [], [], f"Dense material on {len(dense)} slice(s) without notable streaks."
         return [], [], "No dense material, no streaks."
-    slices = ", ".join(str(x.number) for x in sorted(hit, key=lambda x: x.number))
+    slices = _names(hit)
     evidence = [Measurement(
         "streak_index_hu", value, "[hnsf'U]",
-        f"sqrt(SD² − SD_ref²) around material > 2000 HU, slice {worst.number}",
+        f"noise added around dense material (above 2000 HU) on top of the usual noise, "
+        f"{worst.name}",
         worst.slice.sop_instance_uid, worst.region(worst.m.streak.box),
     )]
     finding = Finding(
         FindingKind.METAL_ARTIFACT, severity(value, t.streak_severity_hu),
-        f"streaks from dense material at slice(s) {slices}; index {value:.0f} HU at slice "
-        f"{worst.number}",
+        f"streaks from dense material at {slices}; streak index {value:.1f} HU at "
+        f"{worst.name}",
         worst.slice.sop_instance_uid, worst.region(worst.m.streak.box),
     )
-    text = (f"Streaks from dense material at slice(s) {slices} (streak index {value:.0f} HU "
-            f"at slice {worst.number}).")
+    text = (f"Streaks from dense material at {slices} (streak index {value:.1f} HU "
+            f"at {worst.name}).")
     return [finding], evidence, text
 
 
@@ -154,7 +157,8 @@ def _edge_and_contrast(scored: list[_Scored], t: ScoreThresholds) -> tuple[
         e = _median_item_by(edges, lambda x: x.m.edge.width_mm or 0.0)
         width, f50 = e.m.edge.width_mm or 0.0, e.m.edge.mtf50_per_mm or 0.0
         evidence += [
-            Measurement("edge_width_mm", width, "mm", f"skin–air edge 10–90 %, slice {e.number}",
+            Measurement("edge_width_mm", width, "mm",
+                        f"width of the skin–air edge (10–90 % rise), {e.name}",
                         e.slice.sop_instance_uid),
             Measurement("mtf50_per_mm", f50, "/mm", "from the skin–air edge (Gaussian model)",
                         e.slice.sop_instance_uid),
@@ -171,17 +175,28 @@ def _edge_and_contrast(scored: list[_Scored], t: ScoreThresholds) -> tuple[
         cnr, contrast = c.m.cnr or 0.0, c.m.contrast_hu or 0.0
         region = c.region(c.m.noise.box)
         evidence += [
-            Measurement("contrast_hu", contrast, "[hnsf'U]", f"soft tissue − fat, slice "
-                        f"{c.number}", c.slice.sop_instance_uid, region),
+            Measurement("contrast_hu", contrast, "[hnsf'U]",
+                        f"soft tissue minus fat, {c.name}", c.slice.sop_instance_uid, region),
             Measurement("cnr", cnr, "1", "soft tissue vs fat, over soft-tissue noise",
                         c.slice.sop_instance_uid, region),
         ]
-        parts.append(f"soft tissue–fat contrast {contrast:.0f} HU, CNR {cnr:.1f}")
+        parts.append(f"soft tissue–fat contrast {contrast:.1f} HU, CNR {cnr:.1f}")
         level = severity(cnr, t.cnr_severity, lower_is_worse=True)
         if level is not Severity.NONE:
             findings.append(Finding(FindingKind.LOW_CONTRAST, level, f"CNR {cnr:.1f}",
                                     c.slice.sop_instance_uid))
     return findings, evidence, ("; ".join(parts) + ".") if parts else ""
+
+
+def _names(items: list[_Scored]) -> str:
+    """``slice 12``, ``slices 3, 9 and 12`` (by Instance Number), else each plane's name."""
+    numbers = [x.slice.instance_number for x in items]
+    if all(n is not None for n in numbers) and all(x.slice.frame is None for x in items):
+        ordered = [str(n) for n in sorted(n for n in numbers if n is not None)]
+        if len(ordered) == 1:
+            return f"slice {ordered[0]}"
+        return f"slices {', '.join(ordered[:-1])} and {ordered[-1]}"
+    return ", ".join(x.name for x in items)
 
 
 def _median_item_by(items: list[_Scored], key: Callable[[_Scored], float]) -> _Scored:
@@ -218,7 +233,7 @@ def _describe(series: PreparedSeries, measures: Sequence[SliceMeasures],
         out.findings.append(Finding(FindingKind.TRUNCATED_FOV, level,
                                     f"body reaches {frac:.0%} of the image border",
                                     cut.sop_instance_uid))
-        out.texts.append(f"The body is cut by the field of view at slice {cut.index + 1}.")
+        out.texts.append(f"The body is cut by the field of view at {cut.name}.")
     return out
 
 

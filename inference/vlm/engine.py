@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from inference.vlm.loading import (
     compute_dtype,
     load_model,
     load_processor,
+    native_image_size,
     pick_device,
     resolve_source,
     weights_revision,
@@ -105,6 +106,10 @@ class VlmEngine:
         explain: ExplainPolicy | None = None,
     ) -> None:
         self._source = resolve_source(model_dir, adapter_dir)
+        self._card = self._source.card
+        #: Says where the card came from when there is none beside the weights.
+        self._card_note = "" if self._source.card_found else (
+            "no qcnode_card.json found; the default CT-IQA card was used")
         self._device = device
         self._quantize = quantize
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
@@ -115,8 +120,9 @@ class VlmEngine:
 
     @property
     def card(self) -> ModelCard:
-        """The model card in force (beside the adapter, in the merged model, or default)."""
-        return self._source.card
+        """The model card in force (beside the adapter, in the merged model, or default;
+        without a card, its image size becomes the model's own once loaded)."""
+        return self._card
 
     @cached_property
     def info(self) -> EngineInfo:
@@ -139,8 +145,22 @@ class VlmEngine:
         device = pick_device(self._device)
         processor = load_processor(self._source)
         model = load_model(self._source, device, quantize=self._quantize)
+        if not self._source.card_found:
+            self._adopt_image_size(model, processor)
         tokens = score_tokens(processor.tokenizer, self.card, prompt_text(processor, self.card))
         return LoadedModel(model, processor, tokens, device, compute_dtype(device))
+
+    def _adopt_image_size(self, model: Any, processor: Any) -> None:
+        """Without a card the default card's image size (MedGemma's 896 px) says nothing
+        about these weights: take the size from the model's own processor or vision
+        config, and say so in every result's notes."""
+        native = native_image_size(model, processor)
+        if native is None:
+            self._card_note += f" (image size {self._card.image_size} px assumed)"
+            return
+        size, where = native
+        self._card = replace(self._card, image_size=size)
+        self._card_note += f", with the image size {size} px from the model's {where}"
 
     # Engine protocol -------------------------------------------------------------
     def assess(self, series: PreparedSeries) -> AssessmentResult:
@@ -182,10 +202,8 @@ class VlmEngine:
         self, series: PreparedSeries, readouts: list[SliceReadout], explained: list[_Explained]
     ) -> AssessmentResult:
         score, spread = aggregate(readouts)
-        notes: list[str] = []
+        notes: list[str] = [self._card_note] if self._card_note else []
         measured = self._measure(series, notes)
-        if not self._source.card_found:
-            notes.append("no qcnode_card.json found; the default CT-IQA card was used")
         if series.window != self.card.window:
             notes.append(
                 f"slices were windowed with {series.window}, the model card expects "
@@ -196,29 +214,30 @@ class VlmEngine:
         for item in explained:
             sl, ro = series.slices[item.index], readouts[item.index]
             parsed = parse_answer(item.text, self.card.reasoning_prefix)
-            notes.extend(_disagreement(item.role, ro, parsed.score, parsed.problem, self.card))
+            notes.extend(_disagreement(f"{item.role} slice ({sl.name})", ro, parsed.score,
+                                       parsed.problem, self.card))
             checked = check_ratings(parsed.reasoning, ro.expected,
                                     self.card.disagreement_threshold)
             notes.extend(
-                f"{item.role} slice: its explanation rated the image {r.text!r}, the read-out "
-                f"gives {ro.expected:.1f}; that sentence was left out"
+                f"{item.role} slice ({sl.name}): its explanation rated the image {r.text!r}, "
+                f"the read-out gives {ro.expected:.1f}; that sentence was left out"
                 for r in checked.contradictions
             )
             if checked.text:
                 paragraphs.append(
-                    f"{item.role.capitalize()} slice (z {sl.z:.1f} mm, read-out score "
-                    f"{ro.expected:.1f}): {checked.text}"
+                    f"{item.role.capitalize()} slice ({sl.name}, score {ro.expected:.1f}): "
+                    f"{checked.text}"
                 )
                 finding_groups.append(extract_findings(checked.text, sl.sop_instance_uid))
-        read = (f"Score {score:.1f} of 4 ({score_label(_clamp(score))}) read from the model's "
-                f"score probabilities over {len(readouts)} slices")
+        read = (f"Score {score:.1f} ± {spread:.1f} of 4 ({score_label(_clamp(score))}) read "
+                f"from the model's score probabilities over {len(readouts)} slices")
         if paragraphs:
             explanation = "\n\n".join(paragraphs)
         elif measured is not None:
             explanation = f"{measured.text} {read}."
             finding_groups.append(measured.findings)
         else:
-            explanation = f"{read}; no explanation was generated."
+            explanation = f"{read}; the model generated no explanation."
         slice_scores = tuple(
             SliceScore(s.sop_instance_uid, _clamp(r.expected), r.std, frame=s.frame)
             for s, r in zip(series.slices, readouts, strict=True)
@@ -267,16 +286,17 @@ def aggregate(readouts: list[SliceReadout]) -> tuple[float, float]:
 
 
 def _disagreement(
-    role: str, readout: SliceReadout, written: float | None, problem: str | None,
+    which: str, readout: SliceReadout, written: float | None, problem: str | None,
     card: ModelCard,
 ) -> list[str]:
     if written is None:
-        return [f"{role} slice: {problem}; the read-out score {readout.expected:.2f} is used"]
+        return [f"{which}: {problem}; the read-out score {readout.expected:.1f} is used"]
     gap = abs(written - readout.expected)
     if gap > card.disagreement_threshold:
         return [
-            f"{role} slice: generated text says score {written:g}, the score read-out gives "
-            f"{readout.expected:.2f} (difference {gap:.2f} > {card.disagreement_threshold:g})"
+            f"{which}: generated text says score {written:g}, the score read-out gives "
+            f"{readout.expected:.1f} (difference {gap:.1f}, more than "
+            f"{card.disagreement_threshold:g})"
         ]
     return []
 

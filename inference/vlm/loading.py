@@ -35,7 +35,8 @@ log = structlog.get_logger(__name__)
 
 __all__ = [
     "ModelDirectoryError", "ModelSource", "compute_dtype", "load_model", "load_processor",
-    "pick_device", "quantization_config", "resolve_source", "weights_revision",
+    "native_image_size", "pick_device", "quantization_config", "resolve_source",
+    "weights_revision",
 ]
 
 
@@ -97,7 +98,8 @@ def load_model(source: ModelSource, device: str, *, quantize: bool = True) -> An
 
         model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=False)
     model.eval()
-    _check_image_size(model, source.card)
+    if source.card_found:  # without a card, the engine takes the size from the model
+        _check_image_size(model, source.card)
     log.info(
         "vlm_loaded", device=device, quantized=quantize,
         adapter=source.adapter_dir is not None, card_found=source.card_found,
@@ -105,7 +107,22 @@ def load_model(source: ModelSource, device: str, *, quantize: bool = True) -> An
     return model
 
 
+def native_image_size(model: Any, processor: Any) -> tuple[int, str] | None:
+    """The side of the square image these weights take, and where it was read: the
+    processor's image processor (what images are resized to), else the vision tower's
+    config; None when neither says."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    # a dict in older transformers, a SizeDict (attributes) in newer ones
+    height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
+    if isinstance(height, int):
+        return height, "image processor"
+    vision = getattr(model.config, "vision_config", None)
+    side = getattr(vision, "image_size", None)
+    return (int(side), "vision config") if isinstance(side, int) else None
+
+
 def _check_image_size(model: Any, card: ModelCard) -> None:
+    """A card found beside the weights must describe them (its image size is theirs)."""
     vision = getattr(model.config, "vision_config", None)
     size = getattr(vision, "image_size", None)
     if size is not None and size != card.image_size:

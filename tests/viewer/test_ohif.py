@@ -282,7 +282,8 @@ def test_text_sr_shows_the_explanation(loaded: Loaded) -> None:
     _assert_no_ohif_error(report)
     page = report["texts"]["page"]
     assert EXPLANATION in page
-    assert f"{loaded.result.score:.2f}" in page, "the series score is not in the text view"
+    shown = f"Series quality {loaded.result.score:.1f} "  # one decimal for people
+    assert shown in page, "the series score is not in the text view"
 
 
 def test_pdf_card_reaches_the_viewer(loaded: Loaded) -> None:
