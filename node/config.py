@@ -289,6 +289,11 @@ class EngineSettings(_Section):
     #: or "never".
     explain: Literal["always", "below", "never"] = "always"
     explain_below: float = Field(default=2.5, ge=0.0, le=4.0)
+    #: a gpu worker assesses up to this many waiting series together (threads pool, one
+    #: task per series; inference.batcher), waiting at most ``batch_wait_seconds`` for
+    #: companions; 1: one series at a time (prefork pool)
+    batch_series: int = Field(default=1, ge=1, le=64)
+    batch_wait_seconds: float = Field(default=0.5, ge=0.0, le=60.0)
 
     @model_validator(mode="after")
     def _vlm_needs_model(self) -> EngineSettings:

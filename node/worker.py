@@ -1,7 +1,9 @@
 """``qcnode worker --queues gpu|io|gpu,io``: a Celery worker for pipeline stages.
 
 Runs on any host that reaches the broker and the ledger (PostgreSQL in a multi-host
-site); it needs no spool. ``gpu`` runs with prefetch 1 (one long task at a time).
+site); it needs no spool. ``gpu`` runs with prefetch 1 (one long task at a time); with
+``[engine] batch_series = N > 1`` a gpu-only worker runs N task threads (threads pool)
+whose series the engine assesses together (:mod:`inference.batcher`).
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(settings)
     register(app, settings)
     queues = ",".join(queue_name(settings, q) for q in stages)
-    argv = ["worker", "--queues", queues, "--concurrency", str(args.concurrency),
-            "--pool", "prefork", "--prefetch-multiplier", "1", "--without-gossip",
+    pool, concurrency = "prefork", int(args.concurrency)
+    if stages == [GPU] and settings.engine.batch_series > 1:
+        pool, concurrency = "threads", max(concurrency, settings.engine.batch_series)
+    argv = ["worker", "--queues", queues, "--concurrency", str(concurrency),
+            "--pool", pool, "--prefetch-multiplier", "1", "--without-gossip",
             "--without-mingle", "--without-heartbeat", "--loglevel",
             settings.logging.level, "--hostname", f"qcnode-{'-'.join(stages)}@%h"]
     app.worker_main(argv)

@@ -179,3 +179,30 @@ def test_vlm_engine_on_tiny_model(tmp_path: Path, pacs: Orthanc, series_dir: Pat
         assert expected.model_revision and expected.model_revision.startswith("sha256:")
     finally:
         site.stop()
+
+
+def test_a_batching_gpu_worker_delivers_each_series_once(
+    tmp_path: Path, pacs: Orthanc
+) -> None:
+    """``[engine] batch_series = 3``: the embedded gpu worker runs three task threads that
+    share one engine call (inference.batcher); every job still moves through its own
+    states and is assessed and delivered exactly once."""
+    folders = [synth_series(tmp_path / f"s{i}", slices=8, size=128, seed=i) for i in range(3)]
+    engine = 'name = "physics"\nbatch_series = 3\nbatch_wait_seconds = 5.0'
+    site = NodeSite(tmp_path / "home", pacs, engine=engine, quiet=0.5)
+    try:
+        site.start()
+        for folder in folders:
+            storescu(folder, site.port)
+        uids = [series_uid_of(folder) for folder in folders]
+        for uid in uids:
+            site.wait_state(uid, SeriesState.DELIVERED, timeout=120.0)
+            job = site.job(uid)
+            assert job.state == JobState.DONE and job.attempts == 1, job
+        srs = reports_in(pacs)[COMPREHENSIVE_3D_SR]
+        assert len(srs) == 3  # one SR per series, none twice
+        batches = [json.loads(line) for line in site.log("serve", 10**7).splitlines()
+                   if '"batch_assessed"' in line]
+        assert batches and max(b["series"] for b in batches) >= 2, site.logs()
+    finally:
+        site.stop()

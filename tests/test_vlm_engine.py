@@ -321,3 +321,27 @@ def test_explanation_names_slices_by_instance_number_with_one_decimal(
     expected = f"Worst slice (slice 55, score {readouts[0].expected:.1f}): streaks over the liver."
     assert result.explanation == expected
     assert "z " not in result.explanation
+
+
+def test_several_series_assessed_together_equal_each_alone(tiny_gemma_dir: Path) -> None:
+    """Batching across series: the read-out passes are filled with slices of several
+    series (3 + 2 + 4 slices in batches of 4: 3 passes instead of 4) and the explanations
+    of all of them generated together; every result is what that series alone gives."""
+    engine = VlmEngine(tiny_gemma_dir, device="cpu", max_batch=4)
+    batch = [random_series(n, seed=10 + n, series=20 + n) for n in (3, 2, 4)]
+    shapes: list[tuple[int, ...]] = []
+    handle = engine.loaded.model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        together = engine.assess_many(batch)
+    finally:
+        handle.remove()
+    prompt_passes = [s for s in shapes if s[1] > 2]
+    assert [s[0] for s in prompt_passes[:3]] == [4, 4, 1]  # read-out, filled across series
+    alone = [engine.assess(series) for series in batch]
+    for a, b in zip(together, alone, strict=True):
+        assert a.series_instance_uid == b.series_instance_uid
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+        assert [s.score for s in a.slices] == pytest.approx([s.score for s in b.slices],
+                                                             abs=1e-5)
+        assert a.explanation == b.explanation

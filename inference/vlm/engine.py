@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -171,6 +172,37 @@ class VlmEngine:
         score, _ = aggregate(readouts)
         explained = self._explain(series.slices, readouts) if self.explain.wants(score) else []
         return self._result(series, readouts, explained)
+
+    def assess_many(self, batch: Sequence[PreparedSeries]) -> list[AssessmentResult]:
+        """Assess several series together: one result per series, in order.
+
+        The slices of every series share the read-out's forward passes (batches of at
+        most :attr:`max_batch`, filled across series), and the deciding slices of every
+        series that gets an explanation share the generation batches, so a GPU that
+        would idle between small series is kept busy. Each result equals what
+        :meth:`assess` gives for its series alone (padding aside, to float rounding).
+        """
+        for series in batch:
+            if not series.slices:
+                raise ValueError(f"series {series.series_instance_uid} has no prepared slices")
+        every = tuple(s for series in batch for s in series.slices)
+        flat = self.read_slices(every)
+        readouts: list[list[SliceReadout]] = []
+        for series in batch:
+            readouts.append(flat[:len(series.slices)])
+            flat = flat[len(series.slices):]
+        picks: list[tuple[int, list[tuple[int, str]]]] = []
+        for n, ro in enumerate(readouts):
+            if self.explain.wants(aggregate(ro)[0]):
+                scores = [r.expected for r in ro]
+                picks.append((n, deciding_slices(scores, self.card.explain_slices)))
+        wanted = tuple(batch[n].slices[i] for n, chosen in picks for i, _ in chosen)
+        texts = iter(self.generate(wanted))
+        explained: dict[int, list[_Explained]] = {
+            n: [_Explained(i, role, next(texts)) for i, role in chosen] for n, chosen in picks
+        }
+        return [self._result(series, ro, explained.get(n, []))
+                for n, (series, ro) in enumerate(zip(batch, readouts, strict=True))]
 
     def read_slices(self, slices: tuple[PreparedSlice, ...]) -> list[SliceReadout]:
         """The score distribution of each slice (batches of at most :attr:`max_batch`)."""

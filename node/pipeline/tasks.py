@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from functools import lru_cache
 
@@ -24,6 +25,7 @@ import structlog
 from celery import Celery, Task
 from pydicom import Dataset
 
+from inference.batcher import SeriesBatcher
 from inference.engine import Engine, EngineError, create_engine
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
@@ -65,6 +67,10 @@ def backoff(attempt: int, policy: DeliverySettings) -> float:
     return float(base * random.uniform(0.5, 1.0))
 
 
+_BATCHERS: dict[tuple[int, int, float], SeriesBatcher] = {}
+_BATCHERS_LOCK = threading.Lock()  # also serialises building the engine
+
+
 @lru_cache(maxsize=4)
 def _ledger(url: str, pid: int) -> Ledger:
     """One ledger connection pool per worker process (``pid`` keys it across forks)."""
@@ -82,17 +88,30 @@ def _engine(name: str, model: str | None, adapter: str | None, device: str,
                          explain=explain)
 
 
+def batcher_for(settings: Settings) -> SeriesBatcher:
+    """This process's series batcher (``[engine] batch_series``), one per engine: the task
+    threads of a gpu worker share it."""
+    cfg = settings.engine
+    engine = engine_for(settings)
+    key = (id(engine), cfg.batch_series, cfg.batch_wait_seconds)
+    with _BATCHERS_LOCK:
+        if key not in _BATCHERS:
+            _BATCHERS[key] = SeriesBatcher(engine, cfg.batch_series, cfg.batch_wait_seconds)
+        return _BATCHERS[key]
+
+
 def ledger_for(settings: Settings) -> Ledger:
     """This process's ledger."""
     return _ledger(settings.ledger_url, os.getpid())
 
 
 def engine_for(settings: Settings) -> Engine:
-    """This process's engine."""
+    """This process's engine (one, also when a gpu worker's task threads ask at once)."""
     cfg = settings.engine
-    return _engine(cfg.name, str(cfg.model) if cfg.model else None,
-                   str(cfg.adapter) if cfg.adapter else None, cfg.device,
-                   ExplainPolicy(cfg.explain, cfg.explain_below))
+    with _BATCHERS_LOCK:
+        return _engine(cfg.name, str(cfg.model) if cfg.model else None,
+                       str(cfg.adapter) if cfg.adapter else None, cfg.device,
+                       ExplainPolicy(cfg.explain, cfg.explain_below))
 
 
 def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
@@ -114,7 +133,7 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
                 raise EngineError(f"this worker's engine is {engine.info.key}, "
                                   f"the job was created for {job.engine_key}")
             started = time.perf_counter()
-            result = engine.assess(prepared)
+            result = batcher_for(settings).assess(prepared)
             seconds = time.perf_counter() - started
         except NON_RETRYABLE as exc:
             ledger.dead_letter_job(job_id, f"assessment: {exc}")
