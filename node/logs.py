@@ -59,7 +59,10 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line: print() writes the newline on its own, and a flush by the
+        # stdlib handler's thread in between sent lines without it, so the workers'
+        # lines (same stderr) landed inside the node's (tests/test_logs.py).
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     # Libraries (pynetdicom, celery, sqlalchemy) log through stdlib: keep them quiet

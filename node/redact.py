@@ -209,6 +209,9 @@ def redact_foreign(
         event_dict["category"] = match.group("category") if match else "?"
         event_dict["where"] = "/".join(match.group("where").split("/")[-2:]) if match else "?"
         return event_dict
+    if isinstance(record.msg, BaseException):  # pynetdicom: LOGGER.exception(exc)
+        event_dict["event"] = type(record.msg).__name__
+        return event_dict
     event_dict["event"] = _render(record, args)
     return event_dict
 
@@ -237,9 +240,9 @@ def capped(renderer: Callable[[Any, str, Any], Any]) -> Callable[[Any, str, Any]
         shorter = renderer(logger, method, dict(cut))
         if isinstance(shorter, str) and len(shorter) <= MAX_LINE_CHARS:
             return shorter
-        core = {k: str(event_dict[k])[:MAX_VALUE_CHARS] for k in
-                ("event", "level", "timestamp", "logger") if k in event_dict}
-        core["line_cut_from"] = str(len(line))
+        core: dict[str, Any] = {k: str(event_dict[k])[:MAX_VALUE_CHARS] for k in
+                                ("event", "level", "timestamp", "logger") if k in event_dict}
+        core["line_cut_from"] = len(line)
         return renderer(logger, method, core)
 
     return render

@@ -81,13 +81,14 @@ def test_library_arguments_reduced_and_warnings_to_their_category() -> None:
 logging.getLogger("celery.pool").error("TaskPool: Apply %s (args:%s kwargs:%s)",
                                        "fn", ("qcnode.report", [SECRET]), {})
 logging.getLogger("kombu").error("Task handler raised error: %r", KeyError(SECRET))
+logging.getLogger("pynetdicom.acse").error(ValueError(SECRET))
 warnings.warn(f"Invalid value for VR PN: {SECRET!r}", UserWarning, stacklevel=1)
 """)
     assert "Xqzsecretfam" not in text
     assert [e["event"] for e in events] == [
         "TaskPool: Apply fn (args:<tuple> kwargs:<dict>)",
-        "Task handler raised error: KeyError", "warning"]
-    assert events[2]["category"] == "UserWarning" and events[2]["logger"] == "py.warnings"
+        "Task handler raised error: KeyError", "ValueError", "warning"]
+    assert events[3]["category"] == "UserWarning" and events[3]["logger"] == "py.warnings"
 
 
 def test_no_line_longer_than_the_cap() -> None:
@@ -125,3 +126,40 @@ def test_error_fields_and_text_name_the_class_and_uid_not_the_message() -> None:
         text = error_text(exc)
     assert text.startswith("FileNotFoundError at ") and text.endswith(": No such file or directory")
     assert error_text(EngineError("unknown engine 'x'")) == "EngineError: unknown engine 'x'"
+
+
+def test_lines_stay_whole_with_threads_and_processes_on_one_file(tmp_path: Path) -> None:
+    """The node's workers share its stderr; its own threads log through structlog and
+    through the stdlib handler at once. Every line must still be one JSON object."""
+    script = PRELUDE + """
+import threading
+def ours():
+    for i in range(4000):
+        log.info("ours", i=i, pad="x" * 200)
+def theirs():
+    for i in range(4000):
+        logging.getLogger("celery").warning("theirs %s %s", i, "y" * 150)
+threads = [threading.Thread(target=ours), threading.Thread(target=theirs)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+    out = tmp_path / "shared.log"
+    with out.open("ab") as shared:
+        procs = [subprocess.Popen([sys.executable, "-c", script], stderr=shared)
+                 for _ in range(2)]
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 16_000
+    broken = [line[:120] for line in lines if not _parses(line)]
+    assert not broken, f"{len(broken)} broken lines, e.g. {broken[:3]}"
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
