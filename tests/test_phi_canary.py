@@ -214,7 +214,8 @@ def test_canary_patient_in_no_log_line_or_state_file(
         big_uid = series_uid_of(big)
         site.wait_state(big_uid, SeriesState.ASSESSING, timeout=TIMEOUT)
         kill_tree(victim)
-        wait_for(lambda: delivery_attempts(site, big_uid) >= 4, timeout=TIMEOUT,
+        wait_for(lambda: delivery_attempts(site, big_uid) >= 4
+                 or site.state(big_uid) == SeriesState.FAILED, timeout=TIMEOUT,
                  what=f"four refused deliveries\n{site.logs()}")
         wait_for(lambda: delivery_attempts(site, commit_uid) >= 2
                  or site.state(commit_uid) == SeriesState.FAILED, timeout=TIMEOUT,
