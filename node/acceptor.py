@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 from node import dimse
 from node import upperlayer as ul
 from node.logs import get_logger
+from node.redact import error_text
 
 log = get_logger(__name__)
 
@@ -286,7 +287,7 @@ class Connection:
             # Malformed or unexpected PDUs, before or after establishment: AA-1/AA-8.
             reason = exc.reason if isinstance(exc, ul.ProtocolError) else (
                 ul.ABORT_REASON_NOT_SPECIFIED)
-            log.warning("association aborted", reason=type(exc).__name__, detail=str(exc),
+            log.warning("association aborted", reason=type(exc).__name__, detail=error_text(exc),
                         address=self.address)
             self._send_quietly(ul.abort(reason))
         except (Aborted, OSError) as exc:

@@ -48,6 +48,7 @@ from node.pipeline.reports import (
     wanted_companions,
     worst_image,
 )
+from node.redact import error_text
 from node.scu import DeliveryError, deliver
 from sr_writer.uids import derive_uid
 
@@ -136,10 +137,10 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
             result = batcher_for(settings).assess(prepared)
             seconds = time.perf_counter() - started
         except NON_RETRYABLE as exc:
-            ledger.dead_letter_job(job_id, f"assessment: {exc}")
+            ledger.dead_letter_job(job_id, f"assessment: {error_text(exc)}")
             return
         except Exception as exc:  # noqa: BLE001 - any other failure: retry, then dead-letter
-            _retry_or_dead(task, settings, ledger, job, f"assessment: {exc}")
+            _retry_or_dead(task, settings, ledger, job, f"assessment: {error_text(exc)}")
             return
         job = ledger.move_job(job_id, JobState.REPORTING, result_json=result.to_json())
         ledger.set_series_state(job.series_instance_uid, SeriesState.REPORTING,
@@ -238,13 +239,13 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
         started = time.perf_counter()
         reports = _build(job, result, sources_b64, destinations, image_b64, predecessors)
     except ValueError as exc:
-        ledger.dead_letter_job(job_id, f"SR: {exc}")
+        ledger.dead_letter_job(job_id, f"SR: {error_text(exc)}")
         return
     sr = reports.sr
     try:
         kept = keep_reports(reports, reports_root(settings))
     except OSError as exc:
-        _retry_or_dead(task, settings, ledger, job, f"report file: {exc}")
+        _retry_or_dead(task, settings, ledger, job, f"report file: {error_text(exc)}")
         return
     log.info("sr_built", objects=len(reports.objects), report_path=kept[SR],
              seconds=round(time.perf_counter() - started, 3))
