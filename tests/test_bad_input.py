@@ -232,7 +232,7 @@ def test_sop_instance_uid_differs_from_command_refused(listener: Listener, tmp_p
 
 def test_uid_with_trailing_newline_refused(listener: Listener, tmp_path: Path) -> None:
     ds = _ct(tmp_path)
-    uid = str(ds.SeriesInstanceUID)
+    uid = "1.2.826.0.1.3680043.2.1125.77"  # short: the newline is within 64 characters
     ds.SeriesInstanceUID = uid + "9"  # pydicom would strip a newline when writing
     data = _encode(ds).replace(f"{uid}9".encode(), f"{uid}\n".encode())
     assert data.count(f"{uid}\n".encode()) == 1  # "$" in the old pattern matched before it
