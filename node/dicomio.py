@@ -22,12 +22,14 @@ data is complete:
   memory and the association was aborted instead of answered).
 
 UIDs: the standard's form (PS3.5 §9.1: no leading zero in a component, at most 64
-characters) is what :func:`is_valid_uid` checks; the listener accepts what senders
-actually produce and DCMTK and Orthanc store — components with leading zeros, up to
-:data:`LOOSE_UID_MAX_LENGTH` characters (:func:`is_acceptable_uid`) — but nothing else:
-only digits and dots, no empty component, nothing after the last digit (a trailing
-newline is refused: no sender means it). :func:`node.spool.path_part` turns such UIDs
-into safe file names.
+characters) is what :func:`is_valid_uid` checks; the listener also accepts components
+with leading zeros, which some modalities send and DCMTK and Orthanc store
+(:func:`is_acceptable_uid`), and :func:`node.spool.path_part` names them by a hash.
+Nothing else: only digits and dots, no empty component, nothing after the last digit
+(a trailing newline is refused: no sender means it), and at most 64 characters — the
+ledger's UID columns hold 64 (PostgreSQL refused a longer one *after* the Success, so
+the image never reached the pipeline) and the report copies the UIDs into UI elements
+(at most 64 characters, PS3.5 §6.2): a longer UID is refused before the Success.
 
 Nothing here decodes pixel values or builds a pydicom Dataset: a small scanner walks the
 element headers of the memory-mapped file (PS3.5 §7.1: explicit/implicit VR, little/big
@@ -49,11 +51,8 @@ from pathlib import Path
 #: PS3.5 §9.1: digits and dots, no empty component, no leading zero, at most 64 chars.
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 UID_MAX_LENGTH = 64
-#: What the listener accepts besides: leading zeros, and up to 128 characters (twice
-#: the standard's limit; still well within a file name's 255 bytes wherever a UID
-#: becomes one, e.g. a report's ``<Study UID>/``).
+#: What the listener accepts besides: components with leading zeros.
 _LOOSE_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-LOOSE_UID_MAX_LENGTH = 128
 #: A deflated data set inflating to more than this is refused (PS3.5 §A.5): 256 MiB, a
 #: 500-frame 512×512 16-bit multi-frame image; held in memory while it is checked.
 MAX_INFLATED_BYTES = 256 << 20
@@ -118,9 +117,9 @@ def is_valid_uid(value: str) -> bool:
 
 def is_acceptable_uid(value: str) -> bool:
     """True when the listener accepts ``value`` as a UID: digits and dots, no empty
-    component, at most :data:`LOOSE_UID_MAX_LENGTH` characters (leading zeros and
-    more than 64 characters allowed: see the module documentation)."""
-    return len(value) <= LOOSE_UID_MAX_LENGTH and _LOOSE_UID_RE.fullmatch(value) is not None
+    component, at most 64 characters (leading zeros allowed: see the module
+    documentation)."""
+    return len(value) <= UID_MAX_LENGTH and _LOOSE_UID_RE.fullmatch(value) is not None
 
 
 

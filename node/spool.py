@@ -5,13 +5,13 @@ Layout under the spool directory (UIDs are validated before they become path par
     <study UID>/<series UID>/<SOP instance UID>.dcm        first version
     <study UID>/<series UID>/<SOP instance UID>.v2.dcm     different bytes, same UID
 
-A UID the listener accepts without it being valid per PS3.5 §9.1 (a component with a
-leading zero, more than 64 characters: :func:`node.dicomio.is_acceptable_uid`) is
-named by its hash instead (:func:`path_part`): ``uid-<40 hex digits>``, which no valid
-UID can collide with. The ledger keeps the UID itself and the file's relative path.
-
 and under ``<home>``: ``tmp/`` (partial receptions; emptied at start-up) and
 ``quarantine/`` (malformed datasets with a ``.reason`` file beside each).
+
+A UID the listener accepts without it being valid per PS3.5 §9.1 (a component with a
+leading zero: :func:`node.dicomio.is_acceptable_uid`) is named by its hash instead
+(:func:`path_part`): ``uid-<40 hex digits>``, which no valid UID can collide with. The
+ledger keeps the UID itself and the file's relative path.
 
 Files arrive here from the receive journal (:mod:`node.ingest`), which already holds
 every acknowledged data set durably: they are renamed in without a flush each, and
