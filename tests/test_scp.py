@@ -266,7 +266,7 @@ def test_storescu_leading_zero_uid_recorded_and_spooled_by_hash(
     path = write_ct_series(tmp_path / "zero", 1)[0]
     ds = pydicom.dcmread(path)
     uid = "1.2.826.0.1.3680043.2.1125.0042.7"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(uid)
     ds.save_as(path)
     result = storescu(node.port, [path])
     assert result.returncode == 0, result.stdout + result.stderr
