@@ -30,12 +30,24 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from node import dimse
+from node import dimse, metrics
 from node import upperlayer as ul
 from node.logs import get_logger
 from node.redact import error_text
 
 log = get_logger(__name__)
+
+#: A-ASSOCIATE-RJ (source, reason) → the ``reason`` label of a rejection (PS3.8 §9.3.4).
+_RJ_REASONS = {
+    (ul.RJ_SOURCE_SERVICE_PROVIDER_ACSE, ul.RJ_PROTOCOL_VERSION_NOT_SUPPORTED):
+        "protocol_version",
+    (ul.RJ_SOURCE_SERVICE_USER, ul.RJ_APPLICATION_CONTEXT_NOT_SUPPORTED):
+        "application_context",
+    (ul.RJ_SOURCE_SERVICE_USER, ul.RJ_CALLED_AE_NOT_RECOGNISED): "called_ae",
+    (ul.RJ_SOURCE_SERVICE_USER, ul.RJ_CALLING_AE_NOT_RECOGNISED): "calling_ae_or_host",
+    (ul.RJ_SOURCE_SERVICE_PROVIDER_PRESENTATION, ul.RJ_LOCAL_LIMIT_EXCEEDED):
+        "association_limit",
+}
 
 #: Receive buffer, reused for every read of one connection.
 BUFFER_BYTES = 256 << 10
@@ -321,6 +333,8 @@ class Connection:
         request = ul.parse_associate_rq((yield from self._exact(length)))
         reject = self._rejection(request)
         if reject is not None:
+            metrics.rejected(request.calling_ae, self.address,
+                             _RJ_REASONS.get((reject[1], reject[2]), "other"))
             self._send_quietly(ul.associate_rj(*reject))
             return None
         results = ul.negotiate(request, self.config.supported)
@@ -335,6 +349,7 @@ class Connection:
             implementation_version=self.config.implementation_version,
         ))
         peer = Peer(uuid.uuid4().hex[:16], request.calling_ae, self.address)
+        metrics.accepted()
         yield from self._off_loop(lambda: self.services.opened(peer))
         return peer
 
@@ -451,6 +466,7 @@ class Connection:
             sop_instance_uid=request.sop_instance_uid,
         )
         status = yield from self._off_loop(lambda: self.services.store(peer, store))
+        metrics.metrics().images.labels(metrics.status_name(status)).inc()
         self._respond(pcid, request, status)
 
     def _respond(self, pcid: int, request: dimse.Command, status: int) -> None:

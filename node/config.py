@@ -310,6 +310,34 @@ class DeliverySettings(_Section):
     backoff_max_seconds: PositiveSeconds = 600.0
 
 
+class WebSettings(_Section):
+    """``[web]``: health, readiness and Prometheus metrics over HTTP (node.web).
+
+    Loopback only: nothing on it authenticates a caller yet. Put a reverse proxy with
+    TLS and authentication in front to reach it from elsewhere.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8480, ge=0, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            loopback = value == "localhost" or ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"{value!r} is not a loopback address: the web side has no authentication "
+                "yet, so it serves 127.0.0.1 (or ::1) only; put a reverse proxy with TLS "
+                "and authentication in front of it")
+        return value
+
+
 class LoggingSettings(_Section):
     """``[logging]``: ``json`` is ``auto`` (JSON unless stderr is a terminal)."""
 
@@ -343,6 +371,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     delivery: DeliverySettings = DeliverySettings()
     logging: LoggingSettings = LoggingSettings()
+    web: WebSettings = WebSettings()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:

@@ -32,6 +32,7 @@ from inference.result import AssessmentResult
 from inference.vlm.policy import ExplainPolicy
 from node.config import DeliverySettings, DestinationSettings, Settings
 from node.ledger import ConfirmedBy, DeliveryState, JobInfo, JobState, Ledger, SeriesState
+from node.metrics import metrics
 from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
 from node.pipeline.payload import b64, decode_sources, job_key, unb64
 from node.pipeline.reports import (
@@ -136,6 +137,7 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
             started = time.perf_counter()
             result = batcher_for(settings).assess(prepared)
             seconds = time.perf_counter() - started
+            metrics().assessments.labels(engine.info.name).observe(seconds)
         except NON_RETRYABLE as exc:
             ledger.dead_letter_job(job_id, f"assessment: {error_text(exc)}")
             return
@@ -281,10 +283,12 @@ def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
         return True
     if delivery.state == DeliveryState.DEAD:
         return False
+    started = time.perf_counter()
     try:
         receipt = deliver(datasets, dest, node_ae=settings.node.ae_title,
                           bind_host=settings.node.host)
     except DeliveryError as exc:
+        metrics().delivery_failures.labels(name).inc()
         attempts = delivery.attempts + 1
         error = f"{name}: {exc.failure}"
         log.warning("delivery_failed", destination=name, error=error, attempt=attempts,
@@ -298,6 +302,7 @@ def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
         ledger.move_delivery(delivery.id, DeliveryState.DEAD, error=error, count_attempt=True)
         ledger.dead_letter_job(job.id, error)
         return False
+    metrics().deliveries.labels(name).observe(time.perf_counter() - started)
     log.info("sent", destination=name, confirmed_by=receipt.confirmation,
              seconds=round(receipt.seconds, 3))
     ledger.move_delivery(delivery.id, DeliveryState.SENT, count_attempt=True)
