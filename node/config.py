@@ -160,8 +160,18 @@ class DestinationSettings(_Section):
     confirm: ConfirmMode = "auto"
     timeout: PositiveSeconds = 30.0
     # Storage Commitment (PS3.4 Annex J): the PACS opens a new association to the calling
-    # AE for its N-EVENT-REPORT; this is the local port the sender listens on meanwhile.
+    # AE for its N-EVENT-REPORT, to the node's main listener (always admitted for this
+    # destination's AE and host), or to this local port, which the delivering process
+    # listens on meanwhile.
     commitment_port: Port | None = None
+
+    @property
+    def uses_commitment(self) -> bool:
+        """True when deliveries ask for Storage Commitment: ``confirm = "commitment"``
+        (reports to the main listener or ``commitment_port``), or ``"auto"`` with a
+        ``commitment_port``."""
+        return self.confirm == "commitment" or (
+            self.confirm == "auto" and self.commitment_port is not None)
 
 
 RuleAction = Literal["assess", "store", "reject"]
