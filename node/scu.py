@@ -410,7 +410,9 @@ _ADVICE = {
 
 
 def echo_main(args: argparse.Namespace) -> int:
-    """``qcnode echo NAME``: C-ECHO a configured destination, say what failed in words."""
+    """``qcnode echo NAME``: C-ECHO a configured destination, say what failed in words;
+    with Storage Commitment configured, one commitment round trip too
+    (:mod:`node.commit_check`)."""
     from node.config import ConfigError, load_settings
 
     try:
@@ -431,4 +433,10 @@ def echo_main(args: argparse.Namespace) -> int:
         print(f"FAILED {target}: {exc.failure}" + (f" — {advice}" if advice else ""))
         return 1
     print(f"OK {target}: C-ECHO answered in {seconds * 1000:.0f} ms")
-    return 0
+    if not dest.uses_commitment:
+        return 0
+    from node.commit_check import check_commitment
+
+    ok, detail = check_commitment(dest, settings)
+    print(f"{'OK' if ok else 'FAILED'} {target}: storage commitment: {detail}")
+    return 0 if ok else 1

@@ -29,6 +29,8 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
+from node.ledger.commitments import CommitmentReport
+
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"           # PS3.4 J.3
 STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known instance
 
@@ -40,16 +42,6 @@ STATUS_SUCCESS = 0x0000
 FAILURE_NO_SUCH_OBJECT = 0x0112
 #: How often the waiting side looks into the ledger for a report.
 LEDGER_POLL_SECONDS = 0.1
-
-
-@dataclass(frozen=True)
-class CommitmentReport:
-    """What an N-EVENT-REPORT said (PS3.4 J.3.3.1): the committed SOP Instance UIDs and
-    the failed ones with their Failure Reason (0008,1197)."""
-
-    event_type: int
-    committed: frozenset[str]
-    failed: tuple[tuple[str, int], ...]
 
 
 def report_from_dataset(event_type: int, ds: Dataset) -> CommitmentReport:
@@ -134,19 +126,25 @@ class ReportWaiter:
         if self.ledger is not None:
             self.ledger.expect_commitment(transaction_uid, self.destination, self.peer_ae)
 
-    def wait(self, transaction_uid: str, timeout: float) -> CommitmentReport | None:
-        """The first report of ``transaction_uid`` on any route, or None after ``timeout``."""
+    def wait(self, transaction_uid: str, timeout: float) -> tuple[CommitmentReport, str] | None:
+        """The first report of ``transaction_uid`` and the route it came by, or None
+        after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             step = max(0.0, min(left, LEDGER_POLL_SECONDS if self.ledger else left))
-            report = self.listener.wait(transaction_uid, step) if self.listener else None
-            if report is None and self.listener is None:
+            if self.listener is not None:
+                report = self.listener.wait(transaction_uid, step)
+                if report is not None:
+                    return report, self.routes[-1]
+            else:
                 time.sleep(step)
-            if report is None and self.ledger is not None:
+            if self.ledger is not None:
                 report = self.ledger.commitment_report(transaction_uid)
-            if report is not None or left <= 0:
-                return report
+                if report is not None:
+                    return report, self.routes[0]
+            if left <= 0:
+                return None
 
     def silence(self, timeout: float) -> str:
         """What to check when no report came within ``timeout`` seconds."""
@@ -163,6 +161,7 @@ class CommitmentOutcome:
     detail: str
     transaction_uid: str
     report: CommitmentReport | None = None
+    route: str = ""  # where the report arrived
 
 
 def commitment_action(refs: Iterable[tuple[str, str]]) -> Dataset:
@@ -197,10 +196,10 @@ def request_report(
         return CommitmentOutcome(
             False, f"N-ACTION (storage commitment request) refused: status "
                    f"0x{int(status.Status):04X}", uid)
-    report = waiter.wait(uid, timeout)
-    if report is None:
+    found = waiter.wait(uid, timeout)
+    if found is None:
         return CommitmentOutcome(False, waiter.silence(timeout), uid)
-    return CommitmentOutcome(True, "reported", uid, report)
+    return CommitmentOutcome(True, "reported", uid, *found)
 
 
 def commitment_request(
@@ -220,5 +219,5 @@ def commitment_request(
         why = f" (failure reason 0x{reasons[first]:04X})" if first in reasons else ""
         return CommitmentOutcome(
             False, f"commitment failed for {len(failed)} object(s), e.g. {first}{why}",
-            outcome.transaction_uid, report)
-    return CommitmentOutcome(True, "committed", outcome.transaction_uid, report)
+            outcome.transaction_uid, report, outcome.route)
+    return CommitmentOutcome(True, "committed", outcome.transaction_uid, report, outcome.route)

@@ -259,7 +259,8 @@ def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
         return False
     try:
         receipt = deliver(datasets, dest, node_ae=settings.node.ae_title,
-                          bind_host=settings.node.host)
+                          bind_host=settings.node.host, node_port=settings.node.port,
+                          ledger=ledger)
     except DeliveryError as exc:
         attempts = delivery.attempts + 1
         error = f"{name}: {exc.failure}"
