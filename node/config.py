@@ -334,6 +334,14 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
+        for dest in self.destinations:
+            to_main = dest.commitment_port in (None, self.node.port)
+            calling = dest.calling_ae_title or self.node.ae_title
+            if dest.confirm == "commitment" and to_main and calling != self.node.ae_title:
+                raise ValueError(
+                    f"destination {dest.name!r}: commitment reports to the main listener "
+                    f"must be addressed to {self.node.ae_title}; set commitment_port or "
+                    f"drop calling_ae_title")
         known = set(names)
         for rule in self.rules:
             for dest in rule.destinations or ():

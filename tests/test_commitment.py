@@ -18,8 +18,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role
 
-from node.config import DestinationSettings
-from node.ledger import Ledger
+from node.config import ConfigError, DestinationSettings, load_settings
+from node.ledger import ConfirmedBy, DeliveryState, Ledger, SeriesState
 from node.scp_commit import STATUS_INVALID_ARGUMENT_VALUE
 from node.scu import DeliveryError, Reason, deliver
 from node.scu_commit import (
@@ -27,6 +27,7 @@ from node.scu_commit import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
 )
+from tests.support.e2e import NodeSite, series_uid_of, storescu, synth_series
 from tests.support.net import free_port
 from tests.support.node import RunningNode, running_node
 from tests.support.orthanc import Orthanc
@@ -181,3 +182,60 @@ def test_echo_checks_the_commitment_path(site: Site, tmp_path: Path) -> None:
     assert lost.returncode == 1
     assert (f"no N-EVENT-REPORT from ORTHANC within 2 s: check that ORTHANC sends its "
             f"storage commitment reports to {LOST_AE} at") in lost.stdout
+
+
+def test_pipeline_delivery_confirmed_through_the_main_listener(tmp_path: Path) -> None:
+    """The whole node: the embedded io worker (a subprocess) delivers the SR and asks
+    for commitment; Orthanc reports to ``qcnode serve``'s listener; the worker finds the
+    report in the ledger and records the delivery confirmed by commitment."""
+    pacs = Orthanc(tmp_path / "orthanc")
+    site = NodeSite(tmp_path / "home", pacs)
+    site.config.write_text(site.config.read_text().replace(
+        'confirm = "find"', 'confirm = "commitment"'))
+    site.settings = load_settings(site.config)
+    pacs.reconfigure(peers={NODE_AE: site.port})
+    try:
+        pacs.start()
+        site.start()
+        series = synth_series(tmp_path / "synth", slices=8, size=128)
+        storescu(series, site.port)
+        uid = series_uid_of(series)
+        site.wait_state(uid, SeriesState.DELIVERED)
+        (delivery,) = site.ledger.deliveries_of(site.job(uid).id)
+        assert delivery.state == DeliveryState.CONFIRMED
+        assert delivery.confirmed_by == ConfirmedBy.COMMITMENT
+        assert '"event": "commitment report received"' in site.log("serve", 1 << 20)
+    finally:
+        site.stop()
+        pacs.stop()
+
+
+def test_config_refuses_a_report_route_the_listener_cannot_take(tmp_path: Path) -> None:
+    """Reports for a calling AE of its own would reach the main listener addressed to an
+    AE title that is not the node's (rejected): said at load time, with the key."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+                   'port = 4242\nconfirm = "commitment"\ncalling_ae_title = "OTHER"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    assert "set commitment_port or drop calling_ae_title" in str(info.value)
+
+
+def test_ledger_keeps_reports_per_transaction_and_peer(ledger_url: str) -> None:
+    """SQLite and PostgreSQL: a report counts only for a transaction this node asked
+    that peer for; the waiting side sees it once recorded."""
+    with Ledger.open(ledger_url) as ledger:
+        uid = generate_uid()
+        assert not ledger.record_commitment_report(uid, "ORTHANC", event_type=1,
+                                                   committed=["1.2"], failed=[])
+        ledger.expect_commitment(uid, "pacs", "ORTHANC")
+        ledger.expect_commitment(uid, "pacs", "ORTHANC")  # a retried request: one row
+        assert ledger.commitment_report(uid) is None
+        assert not ledger.record_commitment_report(uid, "OTHERPACS", event_type=1,
+                                                   committed=["1.2"], failed=[])
+        assert ledger.record_commitment_report(uid, "ORTHANC", event_type=2,
+                                               committed=["1.2"], failed=[("1.3", 0x0112)])
+        report = ledger.commitment_report(uid)
+    assert report is not None
+    assert (report.event_type, report.committed, report.failed) == (
+        2, frozenset({"1.2"}), (("1.3", 0x0112),))
