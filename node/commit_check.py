@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 from node.config import DestinationSettings, Settings
 from node.ledger import Ledger
-from node.scu import DeliveryError, _accepted, _Session, _waiter
+from node.scu import DeliveryError, Reason, _accepted, _probe, _Session, _waiter
 from node.scu_commit import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     CommitmentListener,
@@ -51,7 +51,7 @@ def check_commitment(dest: DestinationSettings, settings: Settings) -> tuple[boo
     if isinstance(outcome, str):
         return False, outcome
     if outcome.report is None:
-        return False, outcome.detail
+        return False, outcome.detail + _listener_down(waiter, node.host, node.port)
     if test_uid in outcome.report.committed:
         return False, (f"{dest.ae_title} reported a test object it was never sent as "
                        "committed: its commitment reports cannot confirm deliveries")
@@ -84,3 +84,13 @@ def _round_trip(dest: DestinationSettings, node_ae: str, waiter: ReportWaiter,
                 f"{exc.strerror or exc} (a delivery running? try again)")
     except DeliveryError as exc:
         return str(exc.failure)
+
+
+def _listener_down(waiter: ReportWaiter, host: str, port: int) -> str:
+    """A hint when the main listener, a route of ``waiter``, does not even accept TCP."""
+    if waiter.ledger is None:
+        return ""
+    failure = _probe(host, port, timeout=2.0)
+    if failure.reason is Reason.CONNECTION_REFUSED:
+        return f" (nothing listens on {host}:{port}: is `qcnode serve` running?)"
+    return ""

@@ -303,6 +303,17 @@ class LoggingSettings(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _check_commitment_route(dest: DestinationSettings, node: NodeSettings) -> None:
+    """Reports to the main listener must be addressed to the node's AE title (PS3.4 J.3:
+    the PACS calls the AE that asked, i.e. the calling AE)."""
+    to_main = dest.commitment_port in (None, node.port)
+    calling = dest.calling_ae_title or node.ae_title
+    if dest.confirm == "commitment" and to_main and calling != node.ae_title:
+        raise ValueError(
+            f"destination {dest.name!r}: commitment reports to the main listener must be "
+            f"addressed to {node.ae_title}; set commitment_port or drop calling_ae_title")
+
+
 class Settings(BaseSettings):
     """Everything qcnode is configured with."""
 
@@ -334,14 +345,8 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
-        for dest in self.destinations:
-            to_main = dest.commitment_port in (None, self.node.port)
-            calling = dest.calling_ae_title or self.node.ae_title
-            if dest.confirm == "commitment" and to_main and calling != self.node.ae_title:
-                raise ValueError(
-                    f"destination {dest.name!r}: commitment reports to the main listener "
-                    f"must be addressed to {self.node.ae_title}; set commitment_port or "
-                    f"drop calling_ae_title")
+        for destination in self.destinations:
+            _check_commitment_route(destination, self.node)
         known = set(names)
         for rule in self.rules:
             for dest in rule.destinations or ():

@@ -156,10 +156,12 @@ def test_listener_admits_destinations_for_commitment_only(site: Site) -> None:
     assert _report_as("STRANGER", site.node.port, generate_uid()) == (False, None)
 
 
-def _echo(site: Site, tmp_path: Path, **dest: object) -> subprocess.CompletedProcess[str]:
+def _echo(site: Site, tmp_path: Path, node: tuple[str, int, Path] | None = None,
+          **dest: object) -> subprocess.CompletedProcess[str]:
+    ae, port, home = node or (NODE_AE, site.node.port, site.node.home)
     cfg = tmp_path / "echo.toml"
-    lines = [f'[node]\nae_title = "{NODE_AE}"\nport = {site.node.port}\n'
-             f'home = "{site.node.home}"\n\n[[destinations]]\nname = "pacs"\n'
+    lines = [f'[node]\nae_title = "{ae}"\nport = {port}\n'
+             f'home = "{home}"\n\n[[destinations]]\nname = "pacs"\n'
              f'ae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {site.pacs.dicom_port}\n']
     lines += [f"{k} = {v!r}\n".replace("'", '"') for k, v in dest.items()]
     cfg.write_text("".join(lines))
@@ -239,3 +241,12 @@ def test_ledger_keeps_reports_per_transaction_and_peer(ledger_url: str) -> None:
     assert report is not None
     assert (report.event_type, report.committed, report.failed) == (
         2, frozenset({"1.2"}), (("1.3", 0x0112),))
+
+
+def test_echo_says_when_the_listener_is_not_running(site: Site, tmp_path: Path) -> None:
+    """Orthanc sends LOSTNODE's reports to LOSTNODE's port, where no node runs."""
+    down = _echo(site, tmp_path, (LOST_AE, site.lost_port, tmp_path / "home"),
+                 confirm="commitment", timeout=2.0)
+    assert down.returncode == 1
+    assert (f"to {LOST_AE} at 127.0.0.1:{site.lost_port} (nothing listens on "
+            f"127.0.0.1:{site.lost_port}: is `qcnode serve` running?)") in down.stdout
