@@ -8,7 +8,10 @@ the rest of the receive path). Here one thread serves every association (an even
 connection's reused buffer to the sink the node gives it, the receive journal
 (:mod:`node.journal`; PS3.8 §9.3.5, §E.2); the calls that wait for a disk or the
 ledger run in a few pool threads meanwhile. pynetdicom still does all of qcnode's
-sending (:mod:`node.scu`).
+sending (:mod:`node.scu`). Besides C-ECHO and C-STORE it takes N-EVENT-REPORT, whose
+small data set (a Storage Commitment report, PS3.4 J.3.3) is collected in memory and
+handed to the node whole (:class:`EventReport`); which callers may use which SOP
+classes is the node's answer to :meth:`Services.admits`.
 
 State handling follows PS3.8 §9.2 for an acceptor: A-ASSOCIATE-RQ must arrive within
 the ACSE timeout (ARTIM) or the connection is closed; an established association that

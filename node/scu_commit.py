@@ -42,6 +42,10 @@ STATUS_SUCCESS = 0x0000
 FAILURE_NO_SUCH_OBJECT = 0x0112
 #: How often the waiting side looks into the ledger for a report.
 LEDGER_POLL_SECONDS = 0.1
+#: How long the commitment port stays open for a report association to end, and how
+#: often that is checked.
+SETTLE_SECONDS = 5.0
+SETTLE_POLL_SECONDS = 0.02
 
 
 def report_from_dataset(event_type: int, ds: Dataset) -> CommitmentReport:
@@ -88,9 +92,18 @@ class CommitmentListener:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        """Stop listening once the PACS's report associations ended (released after it
+        read our N-EVENT-REPORT-RSP, at most :data:`SETTLE_SECONDS`): the waiting side
+        wakes as soon as the report is recorded, before pynetdicom sends the response,
+        and shutting down at once aborted it (Orthanc: "Unable to read N-EVENT-REPORT
+        response")."""
+        if self._server is None:
+            return
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while self._server.active_associations and time.monotonic() < deadline:
+            time.sleep(SETTLE_POLL_SECONDS)
+        self._server.shutdown()
+        self._server = None
 
     def wait(self, transaction_uid: str, timeout: float) -> CommitmentReport | None:
         """The report of a transaction, or None after ``timeout`` seconds."""
