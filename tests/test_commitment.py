@@ -9,15 +9,18 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
+from pydicom.filereader import read_dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role
 
+from node import dimse
 from node.config import ConfigError, DestinationSettings, load_settings
 from node.ledger import ConfirmedBy, DeliveryState, Ledger, SeriesState
 from node.scp_commit import STATUS_INVALID_ARGUMENT_VALUE
@@ -97,6 +100,31 @@ def test_report_to_main_listener_reaches_the_delivering_process(site: Site) -> N
     assert receipt.seconds < 5.0
     job = site.pacs.commitment_job(receipt.transaction_uid)
     assert job["State"] == "Success", job.get("ErrorDetails")  # our N-EVENT-REPORT-RSP
+
+
+def test_commitment_port_configured_but_report_sent_to_main_port(site: Site) -> None:
+    """The issue's case: qcnode listens on a commitment port, Orthanc reports to qcnode's
+    main AE/port. Before: rejected by the allow-list, the delivery waited out its timeout."""
+    dest = site.dest(confirm="auto", commitment_port=free_port())
+    with Ledger(site.node.ledger_url) as ledger:
+        receipt = deliver([_fresh_ct()], dest, node_ae=NODE_AE, bind_host="127.0.0.1",
+                          node_port=site.node.port, ledger=ledger)
+    assert receipt.confirmation == "commitment"
+    assert receipt.seconds < 5.0
+
+
+def test_response_to_an_event_report_names_the_event() -> None:
+    """N-EVENT-REPORT-RSP (PS3.7 Table 10.3-1) as DCMTK reads it: field 0x8100, the
+    instance and the Event Type ID echoed, Status."""
+    request = dimse.Command(dimse.N_EVENT_REPORT_RQ, 7, STORAGE_COMMITMENT_PUSH_MODEL,
+                            STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE, True, EVENT_ALL_COMMITTED)
+    rsp = read_dataset(BytesIO(dimse.response(request, STATUS_INVALID_ARGUMENT_VALUE)),
+                       is_implicit_VR=True, is_little_endian=True)
+    assert rsp.CommandField == dimse.N_EVENT_REPORT_RSP
+    assert rsp.MessageIDBeingRespondedTo == 7
+    assert rsp.AffectedSOPInstanceUID == STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE
+    assert rsp.EventTypeID == EVENT_ALL_COMMITTED
+    assert rsp.Status == STATUS_INVALID_ARGUMENT_VALUE
 
 
 def test_no_report_says_who_should_call_where(site: Site, tmp_path: Path) -> None:
