@@ -176,8 +176,18 @@ class DestinationSettings(_Section):
     confirm: ConfirmMode = "auto"
     timeout: PositiveSeconds = 30.0
     # Storage Commitment (PS3.4 Annex J): the PACS opens a new association to the calling
-    # AE for its N-EVENT-REPORT; this is the local port the sender listens on meanwhile.
+    # AE for its N-EVENT-REPORT, to the node's main listener (always admitted for this
+    # destination's AE and host), or to this local port, which the delivering process
+    # listens on meanwhile.
     commitment_port: Port | None = None
+
+    @property
+    def uses_commitment(self) -> bool:
+        """True when deliveries ask for Storage Commitment: ``confirm = "commitment"``
+        (reports to the main listener or ``commitment_port``), or ``"auto"`` with a
+        ``commitment_port``."""
+        return self.confirm == "commitment" or (
+            self.confirm == "auto" and self.commitment_port is not None)
 
 
 RuleAction = Literal["assess", "store", "reject"]
@@ -347,6 +357,17 @@ class LoggingSettings(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _check_commitment_route(dest: DestinationSettings, node: NodeSettings) -> None:
+    """Reports to the main listener must be addressed to the node's AE title (PS3.4 J.3:
+    the PACS calls the AE that asked, i.e. the calling AE)."""
+    to_main = dest.commitment_port in (None, node.port)
+    calling = dest.calling_ae_title or node.ae_title
+    if dest.confirm == "commitment" and to_main and calling != node.ae_title:
+        raise ValueError(
+            f"destination {dest.name!r}: commitment reports to the main listener must be "
+            f"addressed to {node.ae_title}; set commitment_port or drop calling_ae_title")
+
+
 class Settings(BaseSettings):
     """Everything qcnode is configured with."""
 
@@ -379,6 +400,8 @@ class Settings(BaseSettings):
             self.model_dump(include={"destinations", "rules"}))
         if problems:
             raise PydanticCustomError(CROSS_REFERENCE, "; ".join(m for _, m in problems))
+        for destination in self.destinations:
+            _check_commitment_route(destination, self.node)
         return self
 
     @classmethod

@@ -26,6 +26,9 @@ this module decides what happens to each association and instance:
   context that is not a storage class (Verification) is refused with 0x0122.
   An unexpected error while storing answers 0xC213 (0xA700 when memory ran out) and
   quarantines the data set; the association goes on.
+* **Storage Commitment reports** (PS3.4 J.3.3) from the configured destinations that
+  use commitment are admitted for that SOP class alone and recorded in the ledger
+  (:mod:`node.scp_commit`).
 * **Status codes are named** (PS3.4 Annex B.2.3, PS3.7 Annex C): see the ``STATUS_*``
   constants.
 * **TCP_NODELAY** on the listening and on every accepted socket (DICOM's request /
@@ -44,13 +47,16 @@ import structlog
 from pydicom import uid as pyuid
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from node.acceptor import AcceptorConfig, Incoming, Peer, StoreRequest
+from node.acceptor import AcceptorConfig, EventReport, Incoming, Peer, StoreRequest
 from node.acceptor_server import AcceptorServer
 from node.config import Settings
 from node.dicomio import InstanceHeader, MalformedDataset, scan_header
 from node.ingest import Applier, RecordingLedger, entry_meta
 from node.journal import Journal, JournalError, Record, Writer
 from node.logs import get_logger
+from node.scp_commit import ERROR_COMMENTS as REPORT_ERROR_COMMENTS
+from node.scp_commit import CommitmentReports, ReportRecorder
+from node.scu_commit import STORAGE_COMMITMENT_PUSH_MODEL
 from node.spool import Spool, SpoolFull
 
 log = get_logger(__name__)
@@ -117,7 +123,7 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.10365451129798785511095758
 IMPLEMENTATION_VERSION_NAME = "QCNODE_010"
 
 
-class LedgerLike(RecordingLedger, Protocol):
+class LedgerLike(RecordingLedger, ReportRecorder, Protocol):
     """The part of :class:`node.ledger.Ledger` the listener uses."""
 
     def association_opened(self, assoc_id: str, calling_ae: str, address: str) -> None: ...
@@ -153,6 +159,7 @@ class Listener:
         self.ledger = ledger
         self._on_closed = on_association_closed
         self._server: AcceptorServer | None = None
+        self._supported = self.acceptor_config().supported
         self.journal = Journal(settings.node.home / "journal",
                                segment_bytes=settings.spool.journal_segment_bytes,
                                segments=settings.spool.journal_segments)
@@ -161,6 +168,7 @@ class Listener:
         self._lock = threading.Lock()
         self._writers: dict[str, Writer] = {}
         self._tickets: dict[str, int] = {}
+        self.reports = CommitmentReports(settings.destinations, ledger)
 
     def acceptor_config(self) -> AcceptorConfig:
         """Identity, limits and the supported contexts, from ``[node]``."""
@@ -174,11 +182,25 @@ class Listener:
             network_timeout=node.network_timeout, supported=supported,
             implementation_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version=IMPLEMENTATION_VERSION_NAME,
+            scp_role_classes=frozenset({STORAGE_COMMITMENT_PUSH_MODEL}),
         )
 
-    def admits(self, calling_ae: str, address: str) -> bool:
-        """True when a ``[[senders]]`` entry admits this caller."""
-        return any(s.admits(calling_ae, address) for s in self.settings.senders)
+    def admits(self, calling_ae: str, address: str) -> dict[str, tuple[str, ...]] | None:
+        """What this caller may use: a ``[[senders]]`` entry admits storage and C-ECHO; a
+        destination that uses commitment may send its reports (and C-ECHO)."""
+        sender = any(s.admits(calling_ae, address) for s in self.settings.senders)
+        reporter = self.reports.admits(calling_ae, address)
+        if not sender and not reporter:
+            return None
+        supported: dict[str, tuple[str, ...]] = dict(self._supported) if sender else {
+            VERIFICATION_SOP_CLASS: ECHO_TRANSFER_SYNTAXES}
+        if reporter:
+            supported[STORAGE_COMMITMENT_PUSH_MODEL] = ECHO_TRANSFER_SYNTAXES
+        return supported
+
+    def event_report(self, peer: Peer, report: EventReport) -> int:
+        """N-EVENT-REPORT (PS3.7 §10.1.1): a Storage Commitment report, into the ledger."""
+        return self.reports.event_report(peer, report)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -262,7 +284,7 @@ class Listener:
 
     def error_comment(self, status: int) -> str | None:
         """The Error Comment of a failure ``status`` (see :data:`ERROR_COMMENTS`)."""
-        return ERROR_COMMENTS.get(status)
+        return ERROR_COMMENTS.get(status) or REPORT_ERROR_COMMENTS.get(status)
 
     def incoming(self, peer: Peer, part10_header: bytes) -> Incoming:
         """A journal record for the data set that starts arriving."""

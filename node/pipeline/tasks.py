@@ -286,7 +286,8 @@ def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
     started = time.perf_counter()
     try:
         receipt = deliver(datasets, dest, node_ae=settings.node.ae_title,
-                          bind_host=settings.node.host)
+                          bind_host=settings.node.host, node_port=settings.node.port,
+                          ledger=ledger)
     except DeliveryError as exc:
         metrics().delivery_failures.labels(name).inc()
         attempts = delivery.attempts + 1
