@@ -74,6 +74,7 @@ class Metrics:
     assessments: Any
     deliveries: Any
     delivery_failures: Any
+    http_refused: Any
 
 
 @lru_cache(maxsize=1)
@@ -91,6 +92,8 @@ def metrics() -> Metrics:
                              ["destination"], buckets=DURATION_BUCKETS),
         delivery_failures=Counter("qcnode_delivery_failures",
                                   "Failed delivery attempts", ["destination"]),
+        http_refused=Counter("qcnode_http_refused", "Web API requests refused",
+                             ["reason"]),
     )
 
 

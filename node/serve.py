@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
             Node(settings, [pipeline.on_complete]) as node, ExitStack() as web:
         reloader = Reloader(config, settings, [node.apply, pipeline.apply])
         if settings.web.enabled:
-            web.enter_context(web_server(node, settings))
+            web.enter_context(web_server(node, settings, reloader))
         host, port = node.address
         print(f"listening on {host}:{port} as {settings.node.ae_title}", flush=True)
         while True:
@@ -226,17 +226,30 @@ def main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def web_server(node: Node, settings: Settings) -> WebServer:
-    """The node's web side (health, readiness, metrics) over the running ``node``."""
+def web_server(node: Node, settings: Settings, reloader: Reloader) -> WebServer:
+    """The node's web side (health, readiness, metrics, the configuration API) over the
+    running ``node``; a change through the API is applied as a SIGHUP reload."""
+    from node.config_store import ConfigStore
     from node.pipeline.app import queue_depths
+    from node.web.api import ApiContext
     from node.web.app import NodeView
+    from node.web.auth import Accounts
     from node.web.server import WebServer
 
     def listening() -> tuple[str, int] | None:
         return node.address if node.listener is not None else None
 
+    def apply() -> tuple[str, ...]:
+        reloader.reload()
+        return reloader.last.restart_needed if reloader.last is not None else ()
+
+    home = settings.node.home
+    path = reloader.path
+    store = ConfigStore(path, home / "audit" / "config.jsonl") if path is not None else None
+    api = ApiContext(store=store, accounts=Accounts(home), apply=apply,
+                     refused=lambda reason: metrics.metrics().http_refused.labels(reason).inc())
     view = NodeView(settings=lambda: node.settings, ledger=lambda: node.ledger,
-                    listening=listening, depths=queue_depths)
+                    listening=listening, depths=queue_depths, api=api)
     return WebServer(view, settings.web.host, settings.web.port)
 
 

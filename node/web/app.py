@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from node.config import Settings
 from node.ledger import Ledger
 from node.logs import get_logger
 from node.metrics import MULTIPROC_ENV
+from node.web.api import ApiContext, create_api
 from node.web.collect import StateCollector, watermark_bytes
 
 log = get_logger(__name__)
@@ -30,6 +31,7 @@ class NodeView:
     ledger: Callable[[], Ledger | None]
     listening: Callable[[], tuple[str, int] | None]
     depths: Callable[[Settings], dict[str, int | None]]
+    api: ApiContext | None = None
 
 
 def readiness(view: NodeView, collector: StateCollector) -> dict[str, str | None]:
@@ -92,6 +94,9 @@ def create_app(view: NodeView) -> Starlette:
         data = await run_in_threadpool(generate_latest, registry)
         return PlainTextResponse(data, media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[
+    routes: list[Route | Mount] = [
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
-    ])
+    ]
+    if view.api is not None:
+        routes.append(Mount("/api", app=create_api(view.api)))
+    return Starlette(routes=routes)
