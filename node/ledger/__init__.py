@@ -7,7 +7,9 @@ Alembic revision. The API is split by concern:
   associations), see :meth:`Ledger.record_instance`;
 * :class:`~node.ledger.series.SeriesAPI` — completion queries, the series state
   machine (:data:`~node.ledger.series.SERIES_TRANSITIONS`), history, listings;
-* :class:`~node.ledger.jobs.JobAPI` — the pipeline's jobs and deliveries.
+* :class:`~node.ledger.jobs.JobAPI` — the pipeline's jobs and deliveries;
+* :class:`~node.ledger.mpps.MppsAPI` — Modality Performed Procedure Steps (a
+  :class:`~node.ledger.series.SeriesAPI` that also closes series by them).
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ from node.ledger.jobs import (
     JobInfo,
 )
 from node.ledger.models import ConfirmedBy, DeliveryState, JobState, SeriesState
+from node.ledger.mpps import MppsAPI
 from node.ledger.series import (
     SERIES_TRANSITIONS,
     OpenSeries,
-    SeriesAPI,
     SeriesEventInfo,
     SeriesInfo,
 )
 
 
-class Ledger(InstanceAPI, JobAPI, SeriesAPI):
+class Ledger(InstanceAPI, JobAPI, MppsAPI):
     """The ledger's whole API (see the module documentation)."""
 
 
