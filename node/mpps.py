@@ -195,13 +195,18 @@ class MppsServer:
     # Events (pynetdicom calls these in the association's thread) ----------------------
     def _on_requested(self, event: Any) -> None:
         """Reject a caller no ``[[senders]]`` entry admits (on the A-ASSOCIATE-RQ)."""
-        calling_ae, address = event.assoc.requestor.ae_title, event.assoc.requestor.address
+        assoc = event.assoc
+        calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = assoc.requestor.address
         if any(s.admits(calling_ae, address) for s in self.settings.senders):
             return
         log.warning("mpps association rejected: unknown caller", calling_ae=calling_ae,
                     address=address)
-        event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER,
-                                     DIAGNOSTIC_CALLING_AE_NOT_RECOGNIZED)
+        # As pynetdicom's own ACSE rejects: the A-ASSOCIATE-RJ, then end the association
+        # once its DUL has sent it (closing the socket first would lose the PDU).
+        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER,
+                               DIAGNOSTIC_CALLING_AE_NOT_RECOGNIZED)
+        assoc.kill()
 
     def _on_create(self, event: Any) -> Reply:
         """N-CREATE (PS3.4 F.7.2.1): record a new step, IN PROGRESS."""

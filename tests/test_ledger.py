@@ -31,7 +31,7 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 TABLES = {
     "studies", "series", "instances", "associations", "series_associations", "jobs",
-    "deliveries", "series_events", "alembic_version",
+    "deliveries", "series_events", "mpps_steps", "mpps_series", "alembic_version",
 }
 
 
@@ -63,7 +63,7 @@ def test_migration_from_empty_database_matches_models(ledger_url: str) -> None:
         assert set(inspect(led.engine).get_table_names()) >= TABLES
         with led.engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert context.get_current_revision() == "0002"
+            assert context.get_current_revision() == "0004"
             diff = compare_metadata(context, Base.metadata)
         assert diff == [], f"models and migrations differ: {diff}"
         downgrade(led.engine, "base")

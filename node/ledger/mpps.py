@@ -146,10 +146,13 @@ class MppsAPI(SeriesAPI):
     def mpps_step(self, sop_uid: str) -> MppsStepInfo | None:
         """One step with its series references, or None."""
         with self._read() as conn:
-            step = conn.execute(select(MppsStep).where(MppsStep.sop_uid == sop_uid)).first()
-            if step is None:
+            s = conn.execute(
+                select(MppsStep.id, MppsStep.sop_uid, MppsStep.status, MppsStep.calling_ae,
+                       MppsStep.created_at, MppsStep.updated_at, MppsStep.ended_at)
+                .where(MppsStep.sop_uid == sop_uid)
+            ).first()
+            if s is None:
                 return None
-            s = step[0]
             refs = conn.execute(
                 select(MppsSeries.series_uid, MppsSeries.sop_uids, MppsSeries.outcome,
                        MppsSeries.done_at)
