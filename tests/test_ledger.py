@@ -236,7 +236,7 @@ def test_concurrent_open_migrates_once(ledger_url: str) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", code, ledger_url]) for _ in range(3)]
     assert [p.wait(120) for p in procs] == [0, 0, 0]
     with Ledger(ledger_url) as led, led.engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0002"
+        assert MigrationContext.configure(conn).get_current_revision() == "0004"
 
 
 def test_close_series_checks_hold_at_closing_time(ledger: Ledger) -> None:
