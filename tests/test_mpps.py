@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 from node.completion import CompletionMonitor
 from node.config import CompletionSettings, MppsSettings, SenderSettings, Settings
 from node.ledger import Ledger, SeriesState
+from node.ledger.models import utcnow
 from node.ledger.mpps import (
     OUTCOME_ALREADY_CLOSED,
     PPS_COMPLETED,
@@ -29,7 +30,6 @@ from node.ledger.mpps import (
     PerformedSeries,
     StepChange,
 )
-from node.ledger.models import utcnow
 from node.mpps import (
     COMMENT_MAY_NO_LONGER_BE_UPDATED,
     ERROR_ID_MAY_NO_LONGER_BE_UPDATED,
@@ -59,11 +59,11 @@ QUIET = 60.0  # long: only an MPPS can close a series within a test
 
 
 def settings(port: int, senders: tuple[SenderSettings, ...] | None = None) -> Settings:
-    extra = {"senders": senders} if senders is not None else {}
-    return Settings(
+    base = Settings(
         completion=CompletionSettings(quiet_seconds=QUIET, poll_seconds=0.05),
-        mpps=MppsSettings(enabled=True, port=port), **extra,
+        mpps=MppsSettings(enabled=True, port=port),
     )
+    return base if senders is None else base.model_copy(update={"senders": senders})
 
 
 @pytest.fixture

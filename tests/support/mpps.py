@@ -91,13 +91,13 @@ class Modality:
     def create(self, step_uid: str | None, attributes: Dataset) -> Dataset:
         """N-CREATE; the response status data set."""
         status, _ = self.assoc.send_n_create(attributes, MPPS_SOP_CLASS, step_uid)
-        assert status is not None and "Status" in status, "no N-CREATE response"
+        assert isinstance(status, Dataset) and "Status" in status, "no N-CREATE response"
         return status
 
     def set(self, step_uid: str, modifications: Dataset) -> Dataset:
         """N-SET; the response status data set."""
         status, _ = self.assoc.send_n_set(modifications, MPPS_SOP_CLASS, step_uid)
-        assert status is not None and "Status" in status, "no N-SET response"
+        assert isinstance(status, Dataset) and "Status" in status, "no N-SET response"
         return status
 
 
