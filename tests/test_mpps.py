@@ -179,6 +179,13 @@ def test_step_outlives_the_ledger_connection(ledger_url: str) -> None:
         step = led.mpps_step("1.9.1")
         assert step is not None and step.status == PPS_COMPLETED and step.ended_at
         assert [s.series_uid for s in step.series] == [SERIES]
+        assert led.mpps_due() == {}  # the series has not arrived
+        receive(led, 1, close=False)
+        (due,) = led.mpps_due().values()
+        assert (due.series_uid, due.trigger, due.step_uids) \
+            == (SERIES, TRIGGER_MPPS_COMPLETED, ("1.9.1",))
+        assert led.close_series_by_mpps(due, 1)
+        assert led.mpps_due() == {}
 
 
 def test_step_ending_after_the_quiet_period_is_settled(ledger: Ledger) -> None:
