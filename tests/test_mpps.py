@@ -41,6 +41,7 @@ from node.mpps import (
     STATUS_SUCCESS,
     MppsServer,
 )
+from node.status import series_header, series_row
 from tests.support.mpps import (
     MPPS_AE,
     PATIENT_ID,
@@ -282,3 +283,13 @@ def test_no_patient_data_in_logs(server: MppsServer, sqlite_ledger: Ledger) -> N
     assert step in text and "mpps step updated" in text
     for phi in (PATIENT_NAME, PATIENT_ID, "Mppstest", "ACC-MPPS-1", "19700101"):
         assert phi not in text
+
+
+def test_status_listing_keeps_its_columns_for_mpps_triggers() -> None:
+    """``qcnode status``: the long trigger names do not shift the columns after them."""
+    header = series_header()
+    row = series_row({"series_instance_uid": SERIES, "state": "delivered",
+                      "instance_count": 12, "trigger": TRIGGER_MPPS_DISCONTINUED,
+                      "series_number": 3, "score": 2.5, "description": "chest"})
+    assert row.index("chest") == header.index("DESCRIPTION")
+    assert row.index(" 2.5") + len(" 2.5") == header.index("SCORE") + len("SCORE")
