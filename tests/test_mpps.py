@@ -134,6 +134,19 @@ def test_series_closes_when_the_last_listed_image_arrives(sqlite_ledger: Ledger,
     assert watch.check_once() == [(SERIES, TRIGGER_MPPS_COMPLETED)]
 
 
+def test_series_listed_at_creation_close_on_a_bare_status_set(sqlite_ledger: Ledger,
+                                                              server: MppsServer) -> None:
+    """An N-SET without a Performed Series Sequence keeps the N-CREATE's list."""
+    sops = receive(sqlite_ledger, 2)
+    step = generate_uid()
+    with modality(server.address[1]) as scu:
+        assert scu.create(step, create_attributes(series={SERIES: sops})).Status \
+            == STATUS_SUCCESS
+        assert monitor(sqlite_ledger).check_once() == []  # IN PROGRESS closes nothing
+        assert scu.set(step, set_attributes("COMPLETED")).Status == STATUS_SUCCESS
+    assert monitor(sqlite_ledger).check_once() == [(SERIES, TRIGGER_MPPS_COMPLETED)]
+
+
 def test_step_listing_no_images_waits_for_the_senders(sqlite_ledger: Ledger,
                                                       server: MppsServer) -> None:
     receive(sqlite_ledger, 3, close=False)
