@@ -16,6 +16,7 @@ before the journal segments holding their bytes are reused.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -112,6 +113,9 @@ class Spool:
         self.quarantine_dir = home / "quarantine"
         self.min_free_bytes = min_free_bytes
         self.min_free_percent = min_free_percent
+        #: Called (in the caller's thread) each time :meth:`check_room` refuses, e.g. to
+        #: wake the retention sweep (node.retention); it must return at once.
+        self.on_full: Callable[[], None] | None = None
         self._copy_buffer = memoryview(bytearray(_COPY_BUFFER))
         for directory in (self.root, self.tmp, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -122,6 +126,8 @@ class Spool:
         usage = shutil.disk_usage(self.root)
         free = usage.free - incoming
         if free < self.min_free_bytes or free * 100.0 < self.min_free_percent * usage.total:
+            if self.on_full is not None:
+                self.on_full()
             raise SpoolFull(errno.ENOSPC, "spool disk is over its free-space watermark")
 
     # Storing ------------------------------------------------------------------------
@@ -283,6 +289,45 @@ class Spool:
         target.with_suffix(".reason").write_text(reason + "\n", encoding="utf-8")
         return target
 
+    # Deleting (retention) -----------------------------------------------------------
+    def remove(self, relpaths: Iterable[str]) -> tuple[int, int]:
+        """Delete these spool files and the series / study directories left empty;
+        ``(files deleted, bytes freed)``. A file already gone counts as deleted (a
+        purge resumed after a crash) with 0 bytes."""
+        count = freed = 0
+        parents: set[Path] = set()
+        for relpath in relpaths:
+            path = self.root / relpath
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                size = 0
+            count, freed = count + 1, freed + size
+            parents.add(path.parent)
+        for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            for empty in (directory, directory.parent):
+                if empty != self.root:
+                    with contextlib.suppress(OSError):  # not empty (or gone): keep it
+                        empty.rmdir()
+        return count, freed
+
+    def expired_quarantine(self, before: float) -> list[tuple[Path, int]]:
+        """Quarantined data sets (and their ``.reason``) last modified before ``before``
+        (a POSIX time), with their sizes."""
+        found = []
+        for path in self.quarantine_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                if path.is_file() and stat.st_mtime < before:
+                    found.append((path, stat.st_size))
+        return sorted(found)
+
+    def used_percent(self) -> float:
+        """How full the spool's filesystem is, in percent (``free`` as in :meth:`check_room`)."""
+        usage = shutil.disk_usage(self.root)
+        return 100.0 * (usage.total - usage.free) / usage.total if usage.total else 0.0
+
     # Start-up -----------------------------------------------------------------------
     def clean_temp(self) -> int:
         """Remove partial receptions left in ``tmp/`` by a crash; return how many."""
@@ -293,8 +338,18 @@ class Spool:
                 count += 1
         return count
 
-    def iter_relpaths(self) -> Iterator[str]:
-        """Every stored instance file, relative to the spool root."""
-        for path in self.root.rglob(f"*{SUFFIX}"):
-            if path.is_file():
-                yield path.relative_to(self.root).as_posix()
+    def iter_relpaths(self, series: Iterable[tuple[str, str]] | None = None) -> Iterator[str]:
+        """Stored instance files, relative to the spool root: every one, or those of
+        the ``(study UID, series UID)`` directories given (only these are read)."""
+        if series is None:
+            for path in self.root.rglob(f"*{SUFFIX}"):
+                if path.is_file():
+                    yield path.relative_to(self.root).as_posix()
+            return
+        for study_uid, series_uid in sorted(set(series)):
+            if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+                continue
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for entry in os.scandir(self.root / study_uid / series_uid):
+                    if entry.name.endswith(SUFFIX) and entry.is_file():
+                        yield f"{study_uid}/{series_uid}/{entry.name}"

@@ -7,7 +7,8 @@ Alembic revision. The API is split by concern:
   associations), see :meth:`Ledger.record_instance`;
 * :class:`~node.ledger.series.SeriesAPI` — completion queries, the series state
   machine (:data:`~node.ledger.series.SERIES_TRANSITIONS`), history, listings;
-* :class:`~node.ledger.jobs.JobAPI` — the pipeline's jobs and deliveries.
+* :class:`~node.ledger.jobs.JobAPI` — the pipeline's jobs and deliveries;
+* :class:`~node.ledger.retention.RetentionAPI` — what retention may delete, and purges.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from node.ledger.jobs import (
     JobInfo,
 )
 from node.ledger.models import ConfirmedBy, DeliveryState, JobState, SeriesState
+from node.ledger.retention import PurgeCandidate, RetentionAPI
 from node.ledger.series import (
     SERIES_TRANSITIONS,
     OpenSeries,
@@ -32,7 +34,7 @@ from node.ledger.series import (
 )
 
 
-class Ledger(InstanceAPI, JobAPI, SeriesAPI):
+class Ledger(InstanceAPI, JobAPI, SeriesAPI, RetentionAPI):
     """The ledger's whole API (see the module documentation)."""
 
 
@@ -52,6 +54,7 @@ __all__ = [
     "LedgerError",
     "NotFound",
     "OpenSeries",
+    "PurgeCandidate",
     "SeriesEventInfo",
     "SeriesInfo",
     "SeriesState",
