@@ -245,3 +245,20 @@ def test_quarantine_days(home: Path, ledger: Ledger, spool: Spool) -> None:
     report = Retention(settings(home, quarantine_days=30), ledger, spool, no_journal).sweep()
     assert report.quarantine_files == 2
     assert sorted(p.name for p in spool.quarantine_dir.iterdir()) == [new.name]
+
+
+def test_series_sent_again_after_purge_reopens_as_a_new_generation(
+        home: Path, ledger: Ledger, spool: Spool) -> None:
+    """The purged series' row keeps its generation, so the SR of the new one gets new
+    UIDs (derived from series, generation, engine) and supersedes the first."""
+    spool_series(ledger, spool, STUDY, uid(1), 2)
+    age(ledger, uid(1), 30)
+    Retention(settings(home, delivered_days=7), ledger, spool, no_journal).sweep()
+    assert ledger.series_info(uid(1)).state == S.PURGED
+
+    again = spool_series(ledger, spool, STUDY, uid(1), 2, state=None)
+
+    info = ledger.series_info(uid(1))
+    assert (info.state, info.generation, info.instance_count) == (S.RECEIVING, 2, 2)
+    assert ledger.series_relpaths([uid(1)]) == set(again)
+    assert all((spool.root / p).is_file() for p in again)
