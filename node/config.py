@@ -301,6 +301,8 @@ class RetentionSettings(_Section):
     delivered_days: float | None = Field(default=None, ge=0)
     ignored_days: float | None = Field(default=None, ge=0)
     quarantine_days: float | None = Field(default=None, ge=0)
+    #: SR / Text SR / PDF files under ``<home>/reports`` of jobs done this long ago.
+    reports_days: float | None = Field(default=None, ge=0)
     disk_high_percent: float = Field(default=90.0, gt=0, le=100)
     disk_low_percent: float = Field(default=80.0, ge=0, le=100)
     sweep_seconds: PositiveSeconds = 600.0

@@ -49,6 +49,7 @@ from node.config import Settings
 from node.ledger import Ledger, PurgeCandidate, SeriesState
 from node.ledger.models import utcnow
 from node.logs import get_logger
+from node.pipeline.payload import job_key
 from node.spool import Spool
 
 log = get_logger(__name__)
@@ -60,6 +61,12 @@ Guard = Callable[[], AbstractContextManager[frozenset[str]]]
 #: the disk (rather than the timer) waits this long.
 STUCK_RETRY_SECONDS = 60.0
 NODE_LOCK = "node.lock"
+#: ``<home>/reports`` (node.pipeline.reports.REPORTS_DIR; not imported: that module
+#: brings the inference package into every process that only deletes).
+REPORTS_DIR = "reports"
+#: Roles of the companions' SOP Instance UIDs beside the SR (sr_writer.document / pdf):
+#: ``derive_uid(job_key(...), role)``.
+COMPANION_ROLES = ("text-sr-instance", "pdf-instance")
 
 
 class NodeRunning(RuntimeError):
@@ -145,13 +152,15 @@ class SweepReport:
     series: list[Deleted] = field(default_factory=list)
     quarantine_files: int = 0
     quarantine_bytes: int = 0
+    report_files: int = 0
+    report_bytes: int = 0
     held_back: list[str] = field(default_factory=list)  # pinned by the journal
     used_percent_before: float = 0.0
     used_percent_after: float = 0.0
 
     @property
     def size(self) -> int:
-        return sum(d.size for d in self.series) + self.quarantine_bytes
+        return sum(d.size for d in self.series) + self.quarantine_bytes + self.report_bytes
 
 
 class Retention:
@@ -164,6 +173,7 @@ class Retention:
 
     def __init__(self, settings: Settings, ledger: Ledger, spool: Spool, guard: Guard,
                  *, disk_usage: DiskUsage = shutil.disk_usage) -> None:
+        self.settings = settings
         self.config = settings.retention
         self.ledger, self.spool, self.guard = ledger, spool, guard
         self.disk_usage = disk_usage
@@ -191,11 +201,13 @@ class Retention:
                 self._purge(cand, "resumed", report)
             self._by_age(report)
             self._quarantine(report)
+            self._reports(report)
             self._by_disk(report)
             report.used_percent_after = self.used_percent()
-            if report.series or report.quarantine_files:
+            if report.series or report.quarantine_files or report.report_files:
                 log.info("retention.swept", dry_run=dry_run, series=len(report.series),
-                         quarantine_files=report.quarantine_files, bytes=report.size,
+                         quarantine_files=report.quarantine_files,
+                         report_files=report.report_files, bytes=report.size,
                          used_percent=round(report.used_percent_after, 1))
             return report
 
@@ -270,6 +282,34 @@ class Retention:
                 log.info("retention.quarantine_deleted", file=path.name, bytes=size)
             report.quarantine_files += 1
             report.quarantine_bytes += size
+
+
+    def _reports(self, report: SweepReport) -> None:
+        """Report files (SR, Text SR, PDF) of jobs finished ``reports_days`` ago."""
+        days = self.config.reports_days
+        if days is None:
+            return
+        from sr_writer.uids import derive_uid  # the package brings highdicom: only now
+
+        root = self.settings.node.home / REPORTS_DIR
+        for kept in self.ledger.expired_reports(utcnow() - _days(days)):
+            sr = root / kept.report_path
+            key = job_key(kept.series_instance_uid, kept.generation, kept.engine_key)
+            paths = [sr, *(sr.with_name(f"{derive_uid(key, role)}.dcm")
+                           for role in COMPANION_ROLES)]
+            found = [(p, p.stat().st_size) for p in paths if p.is_file()]
+            report.report_files += len(found)
+            report.report_bytes += sum(size for _, size in found)
+            if report.dry_run:
+                continue
+            for path, _ in found:
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # other reports of the study: kept
+                sr.parent.rmdir()
+            self.ledger.forget_report(kept.job_id)
+            log.info("retention.report_deleted", job_id=kept.job_id,
+                     series_uid=kept.series_instance_uid, files=len(found),
+                     bytes=sum(size for _, size in found))
 
 
 def _days(days: float) -> dt.timedelta:

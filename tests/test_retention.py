@@ -19,10 +19,12 @@ from sqlalchemy import update
 from node.config import NodeSettings, RetentionSettings, Settings
 from node.ingest import Applier, entry_meta
 from node.journal import Journal
-from node.ledger import Ledger, SeriesState
-from node.ledger.models import Series, utcnow
+from node.ledger import JobState, Ledger, SeriesState
+from node.ledger.models import Job, Series, utcnow
+from node.pipeline.payload import job_key
 from node.retention import Retention, applier_guard, no_journal
 from node.spool import Spool
+from sr_writer.uids import derive_uid
 from tests.support.spooled import encode, header, spool_series, template
 
 STUDY = "1.2.826.0.1.3680043.8.498.90.1"
@@ -262,3 +264,44 @@ def test_series_sent_again_after_purge_reopens_as_a_new_generation(
     assert (info.state, info.generation, info.instance_count) == (S.RECEIVING, 2, 2)
     assert ledger.series_relpaths([uid(1)]) == set(again)
     assert all((spool.root / p).is_file() for p in again)
+
+
+def finished_job(ledger: Ledger, home: Path, series: str, *, state: JobState,
+                 days_ago: float) -> tuple[int, list[Path]]:
+    """A job that went to ``state`` ``days_ago``, with its SR and Text SR kept."""
+    job = ledger.create_job(series, 1, "physics|1.0.0|-|-")
+    for step in (JobState.ASSESSING, JobState.REPORTING):
+        ledger.move_job(job.id, step)
+    key = job_key(series, 1, job.engine_key)
+    names = [derive_uid(key, "sr-instance"), derive_uid(key, "text-sr-instance")]
+    files = [home / "reports" / STUDY / f"{name}.dcm" for name in names]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"r" * 100)
+    ledger.move_job(job.id, JobState.DELIVERING, report_path=f"{STUDY}/{names[0]}.dcm")
+    if state != JobState.DELIVERING:
+        ledger.move_job(job.id, state)
+    with ledger.engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job.id).values(
+            finished_at=utcnow() - dt.timedelta(days=days_ago)))
+    return job.id, files
+
+
+def test_reports_days_deletes_reports_of_jobs_done_long_ago(
+        home: Path, ledger: Ledger, spool: Spool) -> None:
+    for n in (1, 2, 3):
+        spool_series(ledger, spool, STUDY, uid(n), 1, state=S.REPORTING)
+    old, old_files = finished_job(ledger, home, uid(1), state=JobState.DONE, days_ago=30)
+    recent, recent_files = finished_job(ledger, home, uid(2), state=JobState.DONE,
+                                        days_ago=1)
+    sending, sending_files = finished_job(ledger, home, uid(3),
+                                          state=JobState.DELIVERING, days_ago=30)
+
+    report = Retention(settings(home, reports_days=7), ledger, spool, no_journal).sweep()
+
+    assert (report.report_files, report.report_bytes) == (2, 200)
+    assert not any(p.exists() for p in old_files)
+    assert ledger.get_job(old).report_path is None
+    assert all(p.is_file() for p in recent_files + sending_files)
+    assert ledger.get_job(recent).report_path is not None
+    assert ledger.get_job(sending).report_path is not None

@@ -24,7 +24,7 @@ from node.ledger.jobs import (
     JobInfo,
 )
 from node.ledger.models import ConfirmedBy, DeliveryState, JobState, SeriesState
-from node.ledger.retention import PurgeCandidate, RetentionAPI
+from node.ledger.retention import KeptReport, PurgeCandidate, RetentionAPI
 from node.ledger.series import (
     SERIES_TRANSITIONS,
     OpenSeries,
@@ -50,6 +50,7 @@ __all__ = [
     "InvalidTransition",
     "JobInfo",
     "JobState",
+    "KeptReport",
     "Ledger",
     "LedgerError",
     "NotFound",

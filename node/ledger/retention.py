@@ -22,6 +22,8 @@ from node.ledger.base import LedgerBase
 from node.ledger.models import (
     Association,
     Instance,
+    Job,
+    JobState,
     Series,
     SeriesAssociation,
     SeriesEvent,
@@ -44,6 +46,17 @@ class PurgeCandidate:
     since: dt.datetime  # when it entered ``state``
     files: int
     size: int
+
+
+@dataclass(frozen=True)
+class KeptReport:
+    """A finished job's report files (SR under ``report_path``, companions beside it)."""
+
+    job_id: int
+    series_instance_uid: str
+    generation: int
+    engine_key: str
+    report_path: str
 
 
 class RetentionAPI(LedgerBase):
@@ -158,3 +171,23 @@ class RetentionAPI(LedgerBase):
                 .where(Series.state == S.RECEIVING.value))
         with self._read() as conn:
             return {(str(a), str(b)) for a, b in conn.execute(stmt)}
+
+    def expired_reports(self, before: dt.datetime) -> list[KeptReport]:
+        """Reports of jobs ``done`` or ``superseded`` at or before ``before``, oldest first
+        (a ``dead`` job may be re-queued, and its report is then sent)."""
+        stmt = (
+            select(Job.id, Series.series_uid, Job.generation, Job.engine_key,
+                   Job.report_path)
+            .join(Series, Series.id == Job.series_id)
+            .where(and_(Job.state.in_([JobState.DONE.value, JobState.SUPERSEDED.value]),
+                        Job.finished_at <= before, Job.report_path.is_not(None)))
+            .order_by(Job.finished_at, Job.id)
+        )
+        with self._read() as conn:
+            return [KeptReport(int(i), str(u), int(g), str(k), str(p))
+                    for i, u, g, k, p in conn.execute(stmt)]
+
+    def forget_report(self, job_id: int) -> None:
+        """The job's report files were deleted: clear its ``report_path``."""
+        with self._write() as conn:
+            conn.execute(update(Job).where(Job.id == job_id).values(report_path=None))
