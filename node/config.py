@@ -295,7 +295,8 @@ class RetentionSettings(_Section):
 
     Above ``disk_high_percent`` used on the spool's disk the oldest deletable series
     go first, down to ``disk_low_percent``, whatever their age; it must stay below the
-    point where the listener refuses images (``100 - [spool] min_free_percent``).
+    point where the listener refuses images (``100 - [spool] min_free_percent``). Less
+    than twice ``[spool] min_free_bytes`` free counts as above the high mark too.
     """
 
     delivered_days: float | None = Field(default=None, ge=0)

@@ -185,8 +185,25 @@ class Retention:
         usage = self.disk_usage(str(self.spool.root))
         return 100.0 * (usage.total - usage.free) / usage.total if usage.total else 0.0
 
+    def _space(self) -> tuple[int, int]:
+        usage = self.disk_usage(str(self.spool.root))
+        return usage.total or 1, usage.free
+
+    def _high(self, total: int, free: int) -> bool:
+        """Past the high mark: ``disk_high_percent`` used, or less than twice the
+        spool's byte watermark free (on a small disk ``[spool] min_free_bytes`` may
+        come before any percentage)."""
+        used = 100.0 * (total - free) / total
+        return used >= self.config.disk_high_percent or free < 2 * self.spool.min_free_bytes
+
+    def _low(self, total: int, free: int) -> bool:
+        """Down to the low mark (and twice the byte watermark free)."""
+        used = 100.0 * (total - free) / total
+        return used <= self.config.disk_low_percent and free >= 2 * self.spool.min_free_bytes
+
     def over_high(self) -> bool:
-        return self.used_percent() >= self.config.disk_high_percent
+        """The disk is past the high mark (one ``statvfs``)."""
+        return self._high(*self._space())
 
     def _states(self) -> tuple[SeriesState, ...]:
         if self.config.ignored_days is None:
@@ -224,27 +241,28 @@ class Retention:
 
     def _by_disk(self, report: SweepReport) -> None:
         """Oldest deletable first while usage is above the low mark, once past the high."""
-        used = self.used_percent()
-        if used < self.config.disk_high_percent:
+        total, free = self._space()
+        if not self._high(total, free):
+            self.stuck = False
             return
-        total = self.disk_usage(str(self.spool.root)).total or 1
         done = {d.series_instance_uid for d in report.series}
-        log.warning("retention.disk_high", used_percent=round(used, 1),
-                    high=self.config.disk_high_percent, low=self.config.disk_low_percent)
+        log.warning("retention.disk_high", used_percent=round(100 - 100 * free / total, 1),
+                    free_bytes=free, high=self.config.disk_high_percent,
+                    low=self.config.disk_low_percent)
         for cand in self.ledger.purge_candidates(self._states()):
-            if used <= self.config.disk_low_percent:
+            if self._low(total, free):
                 break
             if cand.series_instance_uid in done:  # a dry run lists it only once
                 continue
             deleted = self._purge(cand, "disk", report)
             if deleted is None:
                 continue
-            used = (self.used_percent() if not report.dry_run
-                    else used - 100.0 * deleted.size / total)
-        self.stuck = used > self.config.disk_low_percent
+            total, free = (self._space() if not report.dry_run
+                           else (total, free + deleted.size))
+        self.stuck = not self._low(total, free)
         if self.stuck:
-            log.error("retention.disk_still_high", used_percent=round(used, 1),
-                      low=self.config.disk_low_percent,
+            log.error("retention.disk_still_high", used_percent=round(100 - 100 * free / total, 1),
+                      free_bytes=free, low=self.config.disk_low_percent,
                       detail="nothing more is deletable (undelivered data is kept)")
 
     def _purge(self, cand: PurgeCandidate, reason: Reason, report: SweepReport

@@ -305,3 +305,19 @@ def test_reports_days_deletes_reports_of_jobs_done_long_ago(
     assert all(p.is_file() for p in recent_files + sending_files)
     assert ledger.get_job(recent).report_path is not None
     assert ledger.get_job(sending).report_path is not None
+
+
+def test_byte_watermark_counts_as_high_on_a_small_disk(
+        home: Path, ledger: Ledger, spool: Spool) -> None:
+    """Half the disk free, but less than twice ``min_free_bytes``: the listener would
+    refuse soon, so the oldest delivered series go until twice that is free."""
+    for n in (1, 2, 3):
+        spool_series(ledger, spool, STUDY, uid(n), 4)
+        age(ledger, uid(n), 10 - n)
+    size = sum(p.stat().st_size for p in files_of(spool, uid(1)))
+    disk = Disk(spool, 100 * size, other=47 * size)  # 50 % used, 50 series sizes free
+    spool.min_free_bytes = 26 * size  # refuses below 26; the sweep wants 52 free
+    retention = Retention(settings(home), ledger, spool, no_journal, disk_usage=disk)
+    report = retention.sweep()
+    assert [d.series_instance_uid for d in report.series] == [uid(1), uid(2)]
+    assert len(files_of(spool, uid(3))) == 4 and not retention.stuck
