@@ -1,6 +1,6 @@
 """Retention (node.retention): what is deleted, what never is, and the disk watermark.
 
-Real spool files and a real SQLite ledger; only the disk's size is chosen by the test
+Real spool files and a real ledger (SQLite and PostgreSQL); only the disk's size is chosen by the test
 (``disk_usage``), so the watermark can be crossed without filling the machine's disk.
 """
 
@@ -41,9 +41,10 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def ledger(home: Path) -> Iterator[Ledger]:
+def ledger(home: Path, ledger_url: str) -> Iterator[Ledger]:
+    """SQLite and PostgreSQL (``ledger_url``)."""
     home.mkdir(parents=True)
-    with Ledger.open(f"sqlite:///{home / 'ledger.sqlite3'}") as opened:
+    with Ledger.open(ledger_url) as opened:
         yield opened
 
 
