@@ -61,6 +61,8 @@ Guard = Callable[[], AbstractContextManager[frozenset[str]]]
 #: the disk (rather than the timer) waits this long.
 STUCK_RETRY_SECONDS = 60.0
 NODE_LOCK = "node.lock"
+#: Candidates listed at a time by the disk clean-up.
+DISK_PAGE = 50
 #: ``<home>/reports`` (node.pipeline.reports.REPORTS_DIR; not imported: that module
 #: brings the inference package into every process that only deletes).
 REPORTS_DIR = "reports"
@@ -180,6 +182,7 @@ class Retention:
         self._lock = threading.Lock()
         #: The last sweep ended above the low mark with nothing more to delete.
         self.stuck = False
+        self.disk_page = DISK_PAGE
 
     def used_percent(self) -> float:
         usage = self.disk_usage(str(self.spool.root))
@@ -245,20 +248,26 @@ class Retention:
         if not self._high(total, free):
             self.stuck = False
             return
-        done = {d.series_instance_uid for d in report.series}
+        seen = {d.series_instance_uid for d in report.series}  # a dry run lists once
         log.warning("retention.disk_high", used_percent=round(100 - 100 * free / total, 1),
                     free_bytes=free, high=self.config.disk_high_percent,
                     low=self.config.disk_low_percent)
-        for cand in self.ledger.purge_candidates(self._states()):
-            if self._low(total, free):
+        while not self._low(total, free):
+            # Oldest first, a page at a time (purged series leave the listing; those
+            # held back stay in it, hence the page grows with what was seen).
+            limit = None if report.dry_run else len(seen) + self.disk_page
+            page = [c for c in self.ledger.purge_candidates(self._states(), limit=limit)
+                    if c.series_instance_uid not in seen]
+            if not page:
                 break
-            if cand.series_instance_uid in done:  # a dry run lists it only once
-                continue
-            deleted = self._purge(cand, "disk", report)
-            if deleted is None:
-                continue
-            total, free = (self._space() if not report.dry_run
-                           else (total, free + deleted.size))
+            for cand in page:
+                if self._low(total, free):
+                    break
+                seen.add(cand.series_instance_uid)
+                deleted = self._purge(cand, "disk", report)
+                if deleted is not None:
+                    total, free = (self._space() if not report.dry_run
+                                   else (total, free + deleted.size))
         self.stuck = not self._low(total, free)
         if self.stuck:
             log.error("retention.disk_still_high", used_percent=round(100 - 100 * free / total, 1),

@@ -1,7 +1,8 @@
 """Retention (node.retention): what is deleted, what never is, and the disk watermark.
 
-Real spool files and a real ledger (SQLite and PostgreSQL); only the disk's size is chosen by the test
-(``disk_usage``), so the watermark can be crossed without filling the machine's disk.
+Real spool files and a real ledger (SQLite and PostgreSQL); only the disk's size is
+chosen by the test (``disk_usage``), so the watermark can be crossed without filling the
+machine's disk.
 """
 
 from __future__ import annotations
@@ -209,6 +210,7 @@ def test_disk_watermark_deletes_oldest_delivered_first_down_to_low(
     disk = Disk(spool, total, other=int(total * 0.96) - 6 * series_bytes)
     config = settings(home, disk_high_percent=90, disk_low_percent=82)
     retention = Retention(config, ledger, spool, no_journal, disk_usage=disk)
+    retention.disk_page = 2  # listed two at a time
 
     report = retention.sweep()
 

@@ -67,18 +67,14 @@ class RetentionAPI(LedgerBase):
         limit: int | None = None,
     ) -> list[PurgeCandidate]:
         """Series in ``states`` (entered at or before ``before``), oldest first."""
-        files = (
-            select(Instance.series_id, func.count().label("n"),
-                   func.coalesce(func.sum(Instance.size), 0).label("size"))
-            .group_by(Instance.series_id)
-            .subquery()
-        )
+        # Counted per listed series (index on instances.series_id), not over the table.
+        of_series = Instance.series_id == Series.id
+        count = select(func.count()).where(of_series).scalar_subquery()
+        size = select(func.coalesce(func.sum(Instance.size), 0)).where(of_series)
         stmt = (
             select(Series.series_uid, Study.study_uid, Series.state, Series.generation,
-                   Series.state_changed_at, func.coalesce(files.c.n, 0),
-                   func.coalesce(files.c.size, 0))
+                   Series.state_changed_at, count, size.scalar_subquery())
             .join(Study, Study.id == Series.study_id)
-            .outerjoin(files, files.c.series_id == Series.id)
             .where(Series.state.in_([s.value for s in states]))
             .order_by(Series.state_changed_at, Series.id)
             .limit(limit)
