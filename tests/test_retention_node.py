@@ -13,6 +13,8 @@ import pytest
 from sqlalchemy import update
 
 from node.config import ConfigError, NodeSettings, Settings, SpoolSettings, load_settings
+from node.ingest import entry_meta
+from node.journal import Journal
 from node.ledger import Ledger, SeriesState
 from node.ledger.models import Series, utcnow
 from node.serve import Node
@@ -20,7 +22,7 @@ from node.spool import Spool, SpoolFull
 from tests.support.dcmtk import echoscu
 from tests.support.net import free_port, wait_for
 from tests.support.node import REPO, running_node, write_config
-from tests.support.spooled import encode, spool_series, template
+from tests.support.spooled import encode, header, spool_series, template
 
 STUDY = "1.2.826.0.1.3680043.8.498.91.1"
 S = SeriesState
@@ -128,3 +130,25 @@ def test_serve_sweeps_and_the_command_waits_for_it_to_stop(tmp_path: Path) -> No
         assert ledger.series_info(uid(3)).state == S.PURGED
         assert ledger.series_info(uid(2)).state == S.FAILED
 
+
+
+def test_run_refuses_while_the_journal_holds_unapplied_records(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with ledger_at(home) as ledger:
+        spool_series(ledger, Spool(home / "spool", home), STUDY, uid(1), 1)
+        age(ledger, uid(1), 30)
+    journal = Journal(home / "journal", segment_bytes=1 << 20, segments=2)
+    journal.open()
+    writer = journal.writer()
+    record = writer.begin()
+    sop = f"{uid(1)}.0"
+    record.write(memoryview(encode(template(), STUDY, uid(1), sop)))
+    writer.commit(record, entry_meta(header(STUDY, uid(1), sop), "SENDER", "a1", "assess",
+                                     "ct"))
+    journal.close()  # a crash: the record is acknowledged, not applied
+    config = write_config(tmp_path / "q.toml", {"node": {"home": str(home)},
+                                                "retention": {"delivered_days": 7}})
+    refused = retention_cli(config, "run")
+    assert refused.returncode == 1 and "1 records not yet applied" in refused.stderr
+    assert (home / "spool" / STUDY / uid(1)).is_dir()
+    assert retention_cli(config, "dry-run").returncode == 0
