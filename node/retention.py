@@ -19,6 +19,9 @@ Not under the applier
 Crash-safe
     :meth:`~node.ledger.retention.RetentionAPI.begin_purge` marks the series
     ``purging`` before any file goes; a sweep first finishes purges a crash interrupted.
+    Under the lock the series' directory is only renamed aside (:meth:`Spool.detach`)
+    and its rows deleted: unlinking 200 files took ~0.5 s on this VM's busy disk, time
+    the applier would otherwise wait; the files are unlinked after the lock is released.
 The disk
     Above ``disk_high_percent`` used (default 90 %, as mercure's emergency clean-up),
     the oldest deletable series go first, whatever their age, until usage is at or
@@ -217,6 +220,8 @@ class Retention:
         """Resume interrupted purges, delete by age, then by disk usage."""
         with self._lock:
             report = SweepReport(dry_run=dry_run, used_percent_before=self.used_percent())
+            if not dry_run:
+                self.spool.empty_trash()  # what a crash left detached
             for cand in self.ledger.purge_candidates((SeriesState.PURGING,)):
                 self._purge(cand, "resumed", report)
             self._by_age(report)
@@ -291,8 +296,11 @@ class Retention:
             files = self.ledger.begin_purge(uid, cand.generation, cand.state)
             if files is None:  # re-opened or re-queued since it was listed
                 return None
-            count, size = self.spool.remove(p for p, _ in files)
+            for series_dir in sorted({relpath.rpartition("/")[0] for relpath, _ in files}):
+                self.spool.detach(series_dir)
+            count, size = len(files), sum(n for _, n in files)
             self.ledger.finish_purge(uid, f"{reason}: {count} files, {size} bytes deleted")
+        self.spool.empty_trash()
         deleted = Deleted(uid, cand.study_instance_uid, cand.state.value, count, size, reason)
         report.series.append(deleted)
         log.info("retention.deleted", series_uid=uid, study_uid=cand.study_instance_uid,

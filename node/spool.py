@@ -49,6 +49,8 @@ def _find_syncfs() -> Callable[[int], int] | None:
 
 _SYNCFS = _find_syncfs()
 SUFFIX = ".dcm"
+#: Under the spool root; a UID never starts with a dot, so no study directory clashes.
+TRASH_DIR = ".purge"
 
 
 class SpoolFull(OSError):
@@ -111,6 +113,8 @@ class Spool:
         self.root = root
         self.tmp = home / "tmp"
         self.quarantine_dir = home / "quarantine"
+        #: Series directories retention detached, deleted outside any lock.
+        self.trash = root / TRASH_DIR
         self.min_free_bytes = min_free_bytes
         self.min_free_percent = min_free_percent
         #: Called (in the caller's thread) each time :meth:`check_room` refuses, e.g. to
@@ -290,27 +294,34 @@ class Spool:
         return target
 
     # Deleting (retention) -----------------------------------------------------------
-    def remove(self, relpaths: Iterable[str]) -> tuple[int, int]:
-        """Delete these spool files and the series / study directories left empty;
-        ``(files deleted, bytes freed)``. A file already gone counts as deleted (a
-        purge resumed after a crash) with 0 bytes."""
-        count = freed = 0
-        parents: set[Path] = set()
-        for relpath in relpaths:
-            path = self.root / relpath
-            try:
-                size = path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                size = 0
-            count, freed = count + 1, freed + size
-            parents.add(path.parent)
-        for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
-            for empty in (directory, directory.parent):
-                if empty != self.root:
-                    with contextlib.suppress(OSError):  # not empty (or gone): keep it
-                        empty.rmdir()
-        return count, freed
+    def detach(self, series_dir: str) -> None:
+        """Move a series directory (``<study UID>/<series UID>``, spool-relative) out
+        of the spool's namespace into ``.purge/`` with one rename, and remove its study
+        directory if that is now empty. A file stored for the series afterwards goes
+        into a new directory; :meth:`empty_trash` deletes the detached files later
+        (unlinking is slow, ~2–3 ms per file on a busy disk: not done under a lock)."""
+        source = self.root / series_dir
+        if not source.is_dir():
+            return
+        self.trash.mkdir(exist_ok=True)
+        os.rename(source, self.trash / uuid.uuid4().hex)
+        with contextlib.suppress(OSError):  # other series in the study: kept
+            source.parent.rmdir()
+
+    def empty_trash(self) -> tuple[int, int]:
+        """Delete what :meth:`detach` moved aside; ``(files, bytes)`` deleted."""
+        files = freed = 0
+        if not self.trash.is_dir():
+            return 0, 0
+        for directory in self.trash.iterdir():
+            for entry in os.scandir(directory):
+                with contextlib.suppress(FileNotFoundError):
+                    size = entry.stat(follow_symlinks=False).st_size
+                    os.unlink(entry.path)
+                    files, freed = files + 1, freed + size
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        return files, freed
 
     def expired_quarantine(self, before: float) -> list[tuple[Path, int]]:
         """Quarantined data sets (and their ``.reason``) last modified before ``before``

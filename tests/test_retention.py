@@ -136,13 +136,16 @@ def test_reopened_series_is_not_deleted(home: Path, ledger: Ledger, spool: Spool
 def test_interrupted_purge_is_finished_by_the_next_sweep(
         home: Path, ledger: Ledger, spool: Spool) -> None:
     spool_series(ledger, spool, STUDY, uid(1), 3)
-    files = ledger.begin_purge(uid(1), 1, S.DELIVERED)  # a crash right after this
-    assert files is not None
-    (spool.root / files[0][0]).unlink()  # and after one file was deleted
+    spool_series(ledger, spool, STUDY, uid(2), 3)
+    for series in (uid(1), uid(2)):  # a crash after the first step of both purges,
+        assert ledger.begin_purge(series, 1, S.DELIVERED) is not None
+    spool.detach(f"{STUDY}/{uid(2)}")  # and after the second one's files were moved aside
     report = Retention(settings(home), ledger, spool, no_journal).sweep()
-    assert [(d.series_instance_uid, d.reason) for d in report.series] == [(uid(1), "resumed")]
-    assert files_of(spool, uid(1)) == []
-    assert ledger.series_info(uid(1)).state == S.PURGED
+    assert sorted((d.series_instance_uid, d.reason) for d in report.series) == [
+        (uid(1), "resumed"), (uid(2), "resumed")]
+    assert files_of(spool, uid(1)) == files_of(spool, uid(2)) == []
+    assert not list(spool.trash.iterdir())
+    assert ledger.series_info(uid(1)).state == ledger.series_info(uid(2)).state == S.PURGED
 
 
 def test_series_with_records_in_the_journal_is_held_back(

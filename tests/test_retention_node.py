@@ -108,8 +108,8 @@ def test_serve_sweeps_and_the_command_waits_for_it_to_stop(tmp_path: Path) -> No
         assert not (spool.root / STUDY / uid(1)).exists()
         assert len(list((spool.root / STUDY / uid(2)).iterdir())) == 2
         assert len(list((spool.root / STUDY / uid(3)).iterdir())) == 2
-        deleted = [json.loads(line) for line in node.log_text().splitlines()
-                   if '"retention.deleted"' in line]
+        deleted = wait_for(lambda: [json.loads(line) for line in node.log_text().splitlines()
+                                    if '"retention.deleted"' in line], 30, what="its log")
         assert [(d["series_uid"], d["files"], d["reason"]) for d in deleted] == [
             (uid(1), 2, "age")]
         assert echoscu(node.port).returncode == 0
