@@ -26,6 +26,7 @@ _HANDLERS: dict[str, str] = {
     "user": "node.config_cli:user_main",
     "status": "node.status:main",
     "retry": "node.status:retry_main",
+    "retention": "node.retention_cli:main",
     "echo": "node.scu:echo_main",
     "assess": "inference.cli:assess_main",
     "synth": "inference.synth:main",
@@ -80,6 +81,12 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("series", nargs="?", help="Series Instance UID")
     g.add_argument("--failed", action="store_true", help="every failed series")
     p.set_defaults(handler="retry")
+
+    p = sub.add_parser("retention", help="what retention deletes (dry-run), or delete now")
+    _add_config(p)
+    p.add_argument("action", nargs="?", choices=("dry-run", "run"), default="dry-run")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler="retention")
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     _add_config(p)

@@ -361,6 +361,39 @@ class WebSettings(_Section):
         return value
 
 
+class RetentionSettings(_Section):
+    """What the node deletes, and when: ``[retention]`` (node.retention).
+
+    Only finished data is ever deleted: a series once ``delivered`` (every destination
+    confirmed, or its job done with no destinations) and, when ``ignored_days`` is set,
+    a series kept by a ``store`` rule; never one receiving, queued, being assessed or
+    failed, nor one with a record still in the receive journal. Ages count from when
+    the series entered that state; unset (``None``) keeps it forever.
+
+    Above ``disk_high_percent`` used on the spool's disk the oldest deletable series
+    go first, down to ``disk_low_percent``, whatever their age; it must stay below the
+    point where the listener refuses images (``100 - [spool] min_free_percent``). Less
+    than twice ``[spool] min_free_bytes`` free counts as above the high mark too.
+    """
+
+    delivered_days: float | None = Field(default=None, ge=0)
+    ignored_days: float | None = Field(default=None, ge=0)
+    quarantine_days: float | None = Field(default=None, ge=0)
+    #: SR / Text SR / PDF files under ``<home>/reports`` of jobs done this long ago.
+    reports_days: float | None = Field(default=None, ge=0)
+    disk_high_percent: float = Field(default=90.0, gt=0, le=100)
+    disk_low_percent: float = Field(default=80.0, ge=0, le=100)
+    sweep_seconds: PositiveSeconds = 600.0
+    #: How often the disk's usage is checked between sweeps (one ``statvfs``).
+    disk_check_seconds: PositiveSeconds = 5.0
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> RetentionSettings:
+        if self.disk_low_percent >= self.disk_high_percent:
+            raise ValueError("disk_low_percent must be below disk_high_percent")
+        return self
+
+
 class LoggingSettings(_Section):
     """``[logging]``: ``json`` is ``auto`` (JSON unless stderr is a terminal)."""
 
@@ -405,6 +438,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     engine: EngineSettings = EngineSettings()
     delivery: DeliverySettings = DeliverySettings()
+    retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
     web: WebSettings = WebSettings()
 
@@ -416,6 +450,9 @@ class Settings(BaseSettings):
             raise PydanticCustomError(CROSS_REFERENCE, "; ".join(m for _, m in problems))
         for destination in self.destinations:
             _check_commitment_route(destination, self.node)
+        if self.retention.disk_high_percent >= 100.0 - self.spool.min_free_percent:
+            raise ValueError("retention.disk_high_percent must be below the spool's refusal "
+                             "point (100 - spool.min_free_percent): clean up first")
         return self
 
     @classmethod

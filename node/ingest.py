@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from node.dicomio import InstanceHeader
-from node.journal import Entry, Journal
+from node.journal import Entry, Journal, Segment
 from node.ledger.instances import InstanceRecord
 from node.logs import get_logger
 from node.redact import error_text
@@ -130,6 +130,13 @@ class Applier:
         self._inflight: tuple[int, float] = (0, 0.0)  # records being applied, oldest's time
         self._published = (0.0, -1, False)
         self._thread: threading.Thread | None = None
+        #: Held while a batch is applied: retention deletes a series under it, so no
+        #: instance of that series is stored or recorded meanwhile (node.retention).
+        self.apply_lock = threading.Lock()
+        #: (study, series) UIDs of the records in each segment not yet retired.
+        self._pins: dict[Segment, set[tuple[str, str]]] = {}
+        #: (study, series) UIDs of the records replayed by :meth:`recover`.
+        self.replayed: set[tuple[str, str]] = set()
 
     # Producers ---------------------------------------------------------------------
     def submit(self, entry: Entry) -> int:
@@ -138,6 +145,7 @@ class Applier:
         with self._cond:
             self._issued += 1
             self._queue.append((self._issued, entry, now))
+            self._pin(entry)
             self._last_submit = now
             if len(self._queue) == 1 or self.journal.free_count() < LOW_SEGMENTS:
                 self._cond.notify_all()
@@ -157,6 +165,18 @@ class Applier:
                     self._cond.notify_all()
                 return
         _run_action(action)
+
+    def _pin(self, entry: Entry) -> None:
+        """Remember the record's series until its segment is retired (under _cond)."""
+        key = (str(entry.meta["study"]), str(entry.meta["series"]))
+        self._pins.setdefault(entry.segment, set()).add(key)
+
+    def pinned_series(self) -> frozenset[str]:
+        """Series UIDs with a record in the journal that is not yet retired: queued
+        (acknowledged, not applied) or applied but not yet flushed. A crash would
+        replay such a record, so retention must not delete the series."""
+        with self._cond:
+            return frozenset(series for keys in self._pins.values() for _, series in keys)
 
     def _run_due(self) -> None:
         with self._cond:
@@ -200,6 +220,10 @@ class Applier:
     def recover(self) -> int:
         """Replay what the journal holds from before a stop or crash; checkpoint."""
         entries = self.journal.open()
+        with self._cond:
+            for entry in entries:
+                self._pin(entry)
+                self.replayed.add((str(entry.meta["study"]), str(entry.meta["series"])))
         for start in range(0, len(entries), BATCH):
             self._apply(entries[start:start + BATCH], recovering=True)
         self.checkpoint(force=True)
@@ -306,10 +330,21 @@ class Applier:
             return 0
         self.spool.sync()
         for seg in ready:
+            # Unpinned before the segment is free (a new record may take it at once);
+            # pinned again if it could not be retired (or was already taken again).
+            with self._cond:
+                pins = self._pins.pop(seg, set())
             self.journal.retire(seg)
+            if seg in self.journal.active_segments():
+                with self._cond:
+                    self._pins.setdefault(seg, set()).update(pins)
         return len(ready)
 
     def _apply(self, entries: Sequence[Entry], *, recovering: bool) -> None:
+        with self.apply_lock:
+            self._apply_locked(entries, recovering=recovering)
+
+    def _apply_locked(self, entries: Sequence[Entry], *, recovering: bool) -> None:
         records: list[InstanceRecord] = []
         batch_versions: dict[str, list[tuple[int, str]]] = {}
         for entry in entries:

@@ -418,3 +418,21 @@ def _scan_records(seg: Segment) -> Iterator[Entry]:
             return
         yield Entry(seg, data_at, length, meta)
         pos = data_at + length + meta_len
+
+
+def unapplied_records(directory: Path) -> int:
+    """Committed records in the active segments under ``directory``, read-only: what
+    the next start will replay (0 when the node stopped cleanly). For tools that run
+    while no node does, e.g. ``qcnode retention run``."""
+    count = 0
+    for path in sorted(directory.glob("seg-*.wal")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            header = _read_segment_header(fd)
+            if header is None or header[1] != STATE_ACTIVE:
+                continue
+            seg = Segment(path, fd, header[0], max(os.fstat(fd).st_size, SEGMENT_HEADER_BYTES))
+            count += sum(1 for _ in _scan_records(seg))
+        finally:
+            os.close(fd)
+    return count

@@ -9,14 +9,19 @@ Start-up order (each step needs the previous one):
 4. close associations a crash left open in the ledger;
 5. replay the receive journal (:mod:`node.journal`): every instance acknowledged
    before a crash reaches the spool and the ledger now;
-6. reconcile the spool with the ledger: a file in the spool the ledger does not know
-   is recorded now;
+6. reconcile the spool with the ledger: a file the ledger does not know in the
+   directory of a series the journal replayed, or of one still receiving, is recorded
+   now. Only these directories are read: start-up time does not grow with the spool
+   (100,000 delivered instances: 14.8 → 3.9 s to a C-ECHO, docs/benchmarks.md);
 7. start the completion monitor, then the listener (and, with ``[mpps] enabled``, the
-   MPPS SCP, :mod:`node.mpps`); print one line ``listening on HOST:PORT as AE_TITLE``
-   to stdout.
+   MPPS SCP, :mod:`node.mpps`), then the retention sweep (:mod:`node.retention`); print
+   one line ``listening on HOST:PORT as AE_TITLE`` to stdout.
 
 SIGHUP reloads the settings file (:mod:`node.reload`): senders, destinations and rules
 change without dropping an association; an invalid file is logged and ignored.
+
+While it runs the node holds a shared lock on ``<home>/node.lock``: ``qcnode retention
+run`` (which deletes without the node's journal applier) takes it exclusively.
 
 SIGTERM / SIGINT stop the listener first (running associations finish, new ones are
 refused), then the journal applier (what was acknowledged is applied and flushed),
@@ -47,6 +52,7 @@ from node.ledger import Ledger
 from node.logs import configure_logging, get_logger
 from node.mpps import MppsServer
 from node.reload import Reloader, ReloadPlan
+from node.retention import Retention, Sweeper, applier_guard, hold_node_lock
 from node.scp import Listener
 from node.spool import Spool, Stored, file_sha256
 
@@ -64,15 +70,21 @@ _VERSION_RE = re.compile(r"\.v([0-9]+)\.dcm$")
 OnComplete = Callable[[str, str], None]
 
 
-def reconcile(spool: Spool, ledger: Ledger, settings: Settings) -> int:
-    """Record spool files the ledger does not know (a crash between the two).
+def reconcile(spool: Spool, ledger: Ledger, settings: Settings,
+              series: set[tuple[str, str]]) -> int:
+    """Record spool files of ``series`` (``(study UID, series UID)``) that the ledger
+    does not know.
 
-    Returns the number of instances recorded. A file that no longer parses is moved to
-    quarantine.
+    The journal applier stores a file before its ledger row commits; a crash in between
+    leaves the record in the journal, which start-up replays: the series worth looking
+    at are those replayed and those still receiving, never the whole spool. Returns the
+    number of instances recorded. A file that no longer parses is moved to quarantine.
     """
-    known = ledger.known_relpaths()
+    if not series:
+        return 0
+    known = ledger.series_relpaths(uid for _, uid in series)
     recorded = 0
-    for relpath in sorted(set(spool.iter_relpaths()) - known):
+    for relpath in sorted(set(spool.iter_relpaths(series)) - known):
         path = spool.root / relpath
         try:
             header = read_header(path)
@@ -111,6 +123,8 @@ class Node:
         self.monitor: CompletionMonitor | None = None
         self.listener: Listener | None = None
         self.mpps: MppsServer | None = None
+        self.sweeper: Sweeper | None = None
+        self._lock_fd: int | None = None
 
     def _notify(self, series_uid: str, trigger: str) -> None:
         for hook in self.on_complete:
@@ -123,6 +137,7 @@ class Node:
         settings = self.settings
         settings.node.home.mkdir(parents=True, exist_ok=True)
         try:
+            self._lock_fd = hold_node_lock(settings.node.home, exclusive=False)
             self.ledger = Ledger.open(settings.ledger_url)
             self.spool = Spool(
                 settings.spool_dir, settings.node.home,
@@ -133,7 +148,9 @@ class Node:
             stale = self.ledger.close_stale_associations()
             self.listener = Listener(settings, self.spool, self.ledger, self._wake_monitor)
             replayed = self.listener.recover()
-            recovered = reconcile(self.spool, self.ledger, settings)
+            recovered = reconcile(self.spool, self.ledger, settings,
+                                  self.listener.applier.replayed
+                                  | self.ledger.open_series_dirs())
             log.info("node starting", temp_files_removed=cleaned, stale_associations=stale,
                      journal_records_replayed=replayed, instances_recovered=recovered)
             self.monitor = CompletionMonitor(self.ledger, settings, self._notify)
@@ -142,6 +159,10 @@ class Node:
             if settings.mpps.enabled:
                 self.mpps = MppsServer(settings, self.ledger, self._wake_monitor)
                 self.mpps.start()
+            retention = Retention(settings, self.ledger, self.spool,
+                                  applier_guard(self.listener.applier))
+            self.sweeper = Sweeper(retention).__enter__()
+            self.spool.on_full = self.sweeper.wake
         except BaseException:
             self.close()
             raise
@@ -171,10 +192,14 @@ class Node:
         return self.listener.address
 
     def close(self) -> None:
-        """Stop the MPPS SCP and the listener, then the monitor, then close the ledger."""
+        """Stop the retention sweep, the MPPS SCP and the listener, then the monitor, then
+        close the ledger."""
         if self.mpps is not None:
             self.mpps.stop()
             self.mpps = None
+        if self.sweeper is not None:
+            self.sweeper.__exit__(None, None, None)
+            self.sweeper = None
         if self.listener is not None:
             self.listener.stop()
             self.listener = None
@@ -184,6 +209,9 @@ class Node:
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -21,6 +21,7 @@ before the journal segments holding their bytes are reused.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -53,6 +54,8 @@ def _find_syncfs() -> Callable[[int], int] | None:
 
 _SYNCFS = _find_syncfs()
 SUFFIX = ".dcm"
+#: Under the spool root; a UID never starts with a dot, so no study directory clashes.
+TRASH_DIR = ".purge"
 
 
 class SpoolFull(OSError):
@@ -132,8 +135,13 @@ class Spool:
         self.root = root
         self.tmp = home / "tmp"
         self.quarantine_dir = home / "quarantine"
+        #: Series directories retention detached, deleted outside any lock.
+        self.trash = root / TRASH_DIR
         self.min_free_bytes = min_free_bytes
         self.min_free_percent = min_free_percent
+        #: Called (in the caller's thread) each time :meth:`check_room` refuses, e.g. to
+        #: wake the retention sweep (node.retention); it must return at once.
+        self.on_full: Callable[[], None] | None = None
         self._copy_buffer = memoryview(bytearray(_COPY_BUFFER))
         for directory in (self.root, self.tmp, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -144,6 +152,8 @@ class Spool:
         usage = shutil.disk_usage(self.root)
         free = usage.free - incoming
         if free < self.min_free_bytes or free * 100.0 < self.min_free_percent * usage.total:
+            if self.on_full is not None:
+                self.on_full()
             raise SpoolFull(errno.ENOSPC, "spool disk is over its free-space watermark")
 
     # Storing ------------------------------------------------------------------------
@@ -303,6 +313,52 @@ class Spool:
         target.with_suffix(".reason").write_text(reason + "\n", encoding="utf-8")
         return target
 
+    # Deleting (retention) -----------------------------------------------------------
+    def detach(self, series_dir: str) -> None:
+        """Move a series directory (``<study UID>/<series UID>``, spool-relative) out
+        of the spool's namespace into ``.purge/`` with one rename, and remove its study
+        directory if that is now empty. A file stored for the series afterwards goes
+        into a new directory; :meth:`empty_trash` deletes the detached files later
+        (unlinking is slow, ~2–3 ms per file on a busy disk: not done under a lock)."""
+        source = self.root / series_dir
+        if not source.is_dir():
+            return
+        self.trash.mkdir(exist_ok=True)
+        os.rename(source, self.trash / uuid.uuid4().hex)
+        with contextlib.suppress(OSError):  # other series in the study: kept
+            source.parent.rmdir()
+
+    def empty_trash(self) -> tuple[int, int]:
+        """Delete what :meth:`detach` moved aside; ``(files, bytes)`` deleted."""
+        files = freed = 0
+        if not self.trash.is_dir():
+            return 0, 0
+        for directory in self.trash.iterdir():
+            for entry in os.scandir(directory):
+                with contextlib.suppress(FileNotFoundError):
+                    size = entry.stat(follow_symlinks=False).st_size
+                    os.unlink(entry.path)
+                    files, freed = files + 1, freed + size
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        return files, freed
+
+    def expired_quarantine(self, before: float) -> list[tuple[Path, int]]:
+        """Quarantined data sets (and their ``.reason``) last modified before ``before``
+        (a POSIX time), with their sizes."""
+        found = []
+        for path in self.quarantine_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                if path.is_file() and stat.st_mtime < before:
+                    found.append((path, stat.st_size))
+        return sorted(found)
+
+    def used_percent(self) -> float:
+        """How full the spool's filesystem is, in percent (``free`` as in :meth:`check_room`)."""
+        usage = shutil.disk_usage(self.root)
+        return 100.0 * (usage.total - usage.free) / usage.total if usage.total else 0.0
+
     # Start-up -----------------------------------------------------------------------
     def clean_temp(self) -> int:
         """Remove partial receptions left in ``tmp/`` by a crash; return how many."""
@@ -313,8 +369,18 @@ class Spool:
                 count += 1
         return count
 
-    def iter_relpaths(self) -> Iterator[str]:
-        """Every stored instance file, relative to the spool root."""
-        for path in self.root.rglob(f"*{SUFFIX}"):
-            if path.is_file():
-                yield path.relative_to(self.root).as_posix()
+    def iter_relpaths(self, series: Iterable[tuple[str, str]] | None = None) -> Iterator[str]:
+        """Stored instance files, relative to the spool root: every one, or those of
+        the ``(study UID, series UID)`` directories given (only these are read)."""
+        if series is None:
+            for path in self.root.rglob(f"*{SUFFIX}"):
+                if path.is_file():
+                    yield path.relative_to(self.root).as_posix()
+            return
+        for study_uid, series_uid in sorted(set(series)):
+            if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+                continue
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for entry in os.scandir(self.root / study_uid / series_uid):
+                    if entry.name.endswith(SUFFIX) and entry.is_file():
+                        yield f"{study_uid}/{series_uid}/{entry.name}"

@@ -12,6 +12,7 @@ Alembic revision. The API is split by concern:
   and the reports the listener received for them.
 * :class:`~node.ledger.mpps.MppsAPI` — Modality Performed Procedure Steps (a
   :class:`~node.ledger.series.SeriesAPI` that also closes series by them).
+* :class:`~node.ledger.retention.RetentionAPI` — what retention may delete, and purges.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from node.ledger.jobs import (
 )
 from node.ledger.models import ConfirmedBy, DeliveryState, JobState, SeriesState
 from node.ledger.mpps import MppsAPI
+from node.ledger.retention import KeptReport, PurgeCandidate, RetentionAPI
 from node.ledger.series import (
     SERIES_TRANSITIONS,
     OpenSeries,
@@ -37,7 +39,7 @@ from node.ledger.series import (
 )
 
 
-class Ledger(InstanceAPI, JobAPI, MppsAPI, CommitmentAPI):
+class Ledger(InstanceAPI, JobAPI, MppsAPI, CommitmentAPI, RetentionAPI):
     """The ledger's whole API (see the module documentation)."""
 
 
@@ -54,10 +56,12 @@ __all__ = [
     "InvalidTransition",
     "JobInfo",
     "JobState",
+    "KeptReport",
     "Ledger",
     "LedgerError",
     "NotFound",
     "OpenSeries",
+    "PurgeCandidate",
     "SeriesEventInfo",
     "SeriesInfo",
     "SeriesState",

@@ -66,6 +66,11 @@ class SeriesState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     IGNORED = "ignored"
+    #: Retention is deleting its files (node.retention); resumed after a crash.
+    PURGING = "purging"
+    #: Its files and instance rows were deleted by retention; the row, its jobs and
+    #: history stay (a re-sent series re-opens it: a new generation, new SR UIDs).
+    PURGED = "purged"
 
 
 class JobState(StrEnum):

@@ -25,6 +25,7 @@ S = SeriesState
 #: done only by ``record_instance``; closing (RECEIVING → COMPLETE/IGNORED) by
 #: ``close_series``. Between the pipeline stages a step may be repeated or redone
 #: (a redelivered or retried task); DELIVERED is left only by an explicit re-queue.
+#: PURGING / PURGED are entered only by retention (:mod:`node.ledger.retention`).
 SERIES_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     S.RECEIVING: frozenset({S.COMPLETE, S.IGNORED}),
     S.COMPLETE: frozenset({S.COMPLETE, S.QUEUED, S.IGNORED, S.FAILED}),
@@ -34,6 +35,8 @@ SERIES_TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     S.DELIVERED: frozenset({S.DELIVERED, S.QUEUED}),
     S.FAILED: frozenset({S.FAILED, S.QUEUED, S.ASSESSING, S.REPORTING}),
     S.IGNORED: frozenset({S.IGNORED, S.QUEUED}),
+    S.PURGING: frozenset({S.PURGING, S.PURGED}),
+    S.PURGED: frozenset({S.PURGED}),
 }
 
 
