@@ -403,6 +403,25 @@ class LoggingSettings(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class AuditSettings(_Section):
+    """``[audit]``: the security audit log (node.atna): DICOM audit messages (PS3.15 A.5)
+    for rejected associations, configuration changes, API logins and report deliveries.
+
+    ``target``: ``none``, ``file`` (one XML message per line, ``file`` defaults to
+    ``<home>/audit/atna.log``) or ``syslog`` (RFC 5424 over UDP, RFC 5426, to
+    ``syslog_host:syslog_port``, as PS3.15 A.6/A.7 transmit audit messages).
+    """
+
+    target: Literal["none", "file", "syslog"] = "none"
+    file: Path | None = None
+    syslog_host: str = Field(default="127.0.0.1", min_length=1)
+    syslog_port: Port = 514
+    #: AuditSourceID (PS3.15 A.5.1): the host name when empty
+    source_id: str = ""
+    #: AuditEnterpriseSiteID, when the site has one
+    site_id: str = ""
+
+
 def _check_commitment_route(dest: DestinationSettings, node: NodeSettings) -> None:
     """Reports to the main listener must be addressed to the node's AE title (PS3.4 J.3:
     the PACS calls the AE that asked, i.e. the calling AE)."""
@@ -441,6 +460,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
     web: WebSettings = WebSettings()
+    audit: AuditSettings = AuditSettings()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
@@ -475,6 +495,12 @@ class Settings(BaseSettings):
     def spool_dir(self) -> Path:
         """Directory holding received instances."""
         return self.spool.dir if self.spool.dir is not None else self.node.home / "spool"
+
+    @property
+    def audit_file(self) -> Path:
+        """Where the ``file`` audit target writes."""
+        return self.audit.file if self.audit.file is not None \
+            else self.node.home / "audit" / "atna.log"
 
     @property
     def ledger_url(self) -> str:

@@ -15,6 +15,7 @@ import sys
 import tomllib
 from typing import Any
 
+from node import audit_log
 from node.config import ConfigError, load_settings, resolve_config_path
 from node.config_store import ConfigStore, NotFound
 
@@ -49,10 +50,12 @@ def config_main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_ERROR
     try:
-        home = load_settings(path).node.home
+        settings = load_settings(path)
     except ConfigError as exc:
         print(exc.report("fix it first (qcnode config check)"), file=sys.stderr)
         return EXIT_ERROR
+    home = settings.node.home
+    audit_log.configure(settings, "config")
     store = ConfigStore(path, home / "audit" / "config.jsonl")
     try:
         return _run(store, args)

@@ -34,6 +34,7 @@ from typing import Any
 import tomlkit
 from tomlkit.items import AoT
 
+from node import audit_log
 from node.config import ConfigError, Settings, load_settings
 from node.config_errors import Problem
 
@@ -166,6 +167,7 @@ class ConfigStore:
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        audit_log.config_changed(change.who, change.action, change.path, self.path)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

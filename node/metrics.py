@@ -32,6 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from node import audit_log
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: C-STORE / C-ECHO statuses by name (PS3.4 B.2.3, PS3.7 C): the ``status`` label.
@@ -150,6 +152,7 @@ def rejected(calling_ae: str, host: str, reason: str) -> None:
     """Count a rejected association (metric by reason; table by AE, host, reason)."""
     metrics().associations.labels("rejected", reason).inc()
     REJECTIONS.add(calling_ae, host, reason)
+    audit_log.association_rejected(calling_ae, host, reason)
 
 
 def accepted() -> None:

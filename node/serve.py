@@ -43,7 +43,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING
 
-from node import metrics
+from node import audit_log, metrics
 from node.completion import CompletionMonitor
 from node.config import ConfigError, Settings, load_settings
 from node.dicomio import MalformedDataset, read_header
@@ -234,6 +234,7 @@ def main(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     configure_logging(settings.logging.level, settings.logging.json_output)
+    audit_log.configure(settings, "serve")
     # The listener writes data sets into <home>/tmp itself (node.acceptor); other
     # temporary files of this process go there too, on the spool's filesystem, and a
     # restart removes whatever a crash left (Spool.clean_temp).

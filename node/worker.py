@@ -19,6 +19,7 @@ EXIT_USAGE = 2
 
 def main(args: argparse.Namespace) -> int:
     """Start a worker consuming ``args.queues``; returns when it stops."""
+    from node import audit_log
     from node.config import ConfigError, load_settings
     from node.logs import celery_logging, configure_logging
     from node.pipeline.tasks import register
@@ -35,6 +36,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure_logging(settings.logging.level, settings.logging.json_output)
     celery_logging(settings.logging.level)
+    audit_log.configure(settings, "worker")
     # highdicom narrates every copied module at INFO; keep its warnings only.
     logging.getLogger("highdicom").setLevel(max(logging.WARNING,
                                                 logging.getLevelName(settings.logging.level)))

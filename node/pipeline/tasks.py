@@ -30,6 +30,7 @@ from inference.engine import Engine, EngineError, create_engine
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
 from inference.vlm.policy import ExplainPolicy
+from node import audit_log
 from node.config import DeliverySettings, DestinationSettings, Settings
 from node.ledger import ConfirmedBy, DeliveryState, JobInfo, JobState, Ledger, SeriesState
 from node.metrics import metrics
@@ -309,6 +310,8 @@ def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
     ledger.move_delivery(delivery.id, DeliveryState.SENT, count_attempt=True)
     ledger.move_delivery(delivery.id, DeliveryState.CONFIRMED,
                          confirmed_by=ConfirmedBy(receipt.confirmation))
+    audit_log.report_delivered(dest, dest.calling_ae_title or settings.node.ae_title,
+                               [(str(d.StudyInstanceUID), str(d.SOPClassUID)) for d in datasets])
     return True
 
 

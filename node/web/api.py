@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from node import audit_log
 from node.config import ConfigError
 from node.config_store import ConfigStore, NotFound, problems_of
 from node.logs import get_logger
@@ -48,6 +49,9 @@ def create_api(ctx: ApiContext) -> FastAPI:
 
     def caller(request: Request) -> User:
         user = ctx.accounts.check(request.headers.get("authorization"))
+        audit_log.api_login(request.headers.get("authorization"),
+                            request.client.host if request.client else "",
+                            user.name if user else None)
         if user is None:
             reason = "no_account" if not ctx.accounts.any() else "bad_credentials"
             ctx.refused(reason)
