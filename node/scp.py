@@ -52,6 +52,7 @@ from node.ingest import Applier, RecordingLedger, entry_meta
 from node.journal import Journal, JournalError, Record, Writer
 from node.logs import get_logger
 from node.spool import Spool, SpoolFull
+from node.tls import TlsPort, server_context
 
 log = get_logger(__name__)
 
@@ -176,9 +177,11 @@ class Listener:
             implementation_version=IMPLEMENTATION_VERSION_NAME,
         )
 
-    def admits(self, calling_ae: str, address: str) -> bool:
-        """True when a ``[[senders]]`` entry admits this caller."""
-        return any(s.admits(calling_ae, address) for s in self.settings.senders)
+    def admits(self, calling_ae: str, address: str,
+               tls_names: frozenset[str] | None = None) -> bool:
+        """True when a ``[[senders]]`` entry admits this caller (``tls_names``: its
+        verified certificate's names on the TLS port, :mod:`node.tls`)."""
+        return any(s.admits(calling_ae, address, tls_names) for s in self.settings.senders)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -200,12 +203,16 @@ class Listener:
         node = self.settings.node
         self.recover()
         self.applier.start()
+        tls = (TlsPort(node.tls_port, server_context(node.tls), self)
+               if node.tls is not None and node.tls_port is not None else None)
         self._server = AcceptorServer(
             node.host, node.port, self.acceptor_config(), self,
             max_associations=node.max_associations,
-            max_per_host=node.max_associations_per_host,
+            max_per_host=node.max_associations_per_host, tls=tls,
         )
         self._server.start()
+        if self._server.tls_address is not None:
+            log.info("listening with TLS", port=self._server.tls_address[1])
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running associations finish (then abort them), close."""
