@@ -348,6 +348,9 @@ class AcceptorServer:
             self._selector.unregister(handshake.fd)
         del self._handshakes[handshake.fd]
         assert self.tls is not None  # a handshake comes from the TLS port
+        cipher = handshake.sock.cipher()
+        log.debug("TLS established", address=handshake.host, version=handshake.sock.version(),
+                  cipher=cipher[0] if cipher else None)
         services = self.tls.services_for(handshake.names())
         conn = Connection(handshake.sock, handshake.host, self.config, services,
                           handshake.over_limit, self)
