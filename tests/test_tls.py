@@ -204,6 +204,36 @@ def test_plain_idle_and_foreign_clients_are_refused_while_a_tls_association_goes
     _spooled(site, [first, second])
 
 
+def _handshake(site: Site, ctx: ssl.SSLContext) -> tuple[str | None, str | None]:
+    """(version, cipher) of a TLS handshake with the node, with ``ctx``."""
+    ctx.load_cert_chain(str(site.ct2.cert), str(site.ct2.key))
+    with socket.create_connection(("127.0.0.1", site.tls_port), timeout=10) as tcp, \
+            ctx.wrap_socket(tcp, server_hostname="localhost") as sock:
+        cipher = sock.cipher()
+        return sock.version(), cipher[0] if cipher else None
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_bcp195_profile_tls12_suites_only_and_nothing_older(site: Site) -> None:
+    """PS3.15 B.12 / RFC 9325: a TLS 1.2 client gets an ECDHE AES-GCM suite; one that
+    offers only a CBC suite, or only TLS 1.1, gets no connection."""
+    tls12 = ssl.create_default_context(cafile=str(site.ca.cert))
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    version, cipher = _handshake(site, tls12)
+    assert version == "TLSv1.2" and cipher in BCP195_CIPHERS
+    cbc = ssl.create_default_context(cafile=str(site.ca.cert))
+    cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA")
+    with pytest.raises(ssl.SSLError):
+        _handshake(site, cbc)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(str(site.ca.cert))
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError):
+        _handshake(site, old)
+
+
 def test_bytes_left_inside_the_ssl_object_are_served(site: Site, tmp_path: Path) -> None:
     """The last bytes of a data set wait decrypted inside the SSL object, none in the
     socket: epoll never reports them; the loop must read them itself (``pending()``).
