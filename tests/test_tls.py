@@ -32,6 +32,8 @@ from pynetdicom import AE
 
 from node import cli
 from node import upperlayer as ul
+from node.config import SenderSettings
+from node.tls import peer_names
 from tests.support.dcmtk import DCMTK, storescu, successes, write_ct_series
 from tests.support.net import free_port, wait_for
 from tests.support.node import RunningNode, running_node
@@ -316,3 +318,27 @@ def test_config_check_flags_missing_files_and_a_key_of_another_certificate(
     assert cli.main(["config", "check", str(_config(tmp_path, bad, ca.cert))]) == 1
     assert "node.tls.cert_file: " in (err := capsys.readouterr().err)
     assert "holds no PEM certificate" in err
+
+
+# Who may call over TLS (fast, no node) ----------------------------------------------
+def test_sender_tls_name_rule() -> None:
+    """An entry with ``tls_name`` admits only a caller whose verified certificate
+    names it (case-insensitive), and nothing on the plain port; one without admits
+    any certificate."""
+    named = SenderSettings(ae_title="CT1", host="10.1.0.0/16", tls_name="CT1.Example")
+    assert named.admits("CT1", "10.1.2.3", frozenset({"ct1.example"}))
+    assert not named.admits("CT1", "10.1.2.3", frozenset({"ct2.example"}))
+    assert not named.admits("CT1", "10.1.2.3", frozenset())
+    assert not named.admits("CT1", "10.1.2.3")  # the plain port
+    assert not named.admits("CT1", "10.2.0.1", frozenset({"ct1.example"}))  # wrong host
+    anyone = SenderSettings(ae_title="CT1", host="10.1.0.0/16")
+    assert anyone.admits("CT1", "10.1.2.3", frozenset({"whoever"}))
+    assert anyone.admits("CT1", "10.1.2.3")
+
+
+def test_peer_names_are_subject_cn_and_dns_sans_only() -> None:
+    cert = {"subject": ((("countryName", "CH"),), (("commonName", "CT1"),)),
+            "subjectAltName": (("DNS", "CT1.radiology.example"), ("IP Address", "10.1.2.3"),
+                               ("email", "ct@example"))}
+    assert peer_names(cert) == {"ct1", "ct1.radiology.example"}
+    assert peer_names({}) == frozenset() and peer_names(None) == frozenset()
