@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,7 @@ from pynetdicom import AE
 from node import cli
 from node import upperlayer as ul
 from node.config import SenderSettings
+from node.serve import EXIT_CONFIG
 from node.tls import peer_names
 from tests.support.dcmtk import DCMTK, storescu, successes, write_ct_series
 from tests.support.net import free_port, wait_for
@@ -342,3 +344,16 @@ def test_peer_names_are_subject_cn_and_dns_sans_only() -> None:
                                ("email", "ct@example"))}
     assert peer_names(cert) == {"ct1", "ct1.radiology.example"}
     assert peer_names({}) == frozenset() and peer_names(None) == frozenset()
+
+
+def test_serve_refuses_to_start_with_an_unusable_key(tmp_path: Path) -> None:
+    """A key that is not the certificate's: ``qcnode serve`` says which key and line,
+    and does not start (it could not build its TLS context)."""
+    ca = make_ca(tmp_path, "site")
+    server, other = issue(ca, tmp_path, "server"), issue(ca, tmp_path, "other")
+    config = _config(tmp_path, server, ca.cert, key=other.key)
+    run = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == EXIT_CONFIG, run.stderr
+    assert "not starting" in run.stderr
+    assert "line 7: node.tls.key_file: " in run.stderr
