@@ -1,6 +1,7 @@
 """Ingest benchmark: DCMTK storescu → qcnode, DCMTK storescp and Orthanc, in one run.
 
-Run ``.venv/bin/python bench/ingest.py [--images 500] [--rounds 3] [--rss-images 2000]``.
+Run ``.venv/bin/python bench/ingest.py [--images 500] [--rounds 3] [--rss-images 2000]
+[--tls]``.
 It writes a 512×512 CT series with pydicom, sends it with ``/usr/bin/storescu``
 (``TCP_NODELAY=1``) to each receiver on 127.0.0.1 (free ports, temporary homes), and
 prints images/s and MB/s for each and the ratio qcnode / storescp; then 20 concurrent
@@ -26,6 +27,11 @@ second (an idle qcnode tree polls for ~4 % of a core: the completion monitor and
 embedded workers' broker). A fresh ``qcnode serve`` spends its first seconds starting
 two Celery worker processes, which import for several seconds of CPU; timing a sender
 against that measured start-up on a 2-core machine, not ingest.
+
+``--tls``: each round instead measures what DICOM over TLS costs (PS3.15 B.12,
+``storescu +tls`` with a client certificate, both sides verifying, a test CA made with
+``cryptography``): DCMTK storescp plain and with ``+tls``, qcnode plain and on its
+TLS port with one sender, and on its TLS port with 20 senders (:func:`tls_round`).
 """
 
 from __future__ import annotations
@@ -54,16 +60,41 @@ from node.ledger import Ledger, SeriesState  # noqa: E402
 from tests.support.dcmtk import write_ct_series  # noqa: E402
 from tests.support.net import free_port, wait_for, wait_port  # noqa: E402
 from tests.support.node import default_sections, start_node, write_config  # noqa: E402
+from tests.support.pki import issue, make_ca  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 #: Series states in which the pipeline has nothing more to do.
 FINAL = {SeriesState.DELIVERED, SeriesState.FAILED, SeriesState.IGNORED}
 
 
-def _senders(port: int, groups: list[list[Path]], aec: str) -> list[subprocess.Popen[bytes]]:
+@dataclass(frozen=True)
+class Pki:
+    """A CA, the receivers' certificate and the senders' (``--tls``)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def storescu(self) -> tuple[str, ...]:
+        """storescu's options to send over TLS with the client certificate."""
+        return ("+tls", str(self.client_key), str(self.client_cert), "+cf", str(self.ca))
+
+
+def make_pki(out: Path) -> Pki:
+    ca = make_ca(out, "bench")
+    server = issue(ca, out, "server", common_name="localhost", ip=("127.0.0.1",))
+    client = issue(ca, out, "client", common_name="bench-modality")
+    return Pki(ca.cert, server.cert, server.key, client.cert, client.key)
+
+
+def _senders(port: int, groups: list[list[Path]], aec: str,
+             options: tuple[str, ...] = ()) -> list[subprocess.Popen[bytes]]:
     return [
         subprocess.Popen(["/usr/bin/storescu", "-aet", f"BENCH{i}" if len(groups) > 1 else
-                          "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, g)],
+                          "BENCH", "-aec", aec, *options, "127.0.0.1", str(port),
+                          *map(str, g)],
                          env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for i, g in enumerate(groups)
     ]
@@ -75,11 +106,12 @@ def _wait_all(procs: list[subprocess.Popen[bytes]]) -> None:
             raise RuntimeError("a storescu failed")
 
 
-def send(port: int, files: list[Path], aec: str, aet: str = "BENCH") -> float:
+def send(port: int, files: list[Path], aec: str, aet: str = "BENCH",
+         options: tuple[str, ...] = ()) -> float:
     """Seconds storescu takes to send ``files`` in one association."""
     start = time.perf_counter()
     subprocess.run(
-        ["/usr/bin/storescu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port),
+        ["/usr/bin/storescu", "-aet", aet, "-aec", aec, *options, "127.0.0.1", str(port),
          *map(str, files)], env=ENV, check=True, capture_output=True,
     )
     return time.perf_counter() - start
@@ -97,7 +129,8 @@ def accept_queue(port: int) -> int:
     return waiting
 
 
-def send_connected(port: int, pid: int, groups: list[list[Path]], aec: str) -> Timing:
+def send_connected(port: int, pid: int, groups: list[list[Path]], aec: str,
+                   options: tuple[str, ...] = ()) -> Timing:
     """The receiver's own time: ``pid`` (the process that accepts) is stopped
     (SIGSTOP) while the storescu processes start, read their files and connect; the
     clock starts when every connection waits in the accept queue and the receiver is
@@ -108,7 +141,7 @@ def send_connected(port: int, pid: int, groups: list[list[Path]], aec: str) -> T
     os.kill(pid, signal.SIGSTOP)
     try:
         started = time.perf_counter()
-        procs = _senders(port, groups, aec)
+        procs = _senders(port, groups, aec, options)
         wait_for(lambda: accept_queue(port) >= len(groups), timeout=60, interval=0.005,
                  what="every storescu connected")
     finally:
@@ -126,31 +159,43 @@ class Timing:
 
 
 @contextmanager
-def qcnode(tmp: Path, *, store_only: bool = False) -> Iterator[tuple[int, int, str]]:
+def qcnode(tmp: Path, *, store_only: bool = False,
+           tls: Pki | None = None) -> Iterator[tuple[int, int, str]]:
     """A ``qcnode serve``; ``store_only``: one rule that stores and ignores every series
-    (no assessment runs in the process, so its RSS is the receiving side's)."""
+    (no assessment runs in the process, so its RSS is the receiving side's); ``tls``:
+    the port yielded is its TLS port (client certificates required)."""
     tmp.mkdir(parents=True, exist_ok=True)
     home = tmp / "qc"
     sections = default_sections(home, free_port())
     sections["logging"] = {"level": "WARNING", "json": "always"}
     sections["spool"] = {"min_free_bytes": 0, "min_free_percent": 0.0}  # journal: defaults
     tables = {"rules": [{"name": "keep", "action": "store"}]} if store_only else {}
+    tls_port = free_port()
+    if tls is not None:
+        sections["node"]["tls_port"] = tls_port
+        sections["node.tls"] = {"cert_file": tls.server_cert, "key_file": tls.server_key,
+                                "ca_file": tls.ca, "require_client_cert": True}
     config = write_config(tmp / "qcnode.toml", sections, tables)
     node = start_node(config, home, tmp / "qcnode.log")
     try:
-        yield node.port, node.proc.pid, node.ledger_url
+        yield tls_port if tls is not None else node.port, node.proc.pid, node.ledger_url
     finally:
         node.stop()
 
 
 @contextmanager
-def storescp(tmp: Path, *, fork: bool = False) -> Iterator[tuple[int, int]]:
+def storescp(tmp: Path, *, fork: bool = False,
+             tls: Pki | None = None) -> Iterator[tuple[int, int]]:
     """DCMTK storescp; ``fork``: a child process per association (``--fork``), so that
-    concurrent senders are served concurrently."""
+    concurrent senders are served concurrently; ``tls``: over TLS only, the sender's
+    certificate required (``+tls … -rc``)."""
     port = free_port()
-    out = tmp / ("storescp-fork" if fork else "storescp")
-    out.mkdir()
-    proc = subprocess.Popen(["/usr/bin/storescp", *(["--fork"] if fork else []), "-od",
+    out = tmp / ("storescp-fork" if fork else "storescp") / ("tls" if tls else "")
+    out.mkdir(parents=True)
+    options = ("+tls", str(tls.server_key), str(tls.server_cert), "+cf", str(tls.ca),
+               "-rc") if tls is not None else ()
+    proc = subprocess.Popen(["/usr/bin/storescp", *(["--fork"] if fork else []), *options,
+                             "-od",
                              str(out), "-aet", "STORESCP", str(port)], env=ENV)
     try:
         wait_port(port)
@@ -273,9 +318,9 @@ def measure(name: str, files: list[Path], runner: Callable[[], Timing],
 
 
 def warm_up(port: int, pid: int, warm: list[Path], aec: str,
-            ledger: Ledger | None = None) -> None:
+            ledger: Ledger | None = None, options: tuple[str, ...] = ()) -> None:
     """Send the warm-up series, wait until it is applied (qcnode) and all is idle."""
-    send(port, warm, aec)
+    send(port, warm, aec, options=options)
     if ledger is not None:  # qcnode: received, completed, assessed, reported
         wait_for(lambda: ledger.open_associations() == 0, timeout=60, interval=0.01,
                  what="the warm-up series applied")
@@ -363,11 +408,51 @@ def one_round(tmp: Path, series: list[Path], warm: list[Path]) -> dict[str, floa
     return rates
 
 
+def tls_round(tmp: Path, series: list[Path], warm: list[Path], pki: Pki) -> dict[str, float]:
+    """``--tls``: storescp plain and over TLS, qcnode plain, over TLS, over TLS with 20
+    senders, back to back; every run timed by :func:`send_connected` (the TLS
+    handshakes fall inside the timed part: the receiver is stopped while they start)."""
+    rates: dict[str, float] = {}
+    steal: list[float] = []
+    tmp.mkdir(parents=True)
+    one, twenty = [series], [series[i::20] for i in range(20)]
+    tls = pki.storescu()
+
+    def record(key: str, name: str, port: int, pid: int, groups: list[list[Path]],
+               aec: str, options: tuple[str, ...]) -> None:
+        rates[key], rates[key + " launched"] = measure(
+            name, series, lambda: send_connected(port, pid, groups, aec, options), steal)
+
+    for key, options in (("storescp", ()), ("storescp tls", tls)):
+        with storescp(tmp, tls=pki if options else None) as (port, pid):
+            warm_up(port, pid, warm, "STORESCP", options=options)
+            record(key, f"DCMTK storescp{' +tls' if options else ''}", port, pid, one,
+                   "STORESCP", options)
+    for key, groups, options in (("qcnode 1", one, ()), ("qcnode tls 1", one, tls),
+                                 ("qcnode tls 20", twenty, tls)):
+        with qcnode(tmp / key.replace(" ", ""), tls=pki if options else None) as (
+                port, pid, url), Ledger(url) as ledger:
+            warm_up(port, pid, warm, "QCNODE", ledger, options)
+            before = cpu_seconds(pid)
+            record(key, f"qcnode{' TLS' if options else ''} ({len(groups)} sender"
+                   f"{'s' if len(groups) > 1 else ''})", port, pid, groups, "QCNODE", options)
+            print(f"{'':<28} listener CPU {(cpu_seconds(pid) - before) / len(series) * 1000:.2f}"
+                  " ms/image", flush=True)
+    print(f"ratio TLS / plain: qcnode {rates['qcnode tls 1'] / rates['qcnode 1']:.2f}, "
+          f"storescp {rates['storescp tls'] / rates['storescp']:.2f}; TLS, qcnode / storescp "
+          f"{rates['qcnode tls 1'] / rates['storescp tls']:.2f}; qcnode TLS 20 senders / 1: "
+          f"{rates['qcnode tls 20'] / rates['qcnode tls 1']:.2f}", flush=True)
+    rates["steal"] = max(steal)
+    return rates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rss-images", type=int, default=2000)
+    parser.add_argument("--tls", action="store_true",
+                        help="measure DICOM over TLS instead (tls_round); no RSS run")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="qcnode-bench-"))
     try:
@@ -377,9 +462,11 @@ def main() -> int:
               f"{sum(f.stat().st_size for f in series) / 1e6:.0f} MB; "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
         rounds = []
+        pki = make_pki(tmp / "pki") if args.tls else None
         for i in range(args.rounds):
             print(f"round {i + 1}", flush=True)
-            rounds.append(one_round(tmp / f"round{i}", series, warm))
+            rounds.append(one_round(tmp / f"round{i}", series, warm) if pki is None
+                          else tls_round(tmp / f"round{i}", series, warm, pki))
             shutil.rmtree(tmp / f"round{i}")  # 2 GB a round: do not fill the disk
         clean = [r for r in rounds if r["steal"] <= MAX_STEAL]
         if clean and len(clean) < len(rounds):
@@ -388,7 +475,7 @@ def main() -> int:
         rounds = clean or rounds
         if rounds:  # --rounds 0: the RSS run only
             print_medians(rounds)
-        if args.rss_images:
+        if args.rss_images and not args.tls:
             rss_run(tmp, args.rss_images, store_only=True)
             rss_run(tmp, args.rss_images, store_only=False)
     except BaseException:
@@ -407,6 +494,13 @@ def print_medians(rounds: list[dict[str, float]]) -> None:
     for name in [n for n in rounds[0] if n != "steal"]:
         print(f"  {name:<20} {statistics.median(r[name] for r in rounds):7.1f} img/s",
               flush=True)
+    if "qcnode tls 1" in rounds[0]:
+        pairs = [("qcnode tls 1", "qcnode 1"), ("storescp tls", "storescp"),
+                 ("qcnode tls 1", "storescp tls"), ("qcnode tls 20", "qcnode tls 1")]
+        for name, ref in pairs:
+            ratio = statistics.median(r[name] / r[ref] for r in rounds)
+            print(f"  ratio {name} / {ref} (median of rounds): {ratio:.2f}", flush=True)
+        return
     for name, ref in (("qcnode 1", "storescp"), ("qcnode 20", "qcnode 1"),
                       ("qcnode 20 launched", "qcnode 1 launched"),
                       ("qcnode 20", "storescp 20"), ("storescp 20", "storescp"),

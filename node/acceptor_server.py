@@ -13,6 +13,11 @@ inline when there is no other connection to serve (:meth:`AcceptorServer.submit`
 
 TCP_NODELAY is set on the listening and on every accepted socket (DICOM's request /
 response exchange stalls on Nagle's algorithm).
+
+With ``[node] tls_port`` a second listening socket accepts DICOM over TLS
+(:mod:`node.tls`): its connections first go through a :class:`node.tls.Handshake` in
+this same loop (limits and the ACSE timeout apply to it), then become ordinary
+connections over a :class:`node.tls.NonBlockingSSLSocket`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import math
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -31,6 +37,7 @@ from typing import Any
 from node import metrics
 from node.acceptor import AcceptorConfig, Connection, Services
 from node.logs import get_logger
+from node.tls import Handshake, TlsPort, failure_reason
 
 log = get_logger(__name__)
 
@@ -40,6 +47,17 @@ SOCKET_BUFFER_BYTES = 4 << 20
 ACCEPT_BATCH = 64
 #: Threads for the connections' blocking calls (each mostly waits for a flush).
 OFFLOAD_THREADS = 4
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on ``host:port`` (TCP_NODELAY inherited)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
 
 
 class AcceptorServer:
@@ -53,16 +71,17 @@ class AcceptorServer:
 
     def __init__(
         self, host: str, port: int, config: AcceptorConfig, services: Services, *,
-        max_associations: int, max_per_host: int,
+        max_associations: int, max_per_host: int, tls: TlsPort | None = None,
     ) -> None:
         self.config, self.services = config, services
         self.max_associations, self.max_per_host = max_associations, max_per_host
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
-        self.sock.setblocking(False)
+        self.sock = listen(host, port)
+        # The TLS port (node.tls): its handshakes in progress, its connections' fds.
+        self.tls = tls
+        self.tls_sock = listen(host, tls.port) if tls is not None else None
+        self._handshakes: dict[int, Handshake] = {}
+        self._tls_fds: set[int] = set()
+        self._buffered = False  # a TLS connection still has decrypted bytes to serve
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -83,10 +102,20 @@ class AcceptorServer:
         host, port = self._address
         return str(host), int(port)
 
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the TLS port, if there is one."""
+        if self.tls_sock is None:
+            return None
+        host, port = self.tls_sock.getsockname()[:2]
+        return str(host), int(port)
+
     def start(self) -> None:
         """Start accepting and serving in a background thread."""
         self._selector.register(self.sock, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        if self.tls_sock is not None:
+            self._selector.register(self.tls_sock, selectors.EVENT_READ, self.tls)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -128,17 +157,12 @@ class AcceptorServer:
                 if stopping and self.sock.fileno() >= 0:
                     self._selector.unregister(self.sock)
                     self.sock.close()
+                    self._close_tls_port()
                 if stopping and (not self._open or time.monotonic() >= self._stop_deadline):
                     break
                 for key, events in self._selector.select(self._wait()):
-                    if key.data is None:
-                        self._accept()
-                    elif key.data is self._wake_r:
-                        with contextlib.suppress(OSError):
-                            self._wake_r.recv(4096)
-                        self._resume_ready()
-                    else:
-                        self._serve(key.data, events)
+                    self._dispatch(key.data, events)
+                self._serve_buffered()
                 self._expire()
         except Exception:  # a bug here would silence the node: make it loud
             log.exception("listener loop failed")
@@ -150,9 +174,27 @@ class AcceptorServer:
                 conn, _ = self._open[fd]
                 conn.expire()  # aborts established associations, closes the socket
                 self._forget(fd)
+            for handshake in list(self._handshakes.values()):
+                self._drop(handshake)
             if self.sock.fileno() >= 0:
                 self.sock.close()
+            self._close_tls_port()
             self._selector.close()
+
+    def _dispatch(self, data: Any, events: int) -> None:
+        """Act on one ready socket, told apart by what it was registered with."""
+        if data is None:
+            self._accept()
+        elif data is self._wake_r:
+            with contextlib.suppress(OSError):
+                self._wake_r.recv(4096)
+            self._resume_ready()
+        elif isinstance(data, TlsPort):
+            self._accept(data)
+        elif isinstance(data, Handshake):
+            self._handshake(data)
+        else:
+            self._serve(data, events)
 
     def _resume_ready(self) -> None:
         while self._ready:
@@ -163,8 +205,11 @@ class AcceptorServer:
 
     def _wait(self) -> float | None:
         """Seconds until the next connection deadline (``None``: nothing to time)."""
+        if self._buffered:
+            return 0.0
         deadlines = [conn.deadline for conn, _ in self._open.values()
                      if conn.deadline != math.inf]
+        deadlines += [handshake.deadline for handshake in self._handshakes.values()]
         if self._stop.is_set():
             deadlines.append(self._stop_deadline)
         if not deadlines:
@@ -177,6 +222,11 @@ class AcceptorServer:
             if conn.deadline <= now:
                 conn.expire()
                 self._settle(fd, conn)
+        for handshake in list(self._handshakes.values()):
+            if handshake.deadline <= now:
+                log.warning("TLS handshake timed out", address=handshake.host)
+                metrics.rejected("", handshake.host, "tls_handshake")
+                self._drop(handshake)
 
     def _serve(self, conn: Connection, events: int) -> None:
         fd = conn.fd
@@ -217,6 +267,10 @@ class AcceptorServer:
                 self._selector.unregister(fd)
         with contextlib.suppress(OSError):
             conn.sock.close()
+        self._tls_fds.discard(fd)
+        self._release_host(host)
+
+    def _release_host(self, host: str) -> None:
         left = self._per_host.get(host, 1) - 1
         if left > 0:
             self._per_host[host] = left
@@ -224,25 +278,26 @@ class AcceptorServer:
             self._per_host.pop(host, None)
 
     # Accepting -------------------------------------------------------------------------------
-    def _accept(self) -> None:
+    def _accept(self, tls: TlsPort | None = None) -> None:
+        sock = self.tls_sock if tls is not None and self.tls_sock is not None else self.sock
         for _ in range(ACCEPT_BATCH):
             try:
-                client, addr = self.sock.accept()
+                client, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and the like: the backlog keeps them
                 log.error("accept failed", error=exc.strerror)
                 return
-            self._admit(client, str(addr[0]))
+            self._admit(client, str(addr[0]), tls)
 
-    def _admit(self, client: socket.socket, host: str) -> None:
+    def _admit(self, client: socket.socket, host: str, tls: TlsPort | None = None) -> None:
         if self._per_host.get(host, 0) >= self.max_per_host:
             log.warning("connection refused", reason="per-host association limit",
                         address=host, limit=self.max_per_host)
             metrics.rejected("", host, "per_host_limit")
             client.close()
             return
-        over = len(self._open) >= self.max_associations
+        over = len(self._open) + len(self._handshakes) >= self.max_associations
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
@@ -251,6 +306,86 @@ class AcceptorServer:
             client.close()
             return
         self._per_host[host] = self._per_host.get(host, 0) + 1
+        if tls is not None:
+            self._begin_handshake(tls, client, host, over)
+            return
         conn = Connection(client, host, self.config, self.services, over, self)
         self._open[conn.fd] = (conn, host)
         self._settle(conn.fd, conn)
+
+    # The TLS port (node.tls) -------------------------------------------------------------
+    def _begin_handshake(self, tls: TlsPort, client: socket.socket, host: str,
+                         over: bool) -> None:
+        try:
+            sock = tls.wrap(client)
+        except OSError:
+            client.close()
+            self._release_host(host)
+            return
+        handshake = Handshake(sock, host, over, self.config.acse_timeout)
+        self._handshakes[handshake.fd] = handshake
+        self._handshake(handshake)
+
+    def _handshake(self, handshake: Handshake) -> None:
+        """One step of a TLS handshake; once it is done, the connection is served
+        like any other (with the certificate's names for the admission check)."""
+        try:
+            want = handshake.step()
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake failed", address=handshake.host,
+                        reason=failure_reason(exc))
+            metrics.rejected("", handshake.host, "tls_handshake")
+            self._drop(handshake)
+            return
+        if want:
+            if not handshake.events:
+                self._selector.register(handshake.fd, want, handshake)
+            elif want != handshake.events:
+                self._selector.modify(handshake.fd, want, handshake)
+            handshake.events = want
+            return
+        if handshake.events:
+            self._selector.unregister(handshake.fd)
+        del self._handshakes[handshake.fd]
+        assert self.tls is not None  # a handshake comes from the TLS port
+        cipher = handshake.sock.cipher()
+        log.debug("TLS established", address=handshake.host, version=handshake.sock.version(),
+                  cipher=cipher[0] if cipher else None)
+        services = self.tls.services_for(handshake.names())
+        conn = Connection(handshake.sock, handshake.host, self.config, services,
+                          handshake.over_limit, self)
+        self._open[conn.fd] = (conn, handshake.host)
+        self._tls_fds.add(conn.fd)
+        self._settle(conn.fd, conn)
+
+    def _drop(self, handshake: Handshake) -> None:
+        if self._handshakes.pop(handshake.fd, None) is None:
+            return
+        if handshake.events:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(handshake.fd)
+        with contextlib.suppress(OSError):
+            handshake.sock.close()
+        self._release_host(handshake.host)
+
+    def _serve_buffered(self) -> None:
+        """Serve TLS connections whose decrypted bytes wait inside their SSL object:
+        epoll sees only the socket. Once per loop turn each (a fast sender cannot
+        starve the others); what is still left makes the next ``select`` not wait."""
+        self._buffered = False
+        for fd in list(self._tls_fds):
+            entry = self._open.get(fd)
+            if entry is None:
+                continue
+            conn = entry[0]
+            if (conn.events & selectors.EVENT_READ and isinstance(conn.sock, ssl.SSLSocket)
+                    and conn.sock.pending()):
+                self._serve(conn, selectors.EVENT_READ)
+                if fd in self._open and conn.sock.pending():
+                    self._buffered = True
+
+    def _close_tls_port(self) -> None:
+        if self.tls_sock is not None and self.tls_sock.fileno() >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self.tls_sock)
+            self.tls_sock.close()

@@ -193,6 +193,7 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def config_check(args: argparse.Namespace) -> int:
     """``qcnode config check [F]``: print every error in one pass — key path, line of the
     file or environment variable, "did you mean" for unknown keys; non-zero if any."""
+    from node import tls_files
     from node.config import ConfigError, load_settings, resolve_config_path
 
     try:
@@ -201,6 +202,10 @@ def config_check(args: argparse.Namespace) -> int:
         print(exc.report(), file=sys.stderr)
         return EXIT_FAILURE
     path = resolve_config_path(args.file)
+    tls_problems = tls_files.check(settings, path.read_text("utf-8") if path else "")
+    if tls_problems:  # the files [node.tls] names: readable, matching, in date
+        print(ConfigError(str(path), tls_problems).report(), file=sys.stderr)
+        return EXIT_FAILURE
     print(
         f"{path if path else '(built-in defaults)'}: OK — AE {settings.node.ae_title} "
         f"on {settings.node.host}:{settings.node.port}, {len(settings.senders)} sender(s), "

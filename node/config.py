@@ -116,8 +116,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ListenerTlsSettings(_Section):
+    """``[node.tls]``: the TLS listening port's certificate (PS3.15 B.12, BCP 195).
+
+    ``ca_file`` verifies the senders' certificates; with ``require_client_cert`` a
+    sender without a certificate this CA signed is refused during the handshake.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_client_certs(self) -> ListenerTlsSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signed the "
+                             "senders' certificates)")
+        return self
+
+
 class NodeSettings(_Section):
-    """The listener: ``[node]``."""
+    """The listener: ``[node]``; ``tls_port`` with ``[node.tls]`` adds a TLS port."""
 
     ae_title: AETitle = "QCNODE"
     host: IPAddress = "127.0.0.1"
@@ -129,16 +149,36 @@ class NodeSettings(_Section):
     acse_timeout: PositiveSeconds = 10.0
     dimse_timeout: PositiveSeconds = 60.0
     network_timeout: PositiveSeconds = 60.0
+    tls_port: BindPort | None = None
+    tls: ListenerTlsSettings | None = None
+
+    @model_validator(mode="after")
+    def _tls_port_and_files(self) -> NodeSettings:
+        if (self.tls_port is None) != (self.tls is None):
+            raise ValueError("tls_port and [node.tls] go together: set both or neither")
+        return self
 
 
 class SenderSettings(_Section):
-    """One allowed caller: ``[[senders]]``. ``ae_title = "*"`` admits any AE from ``host``."""
+    """One allowed caller: ``[[senders]]``. ``ae_title = "*"`` admits any AE from ``host``.
+
+    ``tls_name``: the sender must call the TLS port with a verified certificate whose
+    subject CN or a subjectAltName dNSName equals it (case-insensitive); such an entry
+    admits nothing on the plain port.
+    """
 
     ae_title: SenderAETitle
     host: HostPattern
+    tls_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
 
-    def admits(self, calling_ae: str, address: str) -> bool:
-        """True when this entry admits ``calling_ae`` connecting from ``address``."""
+    def admits(self, calling_ae: str, address: str,
+               tls_names: frozenset[str] | None = None) -> bool:
+        """True when this entry admits ``calling_ae`` connecting from ``address``;
+        ``tls_names``: the lower-cased names of the caller's verified certificate on
+        the TLS port (``None``: the plain port)."""
+        if self.tls_name is not None and (
+                tls_names is None or self.tls_name.lower() not in tls_names):
+            return False
         if self.ae_title != "*" and self.ae_title != calling_ae.strip(" "):
             return False
         if self.host == "any":

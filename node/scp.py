@@ -58,6 +58,7 @@ from node.scp_commit import ERROR_COMMENTS as REPORT_ERROR_COMMENTS
 from node.scp_commit import CommitmentReports, ReportRecorder
 from node.scu_commit import STORAGE_COMMITMENT_PUSH_MODEL
 from node.spool import Spool, SpoolFull
+from node.tls import TlsPort, server_context
 
 log = get_logger(__name__)
 
@@ -185,10 +186,12 @@ class Listener:
             scp_role_classes=frozenset({STORAGE_COMMITMENT_PUSH_MODEL}),
         )
 
-    def admits(self, calling_ae: str, address: str) -> dict[str, tuple[str, ...]] | None:
-        """What this caller may use: a ``[[senders]]`` entry admits storage and C-ECHO; a
-        destination that uses commitment may send its reports (and C-ECHO)."""
-        sender = any(s.admits(calling_ae, address) for s in self.settings.senders)
+    def admits(self, calling_ae: str, address: str, tls_names: frozenset[str] | None = None
+               ) -> dict[str, tuple[str, ...]] | None:
+        """What this caller may use: a ``[[senders]]`` entry admits storage and C-ECHO
+        (``tls_names``: its verified certificate's names on the TLS port, :mod:`node.tls`);
+        a destination that uses commitment may send its reports (and C-ECHO)."""
+        sender = any(s.admits(calling_ae, address, tls_names) for s in self.settings.senders)
         reporter = self.reports.admits(calling_ae, address)
         if not sender and not reporter:
             return None
@@ -222,12 +225,16 @@ class Listener:
         node = self.settings.node
         self.recover()
         self.applier.start()
+        tls = (TlsPort(node.tls_port, server_context(node.tls), self)
+               if node.tls is not None and node.tls_port is not None else None)
         self._server = AcceptorServer(
             node.host, node.port, self.acceptor_config(), self,
             max_associations=node.max_associations,
-            max_per_host=node.max_associations_per_host,
+            max_per_host=node.max_associations_per_host, tls=tls,
         )
         self._server.start()
+        if self._server.tls_address is not None:
+            log.info("listening with TLS", port=self._server.tls_address[1])
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running associations finish (then abort them), close."""

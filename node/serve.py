@@ -43,9 +43,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING
 
-from node import audit_log, metrics
+from node import audit_log, metrics, tls_files
 from node.completion import CompletionMonitor
-from node.config import ConfigError, Settings, load_settings
+from node.config import ConfigError, Settings, load_settings, resolve_config_path
 from node.dicomio import MalformedDataset, read_header
 from node.ingest import instance_record
 from node.ledger import Ledger
@@ -222,10 +222,18 @@ class Node:
 
 def _load(path: Path | None) -> Settings | None:
     try:
-        return load_settings(path)
+        settings = load_settings(path)
     except ConfigError as exc:
         print(exc.report("not starting"), file=sys.stderr)
         return None
+    # The TLS port's files must be usable (dates are only logged: node.tls_files).
+    config = resolve_config_path(path)
+    problems = tls_files.check(settings, config.read_text("utf-8") if config else "",
+                               dates=False)
+    if problems:
+        print(ConfigError(str(config), problems).report("not starting"), file=sys.stderr)
+        return None
+    return settings
 
 
 def main(args: argparse.Namespace) -> int:
@@ -235,6 +243,8 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(settings.logging.level, settings.logging.json_output)
     audit_log.configure(settings, "serve")
+    for problem in tls_files.check(settings):
+        log.warning("TLS certificate not valid now", key=problem.key, problem=problem.message)
     # The listener writes data sets into <home>/tmp itself (node.acceptor); other
     # temporary files of this process go there too, on the spool's filesystem, and a
     # restart removes whatever a crash left (Spool.clean_temp).
