@@ -12,9 +12,11 @@ the ledger refuses them, ``updated_at``; null when the node never ran), ``counts
 [objects, most recently changed first, at most ``--limit``; each with its current
 job's ``sr_uid``, ``report_path`` (the SR kept under ``<home>/reports``),
 ``destinations`` (deliveries made) and a ``note``, e.g. "no destinations; report kept
-at ..."], ``failures`` [objects], ``queues`` {``gpu``/``io``: messages waiting, null if
-the broker cannot be asked} and ``queues_note`` (why they are null, else null). Status
-never creates the embedded broker's file: without it the depths are null.
+at ..."], ``failures`` [objects; a delivery waiting for its next attempt has
+``next_attempt_at``, shown as "attempt n of N failed, next at T"], ``queues``
+{``gpu``/``io``: messages waiting, null if the broker cannot be asked} and
+``queues_note`` (why they are null, else null). Status never creates the embedded
+broker's file: without it the depths are null.
 
 ``qcnode retry SERIES|--failed`` re-queues dead-lettered work (see :func:`retry_main`).
 """
@@ -86,11 +88,30 @@ def series_entry(info: SeriesInfo) -> dict[str, Any]:
     }
 
 
-def failure_entry(failure: FailureInfo) -> dict[str, Any]:
-    """One failed job or delivery as a JSON-ready dict."""
+def failure_entry(failure: FailureInfo, max_attempts: int | None = None) -> dict[str, Any]:
+    """One failed job or delivery as a JSON-ready dict.
+
+    A delivery waiting for its next attempt has ``next_attempt_at``; ``max_attempts``
+    is the configured limit (None when unknown).
+    """
     entry = asdict(failure)
     entry["updated_at"] = _iso(failure.updated_at)
+    entry["next_attempt_at"] = _iso(failure.next_attempt_at)
+    entry["max_attempts"] = max_attempts
     return entry
+
+
+def failure_line(f: dict[str, Any]) -> str:
+    """One failure for the terminal; a waiting delivery as "attempt n of N, next at T"."""
+    where = f"→ {f['destination']}" if f["destination"] else "(assessment)"
+    if f.get("next_attempt_at") and f["state"] == "failed":
+        limit = f" of {f['max_attempts']}" if f.get("max_attempts") else ""
+        progress = f"waiting: attempt {f['attempts']}{limit} failed, next at " \
+                   f"{f['next_attempt_at']}"
+    else:
+        progress = f"{f['state']} after {f['attempts']} attempt(s)"
+    return (f"  {f['series_instance_uid']} job {f['job_id']} {where} {progress}: "
+            f"{f['last_error'] or '-'}")
 
 
 def oldest_waiting(ledger: Ledger, now: dt.datetime) -> dict[str, Any] | None:
@@ -108,11 +129,13 @@ def oldest_waiting(ledger: Ledger, now: dt.datetime) -> dict[str, Any] | None:
 
 
 def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
-                 reports: Path | None = None) -> dict[str, Any]:
+                 reports: Path | None = None, max_attempts: int | None = None,
+                 ) -> dict[str, Any]:
     """Everything ``qcnode status`` shows, as a JSON-ready dict.
 
     ``reports`` is the node's reports directory (``<home>/reports``); report paths
-    are shown under it (relative to it when None).
+    are shown under it (relative to it when None). ``max_attempts`` is the configured
+    ``[delivery]`` limit, shown with waiting deliveries.
     """
     now = dt.datetime.now(dt.UTC)
     root = reports if reports is not None else Path()
@@ -122,7 +145,7 @@ def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
         "oldest_waiting": oldest_waiting(ledger, now),
         "series": [series_entry(s) | report_entry(ledger, s, root)
                    for s in ledger.list_series(limit=limit)],
-        "failures": [failure_entry(f) for f in ledger.list_failed()],
+        "failures": [failure_entry(f, max_attempts) for f in ledger.list_failed()],
     }
 
 
@@ -169,12 +192,7 @@ def render_text(report: dict[str, Any]) -> str:
         note = report.get("queues_note")
         lines.append(f"queue depths: {depth}{f' ({note})' if note else ''}")
     lines.append(f"failures: {len(report['failures'])}")
-    for f in report["failures"]:
-        where = f"→ {f['destination']}" if f["destination"] else "(assessment)"
-        lines.append(
-            f"  {f['series_instance_uid']} job {f['job_id']} {where} {f['state']} "
-            f"after {f['attempts']} attempt(s): {f['last_error'] or '-'}"
-        )
+    lines.extend(failure_line(f) for f in report["failures"])
     return "\n".join(lines)
 
 
@@ -196,7 +214,8 @@ def main(args: argparse.Namespace) -> int:
     from node.pipeline.reports import reports_root
 
     with Ledger.open(settings.ledger_url) as ledger:
-        report = build_report(ledger, limit=limit, reports=reports_root(settings).resolve())
+        report = build_report(ledger, limit=limit, reports=reports_root(settings).resolve(),
+                              max_attempts=settings.delivery.max_attempts)
     report["journal"] = journal_state(settings.node.home)
     report["queues_note"] = missing_broker(settings)
     report["queues"] = ({GPU: None, IO: None} if report["queues_note"]
