@@ -245,9 +245,15 @@ def retry_main(args: argparse.Namespace) -> int:
     series = None if getattr(args, "failed", False) else args.series
     with Ledger.open(settings.ledger_url) as ledger, Dispatcher(settings, ledger) as dispatcher:
         jobs = dispatcher.retry(series)
+        waiting = [f for f in ledger.list_failed() if f.next_attempt_at is not None
+                   and f.state == "failed" and series in (None, f.series_instance_uid)]
     for job in jobs:
         print(f"re-queued {job.series_instance_uid} job {job.id}")
     if not jobs:
         print(f"nothing to re-queue{f' for {series}' if series else ''}", file=sys.stderr)
+        for f in waiting:
+            print(f"{f.series_instance_uid} → {f.destination}: attempt {f.attempts} of "
+                  f"{settings.delivery.max_attempts} failed, next at "
+                  f"{_iso(f.next_attempt_at)} (retried by itself)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK

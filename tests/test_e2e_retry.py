@@ -42,6 +42,8 @@ TIMEOUT = 120.0
 #: Time a retry may take beyond its countdown: the worker's timer, rebuilding the
 #: SR from the message, the refused connection (2 shared cores, other tests running).
 SLACK_SECONDS = 3.0
+#: Longer log lines than this hold more than an event (e.g. encoded task arguments).
+MAX_LOG_LINE = 8192
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,14 @@ def log_events(site: NodeSite, event: str) -> list[dict[str, Any]]:
             for line in path.read_text(errors="replace").splitlines()
             if line.startswith("{") and f'"{event}"' in line
             for e in [json.loads(line)] if e.get("event") == event]
+
+
+def assert_no_task_arguments_logged(site: NodeSite) -> None:
+    """No log line carries a task's arguments (before: Celery's MaxRetriesExceededError
+    line held them, 30 KB for this small series, ~300 KB for a clinical one)."""
+    for path in site.home.glob("*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            assert "Can't retry" not in line and len(line) < MAX_LOG_LINE, line[:300]
 
 
 def wait_failed(site: NodeSite, uid: str, timeout: float = TIMEOUT) -> None:
@@ -152,6 +162,7 @@ def test_pacs_away_past_window_dead_letters_then_retry(tmp_path: Path, pacs: Ort
         assert report["counts"].get("failed") == 1
         (failure,) = [f for f in report["failures"] if f["destination"] == "pacs"]
         assert (failure["state"], failure["attempts"]) == ("dead", 6)
+        assert_no_task_arguments_logged(site)
         pacs.start()
         run = qcnode(site, "retry", "--failed")
         assert run.returncode == 0, run.stderr
@@ -192,6 +203,7 @@ def test_attempts_and_delays_follow_policy(tmp_path: Path, pacs: Orthanc,
             assert 0.5 * base - 0.001 <= delay <= base + 0.001, (before, base)
             gap = (at(after) - at(before)).total_seconds()
             assert delay <= gap <= delay + SLACK_SECONDS, (before, after, gap)
+        assert_no_task_arguments_logged(site)
     finally:
         site.stop()
 

@@ -13,12 +13,13 @@ from node.ledger import DeliveryState, JobState, Ledger, SeriesState
 from tests.test_ledger import make_record
 
 
-def run_status(url: str, home: Path, *extra: str,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_status(url: str, home: Path, *args: str, env: dict[str, str] | None = None,
+               command: str = "status", extra: tuple[str, ...] = (),
+               ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "QCNODE_LEDGER__URL": url, "QCNODE_NODE__HOME": str(home),
            **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", "status", *extra], env=env, cwd=home,
+        [sys.executable, "-m", "node.cli", command, *args, *extra], env=env, cwd=home,
         capture_output=True, text=True, timeout=120, check=False,
     )
 
@@ -131,3 +132,7 @@ def test_status_shows_a_waiting_delivery(tmp_path: Path) -> None:
     text = run_status(url, tmp_path, env=env).stdout
     assert (f"→ pacs waiting: attempt 2 of 5 failed, next at {when.isoformat()}: "
             "pacs: connection refused") in text
+    retry = run_status(url, tmp_path, env=env, command="retry", extra=("1.2.40",))
+    assert retry.returncode == 1 and "nothing to re-queue for 1.2.40" in retry.stderr
+    assert (f"1.2.40 → pacs: attempt 2 of 5 failed, next at {when.isoformat()} "
+            "(retried by itself)") in retry.stderr
