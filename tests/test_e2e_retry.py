@@ -252,3 +252,36 @@ def test_worker_killed_every_assessment_dead_letters(tmp_path: Path, pacs: Ortha
         assert pacs.find_modality("SR") == []
     finally:
         site.stop()
+
+
+def test_restart_keeps_the_waiting_delivery_schedule(tmp_path: Path, pacs: Orthanc,
+                                                     small_series: Path) -> None:
+    """The node is killed while a delivery waits 15–30 s for its retry, then restarted.
+
+    The restart re-dispatches the report; it waits for the planned time instead of
+    trying at once, and the PACS (back by then) gets the SR once, at attempt 2.
+    Before: the re-dispatched report tried at once, seconds after the restart.
+    """
+    pacs.stop()
+    site = NodeSite(tmp_path / "home", pacs, max_attempts=3, backoff=(30.0, 30.0))
+    try:
+        site.start()
+        storescu(small_series, site.port)
+        uid = series_uid_of(small_series)
+        wait_for(lambda: attempts_made(site, uid) >= 1, timeout=TIMEOUT, interval=0.1,
+                 what=f"a refused delivery attempt\n{site.logs()}")
+        (delivery,) = site.ledger.deliveries_of(site.job(uid).id)
+        planned = delivery.next_attempt_at
+        assert planned is not None
+        site.kill_node()
+        pacs.start()
+        site.start()
+        site.wait_state(uid, SeriesState.DELIVERED, timeout=TIMEOUT)
+        one_sr(site, uid)
+        (delivery,) = site.ledger.deliveries_of(site.job(uid).id)
+        assert delivery.attempts == 2
+        (sent,) = [e for e in log_events(site, "sent") if e.get("job_id") == delivery.job_id]
+        assert at(sent) >= planned, (sent, planned)
+        assert log_events(site, "delivery_not_due"), "the re-dispatched report waited"
+    finally:
+        site.stop()

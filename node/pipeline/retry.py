@@ -25,6 +25,9 @@ from celery.exceptions import Retry
 
 from node.config import DeliverySettings
 
+#: A run this close to its planned time is not early (timers, clocks of two hosts).
+EARLY_TOLERANCE = 0.25
+
 
 def backoff_base(attempt: int, policy: DeliverySettings) -> float:
     """The un-jittered delay after attempt ``attempt``: initial × 2^(attempt−1), capped."""
@@ -62,12 +65,24 @@ def plan_retry(attempt: int, policy: DeliverySettings,
     return RetryPlan(attempt, policy.max_attempts, delay, start + dt.timedelta(seconds=delay))
 
 
-def retry_later(task: Task, plan: RetryPlan, job_id: int) -> Retry:
-    """Re-send the running task after ``plan.delay`` seconds (raise what this returns).
+def retry_later(task: Task, delay: float, job_id: int) -> Retry:
+    """Re-send the running task after ``delay`` seconds (raise what this returns).
 
     ``argsrepr`` keeps the task's arguments (encoded DICOM headers, slices) out of
     anything Celery shows or logs about the new message.
     """
-    retry: Retry = task.retry(countdown=plan.delay, argsrepr=f"(job {job_id})",
-                              kwargsrepr="{}")
+    retry: Retry = task.retry(countdown=delay, argsrepr=f"(job {job_id})", kwargsrepr="{}")
     return retry
+
+
+def seconds_until(due: dt.datetime | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds until ``due`` when it is more than :data:`EARLY_TOLERANCE` away, else None.
+
+    A report task re-dispatched while its delivery waits for a retry (the node or the
+    io worker restarted, the delayed message was lost with it) waits for the planned
+    time instead of trying at once: the backoff holds across restarts.
+    """
+    if due is None:
+        return None
+    left = (due - (now if now is not None else dt.datetime.now(dt.UTC))).total_seconds()
+    return left if left > EARLY_TOLERANCE else None

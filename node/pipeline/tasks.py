@@ -34,15 +34,13 @@ from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
 from node.config import DestinationSettings, Settings
 from node.ledger import (
-    ConfirmedBy,
-    DeliveryInfo,
-    DeliveryState,
     JobInfo,
     JobState,
     Ledger,
     SeriesState,
 )
 from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
+from node.pipeline.deliveries import deliver_one, seconds_until_due
 from node.pipeline.payload import b64, decode_sources, job_key, unb64
 from node.pipeline.reports import (
     SR,
@@ -58,8 +56,7 @@ from node.pipeline.reports import (
     wanted_companions,
     worst_image,
 )
-from node.pipeline.retry import RetryPlan, plan_retry, retry_later
-from node.scu import DeliveryError, Failure, Reason, deliver
+from node.pipeline.retry import plan_retry, retry_later
 from sr_writer.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -178,7 +175,7 @@ def _retry_or_dead(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
     ledger.move_job(job.id, JobState.FAILED, error=f"{error}; {plan.describe()}")
     log.warning("job_retry", error=error, attempt=plan.attempt,
                 max_attempts=plan.max_attempts, retry_in=round(plan.delay, 3))
-    raise retry_later(task, plan, job.id)
+    raise retry_later(task, plan.delay, job.id)
 
 
 def _earlier_job(ledger: Ledger, job: JobInfo) -> JobInfo | None:
@@ -251,6 +248,10 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
     if ledger.series_info(job.series_instance_uid).generation != job.generation:
         ledger.move_job(job_id, JobState.SUPERSEDED)
         return
+    wait = seconds_until_due(ledger, job)
+    if wait is not None:
+        log.info("delivery_not_due", retry_in=round(wait, 3))
+        raise retry_later(task, wait, job_id)
     destinations = _destinations(settings, ledger, job)
     result = AssessmentResult.from_json(job.result_json)
     predecessors = _predecessors(settings, _earlier_job(ledger, job))
@@ -275,7 +276,7 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
                           superseded_sr_uid=str(superseded.SOPInstanceUID)
                           if superseded is not None else None)
     for dest in destinations:
-        if not _deliver_one(task, settings, ledger, job, dest, reports.for_destination(dest)):
+        if not deliver_one(task, settings, ledger, job, dest, reports.for_destination(dest)):
             return
     _finish(ledger, job, str(sr.SOPInstanceUID), len(destinations))
 
@@ -292,77 +293,35 @@ def _finish(ledger: Ledger, job: JobInfo, sr_uid: str, destinations: int) -> Non
              report_path=job.report_path)
 
 
-def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
-                 dest: DestinationSettings, datasets: list[Dataset]) -> bool:
-    """Deliver to one destination; False when the job was dead-lettered."""
-    delivery = ledger.create_delivery(job.id, dest.name)
-    if delivery.state == DeliveryState.CONFIRMED:
-        return True
-    if delivery.state == DeliveryState.DEAD:
-        return False
-    try:
-        receipt = deliver(datasets, dest, node_ae=settings.node.ae_title,
-                          bind_host=settings.node.host)
-    except DeliveryError as exc:
-        return _delivery_failed(task, settings, ledger, job, delivery, exc.failure)
-    except Exception as exc:  # noqa: BLE001 - unforeseen: retried like a transient failure
-        failure = Failure(Reason.INTERNAL, type(exc).__name__)
-        return _delivery_failed(task, settings, ledger, job, delivery, failure)
-    log.info("sent", destination=dest.name, confirmed_by=receipt.confirmation,
-             seconds=round(receipt.seconds, 3), attempt=delivery.attempts + 1)
-    ledger.move_delivery(delivery.id, DeliveryState.SENT, count_attempt=True)
-    ledger.move_delivery(delivery.id, DeliveryState.CONFIRMED,
-                         confirmed_by=ConfirmedBy(receipt.confirmation))
-    return True
-
-
-def _delivery_failed(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
-                     delivery: DeliveryInfo, failure: Failure) -> bool:
-    """Record a failed attempt; retry it after a backoff (raises) or dead-letter (False)."""
-    attempt = delivery.attempts + 1
-    error = f"{delivery.destination}: {failure}"
-    plan: RetryPlan | None = plan_retry(attempt, settings.delivery) \
-        if failure.transient else None
-    log.warning("delivery_failed", destination=delivery.destination, error=error,
-                attempt=attempt, max_attempts=settings.delivery.max_attempts,
-                transient=failure.transient,
-                retry_in=round(plan.delay, 3) if plan is not None else None,
-                next_attempt_at=plan.next_at.isoformat() if plan is not None else None)
-    if plan is not None:
-        ledger.move_delivery(delivery.id, DeliveryState.FAILED, error=error,
-                             count_attempt=True, next_attempt_at=plan.next_at)
-        ledger.move_job(job.id, JobState.DELIVERING, error=f"{error}; {plan.describe()}")
-        raise retry_later(task, plan, job.id)
-    ledger.move_delivery(delivery.id, DeliveryState.DEAD, error=error, count_attempt=True)
-    if failure.transient:
-        error = f"{error}; gave up after {attempt} attempt(s)"
-    ledger.dead_letter_job(job.id, error)
-    log.error("job_dead_lettered", destination=delivery.destination, attempts=attempt,
-              error=error)
-    return False
-
-
 @contextmanager
-def _dead_letter_unhandled(settings: Settings, job_id: int, stage: str) -> Iterator[None]:
-    """Dead-letter the job when its task fails in a way the task did not handle.
+def _retry_unhandled(task: Task, settings: Settings, job_id: int,
+                     stage: str) -> Iterator[None]:
+    """Treat a failure the task did not handle like any other: retry, then dead-letter.
 
-    Without this the job stayed in its stage and its series waited forever; now the
-    failure is in the ledger, ``qcnode status`` shows it and ``qcnode retry`` re-queues
-    it. Celery's retries (:class:`~celery.exceptions.Retry`) pass through.
+    Without this the job stayed in its stage and its series waited forever (e.g. after
+    a ledger error); now it is retried after the policy's backoff and, after
+    ``max_attempts``, dead-lettered where ``qcnode status`` shows it and ``qcnode
+    retry`` re-queues it. An assessment counted its start already; other stages count
+    the failure. Celery's retries (:class:`~celery.exceptions.Retry`) pass through.
     """
     try:
         yield
     except Retry:
         raise
     except Exception as exc:
-        error = f"{stage}: unexpected {type(exc).__name__}"
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        error = f"{stage}: unexpected {type(exc).__name__}: {detail}"
         log.error("task_failed", stage=stage, error=error)
         try:
-            job = ledger_for(settings).get_job(job_id)
+            ledger = ledger_for(settings)
+            job = ledger.get_job(job_id)
             if job.state not in SKIP_STATES:
-                ledger_for(settings).dead_letter_job(job_id, error)
+                _retry_or_dead(task, settings, ledger, job, error,
+                               count_attempt=job.state != JobState.ASSESSING)
+        except Retry:
+            raise
         except Exception as inner:  # noqa: BLE001 - the ledger itself failed: logged
-            log.error("dead_letter_failed", error=type(inner).__name__)
+            log.error("task_failure_not_recorded", error=type(inner).__name__)
         raise
 
 
@@ -376,11 +335,11 @@ def register(app: Celery, settings: Settings) -> None:
 
     @app.task(name=TASK_ASSESS, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def _assess(self: Task, job_id: int, prepared_b64: str, sources: list[str]) -> None:
-        with _dead_letter_unhandled(settings, job_id, "assessment"):
+        with _retry_unhandled(self, settings, job_id, "assessment"):
             assess(self, settings, job_id, prepared_b64, sources)
 
     @app.task(name=TASK_REPORT, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def _report(self: Task, job_id: int, sources: list[str],
                 image: str | None = None) -> None:
-        with _dead_letter_unhandled(settings, job_id, "report"):
+        with _retry_unhandled(self, settings, job_id, "report"):
             report(self, settings, job_id, sources, image)
