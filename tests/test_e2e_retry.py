@@ -262,14 +262,16 @@ def test_worker_killed_every_assessment_dead_letters(tmp_path: Path, pacs: Ortha
 
 def test_restart_keeps_the_waiting_delivery_schedule(tmp_path: Path, pacs: Orthanc,
                                                      small_series: Path) -> None:
-    """The node is killed while a delivery waits 15–30 s for its retry, then restarted.
+    """The node is killed while a delivery waits 30–60 s for its retry, then restarted.
 
     The restart re-dispatches the report; it waits for the planned time instead of
     trying at once, and the PACS (back by then) gets the SR once, at attempt 2.
     Before: the re-dispatched report tried at once, seconds after the restart.
     """
     pacs.stop()
-    site = NodeSite(tmp_path / "home", pacs, max_attempts=3, backoff=(30.0, 30.0))
+    # Delay 30–60 s: longer than a restart on a loaded host (its io worker took ~15 s
+    # to take the re-dispatched report), so an immediate try would come before it.
+    site = NodeSite(tmp_path / "home", pacs, max_attempts=3, backoff=(60.0, 60.0))
     try:
         site.start()
         storescu(small_series, site.port)
