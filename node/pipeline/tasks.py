@@ -33,12 +33,7 @@ from inference.engine import Engine, EngineError, create_engine
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
 from node.config import DestinationSettings, Settings
-from node.ledger import (
-    JobInfo,
-    JobState,
-    Ledger,
-    SeriesState,
-)
+from node.ledger import JobInfo, JobState, Ledger, SeriesState
 from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
 from node.pipeline.deliveries import deliver_one, seconds_until_due
 from node.pipeline.payload import b64, decode_sources, job_key, unb64
@@ -108,7 +103,7 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
         if died is not None and job.attempts >= settings.delivery.max_attempts:
             error = f"{died}; gave up after {job.attempts} attempt(s)"
             ledger.dead_letter_job(job_id, error)
-            log.error("job_dead_lettered", stage="assess", attempts=job.attempts, error=error)
+            log.error("job_dead_lettered", stage="assessment", attempts=job.attempts, error=error)
             return
         if died is not None:
             log.warning("assessment_worker_lost", attempt=job.attempts,
