@@ -88,11 +88,12 @@ class Reason(StrEnum):
     STORE_TRANSIENT = "C-STORE refused: out of resources"
     STORE_PERMANENT = "C-STORE refused"
     NOT_CONFIRMED = "not confirmed by the peer"
+    INTERNAL = "unexpected error while sending"
 
 
 TRANSIENT_REASONS = frozenset({
     Reason.CONNECTION_REFUSED, Reason.TIMEOUT, Reason.UNREACHABLE, Reason.BUSY,
-    Reason.ABORTED, Reason.STORE_TRANSIENT, Reason.NOT_CONFIRMED,
+    Reason.ABORTED, Reason.STORE_TRANSIENT, Reason.NOT_CONFIRMED, Reason.INTERNAL,
 })
 
 

@@ -20,9 +20,11 @@ the ledger refuses them, ``updated_at``; null when the node never ran), ``counts
 null when the spool is not reachable), the current job's ``score`` and ``score_label``
 (null until assessed), ``sr_uid``, ``report_path`` (the SR kept under ``<home>/reports``),
 ``destinations`` (deliveries made) and a ``note``, e.g. "no destinations; report kept
-at ..."], ``failures`` [objects], ``queues`` {``gpu``/``io``: messages waiting, null if
-the broker cannot be asked} and ``queues_note`` (why they are null, else null). Status
-never creates the embedded broker's file: without it the depths are null.
+at ..."], ``failures`` [objects; a delivery waiting for its next attempt has
+``next_attempt_at``, shown as "attempt n of N failed, next at T"], ``queues``
+{``gpu``/``io``: messages waiting, null if the broker cannot be asked} and
+``queues_note`` (why they are null, else null). Status never creates the embedded
+broker's file: without it the depths are null.
 
 ``qcnode retry SERIES|--failed`` re-queues dead-lettered work (see :func:`retry_main`).
 """
@@ -102,11 +104,30 @@ def series_entry(info: SeriesInfo) -> dict[str, Any]:
     }
 
 
-def failure_entry(failure: FailureInfo) -> dict[str, Any]:
-    """One failed job or delivery as a JSON-ready dict."""
+def failure_entry(failure: FailureInfo, max_attempts: int | None = None) -> dict[str, Any]:
+    """One failed job or delivery as a JSON-ready dict.
+
+    A delivery waiting for its next attempt has ``next_attempt_at``; ``max_attempts``
+    is the configured limit (None when unknown).
+    """
     entry = asdict(failure)
     entry["updated_at"] = _iso(failure.updated_at)
+    entry["next_attempt_at"] = _iso(failure.next_attempt_at)
+    entry["max_attempts"] = max_attempts
     return entry
+
+
+def failure_line(f: dict[str, Any]) -> str:
+    """One failure for the terminal; a waiting delivery as "attempt n of N, next at T"."""
+    where = f"→ {f['destination']}" if f["destination"] else "(assessment)"
+    if f.get("next_attempt_at") and f["state"] == "failed":
+        limit = f" of {f['max_attempts']}" if f.get("max_attempts") else ""
+        progress = f"waiting: attempt {f['attempts']}{limit} failed, next at " \
+                   f"{f['next_attempt_at']}"
+    else:
+        progress = f"{f['state']} after {f['attempts']} attempt(s)"
+    return (f"  {f['series_instance_uid']} job {f['job_id']} {where} {progress}: "
+            f"{f['last_error'] or '-'}")
 
 
 def oldest_waiting(ledger: Ledger, now: dt.datetime) -> dict[str, Any] | None:
@@ -186,11 +207,13 @@ def series_row(s: dict[str, Any]) -> str:
 
 
 def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
-                 reports: Path | None = None, spool: Path | None = None) -> dict[str, Any]:
+                 reports: Path | None = None, spool: Path | None = None,
+                 max_attempts: int | None = None) -> dict[str, Any]:
     """Everything ``qcnode status`` shows, as a JSON-ready dict.
 
     ``reports`` is the node's reports directory (``<home>/reports``); report paths
-    are shown under it (relative to it when None).
+    are shown under it (relative to it when None). ``max_attempts`` is the configured
+    ``[delivery]`` limit, shown with waiting deliveries.
     """
     now = dt.datetime.now(dt.UTC)
     root = reports if reports is not None else Path()
@@ -200,7 +223,7 @@ def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,
         "oldest_waiting": oldest_waiting(ledger, now),
         "series": [series_entry(s) | series_details(ledger, s, spool)
                    | report_entry(ledger, s, root) for s in ledger.list_series(limit=limit)],
-        "failures": [failure_entry(f) for f in ledger.list_failed()],
+        "failures": [failure_entry(f, max_attempts) for f in ledger.list_failed()],
     }
 
 
@@ -244,12 +267,7 @@ def render_text(report: dict[str, Any]) -> str:
         note = report.get("queues_note")
         lines.append(f"queue depths: {depth}{f' ({note})' if note else ''}")
     lines.append(f"failures: {len(report['failures'])}")
-    for f in report["failures"]:
-        where = f"→ {f['destination']}" if f["destination"] else "(assessment)"
-        lines.append(
-            f"  {f['series_instance_uid']} job {f['job_id']} {where} {f['state']} "
-            f"after {f['attempts']} attempt(s): {f['last_error'] or '-'}"
-        )
+    lines.extend(failure_line(f) for f in report["failures"])
     return "\n".join(lines)
 
 
@@ -304,7 +322,7 @@ def main(args: argparse.Namespace) -> int:
     spool = settings.spool_dir if settings.spool_dir.is_dir() else None
     with Ledger.open(settings.ledger_url) as ledger:
         report = build_report(ledger, limit=limit, reports=reports_root(settings).resolve(),
-                              spool=spool)
+                              spool=spool, max_attempts=settings.delivery.max_attempts)
     report["journal"] = journal_state(settings.node.home)
     report["queues_note"] = missing_broker(settings)
     report["queues"] = ({GPU: None, IO: None} if report["queues_note"]
@@ -332,9 +350,15 @@ def retry_main(args: argparse.Namespace) -> int:
     series = None if getattr(args, "failed", False) else args.series
     with Ledger.open(settings.ledger_url) as ledger, Dispatcher(settings, ledger) as dispatcher:
         jobs = dispatcher.retry(series)
+        waiting = [f for f in ledger.list_failed() if f.next_attempt_at is not None
+                   and f.state == "failed" and series in (None, f.series_instance_uid)]
     for job in jobs:
         print(f"re-queued {job.series_instance_uid} job {job.id}")
     if not jobs:
         print(f"nothing to re-queue{f' for {series}' if series else ''}", file=sys.stderr)
+        for f in waiting:
+            print(f"{f.series_instance_uid} → {f.destination}: attempt {f.attempts} of "
+                  f"{settings.delivery.max_attempts} failed, next at "
+                  f"{_iso(f.next_attempt_at)} (retried by itself)", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK

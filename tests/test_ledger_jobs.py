@@ -3,6 +3,8 @@ and a re-assessment that keeps both SRs visible. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from node.ledger import (
@@ -90,6 +92,34 @@ def test_dead_letter_listing_and_requeue(ledger: Ledger) -> None:
     assert ledger.series_info(SERIES).state == SeriesState.QUEUED
     assert ledger.list_failed() == []
     assert ledger.requeue() == []
+
+
+def test_requeue_keeps_an_assessed_result(ledger: Ledger) -> None:
+    """A job dead-lettered in delivery goes back to reporting: its result is not redone."""
+    ledger.set_series_state(SERIES, SeriesState.QUEUED, generation=1)
+    job = ledger.create_job(SERIES, 1, ENGINE)
+    ledger.move_job(job.id, JobState.ASSESSING, count_attempt=True)
+    ledger.move_job(job.id, JobState.REPORTING, result_json='{"score": 3}')
+    ledger.set_series_state(SERIES, SeriesState.REPORTING, generation=1)
+    ledger.move_job(job.id, JobState.DELIVERING, sr_uid="2.25.7")
+    d = ledger.create_delivery(job.id, "pacs")
+    ledger.move_delivery(d.id, DeliveryState.DEAD, error="refused", count_attempt=True)
+    ledger.dead_letter_job(job.id, "pacs: refused; gave up after 1 attempt(s)")
+    (requeued,) = ledger.requeue()
+    assert (requeued.state, requeued.result_json) == (JobState.REPORTING, '{"score": 3}')
+    assert ledger.series_info(SERIES).state == SeriesState.REPORTING
+    assert ledger.get_delivery(d.id).state == DeliveryState.PENDING
+
+
+def test_waiting_delivery_lists_its_next_attempt(ledger: Ledger) -> None:
+    job = ledger.create_job(SERIES, 1, ENGINE)
+    d = ledger.create_delivery(job.id, "pacs")
+    when = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    ledger.move_delivery(d.id, DeliveryState.FAILED, error="refused", count_attempt=True,
+                         next_attempt_at=when)
+    (failure,) = ledger.list_failed()
+    assert (failure.destination, failure.attempts, failure.next_attempt_at) == (
+        "pacs", 1, when)
 
 
 def test_reassessment_keeps_both_srs(ledger: Ledger) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -15,10 +16,13 @@ from node.ledger import DeliveryState, JobState, Ledger, SeriesState
 from tests.test_ledger import make_record
 
 
-def run_status(url: str, home: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "QCNODE_LEDGER__URL": url, "QCNODE_NODE__HOME": str(home)}
+def run_status(url: str, home: Path, *args: str, env: dict[str, str] | None = None,
+               command: str = "status", extra: tuple[str, ...] = (),
+               ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "QCNODE_LEDGER__URL": url, "QCNODE_NODE__HOME": str(home),
+           **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", "status", *extra], env=env, cwd=home,
+        [sys.executable, "-m", "node.cli", command, *args, *extra], env=env, cwd=home,
         capture_output=True, text=True, timeout=120, check=False,
     )
 
@@ -195,3 +199,30 @@ def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
         os.close(write_end)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+
+
+def test_status_shows_a_waiting_delivery(tmp_path: Path) -> None:
+    """A delivery waiting for its next attempt: "attempt n of N failed, next at T"."""
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    when = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    with Ledger.open(url) as ledger:
+        ledger.record_instance(make_record(0, "1.2.40"))
+        assert ledger.close_series("1.2.40", 1, "quiet")
+        job = ledger.create_job("1.2.40", 1, "physics|1|-|-")
+        for state in (JobState.ASSESSING, JobState.REPORTING, JobState.DELIVERING):
+            ledger.move_job(job.id, state)
+        delivery = ledger.create_delivery(job.id, "pacs")
+        for _ in range(2):
+            ledger.move_delivery(delivery.id, DeliveryState.FAILED, count_attempt=True,
+                                 error="pacs: connection refused", next_attempt_at=when)
+    env = {"QCNODE_DELIVERY__MAX_ATTEMPTS": "5"}
+    report = json.loads(run_status(url, tmp_path, "--json", env=env).stdout)
+    (failure,) = report["failures"]
+    assert failure["next_attempt_at"] == when.isoformat() and failure["max_attempts"] == 5
+    text = run_status(url, tmp_path, env=env).stdout
+    assert (f"→ pacs waiting: attempt 2 of 5 failed, next at {when.isoformat()}: "
+            "pacs: connection refused") in text
+    retry = run_status(url, tmp_path, env=env, command="retry", extra=("1.2.40",))
+    assert retry.returncode == 1 and "nothing to re-queue for 1.2.40" in retry.stderr
+    assert (f"1.2.40 → pacs: attempt 2 of 5 failed, next at {when.isoformat()} "
+            "(retried by itself)") in retry.stderr

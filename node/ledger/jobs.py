@@ -103,6 +103,8 @@ class FailureInfo:
     attempts: int
     last_error: str | None
     updated_at: dt.datetime
+    #: When a failed delivery is tried again (None: a job, or dead-lettered).
+    next_attempt_at: dt.datetime | None = None
 
 
 _JOB_COLUMNS = (
@@ -342,7 +344,8 @@ class JobAPI(SeriesAPI, LedgerBase):
         )
         deliveries = (
             select(Series.series_uid, Job.id, Job.engine_key, Delivery.destination,
-                   Delivery.state, Delivery.attempts, Delivery.last_error, Delivery.updated_at)
+                   Delivery.state, Delivery.attempts, Delivery.last_error, Delivery.updated_at,
+                   Delivery.next_attempt_at)
             .join(Job, Job.id == Delivery.job_id)
             .join(Series, Series.id == Job.series_id)
             .where(Delivery.state.in_(bad_deliveries))
@@ -355,14 +358,16 @@ class JobAPI(SeriesAPI, LedgerBase):
     def requeue(self, series_uid: str | None = None) -> list[JobInfo]:
         """Re-queue failed/dead work of the current generation (one series, or all).
 
-        Jobs go back to ``pending`` and their failed/dead deliveries to ``pending``,
-        attempts reset to zero (the error is kept); a ``failed`` series goes back to
-        ``queued``. Returns the re-queued jobs, for the pipeline to dispatch.
+        A job that has its assessment result goes back to ``reporting`` (only the
+        report and its delivery are redone; its series to ``reporting``), any other to
+        ``pending`` (its series to ``queued``). Failed/dead deliveries go back to
+        ``pending``; attempts reset to zero (the error is kept). Returns the re-queued
+        jobs, for the pipeline to dispatch.
         """
         now = utcnow()
         bad = [J.FAILED.value, J.DEAD.value]
         stmt = (
-            select(Job.id, Series.series_uid)
+            select(Job.id, Series.series_uid, Job.result_json.is_not(None))
             .join(Series, Series.id == Job.series_id)
             .where(and_(Job.generation == Series.generation, Job.state.in_(bad)))
         )
@@ -371,17 +376,20 @@ class JobAPI(SeriesAPI, LedgerBase):
         with self._write() as conn:
             targets = list(conn.execute(stmt))
             ids = [int(r[0]) for r in targets]
+            for assessed, state in ((True, J.REPORTING), (False, J.PENDING)):
+                chosen = [int(r[0]) for r in targets if bool(r[2]) is assessed]
+                if chosen:
+                    conn.execute(update(Job).where(Job.id.in_(chosen))
+                                 .values(state=state.value, attempts=0, updated_at=now,
+                                         finished_at=None))
             if ids:
-                conn.execute(update(Job).where(Job.id.in_(ids))
-                             .values(state=J.PENDING.value, attempts=0, updated_at=now,
-                                     finished_at=None))
                 conn.execute(update(Delivery)
                              .where(and_(Delivery.job_id.in_(ids),
                                          Delivery.state.in_([D.FAILED.value, D.DEAD.value])))
                              .values(state=D.PENDING.value, attempts=0, updated_at=now,
                                      next_attempt_at=None))
-        for uid in sorted({str(r[1]) for r in targets}):
+        for uid, assessed in sorted({(str(r[1]), bool(r[2])) for r in targets}):
             if self.series_info(uid).state == SeriesState.FAILED:
-                self.set_series_state(uid, SeriesState.QUEUED, detail="re-queued")
+                self.set_series_state(uid, SeriesState.REPORTING if assessed
+                                      else SeriesState.QUEUED, detail="re-queued")
         return [self.get_job(i) for i in ids]
-

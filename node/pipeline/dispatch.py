@@ -42,7 +42,6 @@ log = structlog.get_logger(__name__)
 ACTIVE_SERIES = (SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.ASSESSING,
                  SeriesState.REPORTING)
 FINISHED_JOBS = (JobState.DONE, JobState.SUPERSEDED, JobState.DEAD)
-REPORT_STAGES = (JobState.REPORTING, JobState.DELIVERING)
 REDISPATCH_SERIES = (SeriesState.QUEUED, SeriesState.ASSESSING, SeriesState.REPORTING)
 
 
@@ -109,6 +108,7 @@ class Dispatcher:
                 self._connection = self.app.connection_for_write()
             try:
                 return self.app.send_task(name, args=args, connection=self._connection,
+                                          argsrepr=f"(job {args[0]})", kwargsrepr="{}",
                                           **options)
             except Exception as exc:
                 self._drop_connection()
@@ -134,7 +134,7 @@ class Dispatcher:
             return job
         key = tuple(sorted(self.ledger.instance_relpaths(series_uid)))
         paths = [self.settings.spool_dir / p for p in key]
-        if job.state in REPORT_STAGES and job.result_json:
+        if job.result_json:  # assessed: only the report is missing
             self._send_report(job, paths)
             return job
         started = time.perf_counter()

@@ -8,21 +8,26 @@ job key; the PACS keeps one instance). Every object built is kept under
 ``<home>/reports`` before it is sent (:func:`node.pipeline.reports.keep_reports`); the
 job row records the SR's path, and a rebuild finds the same file.
 
-One retry policy (:func:`backoff`): jittered exponential backoff from
+One retry policy (:mod:`node.pipeline.retry`): jittered exponential backoff from
 ``[delivery]``, named non-retryable errors, dead-letter state in the ledger after
-``max_attempts``.
+``max_attempts`` attempts of a stage. The ledger counts the attempts, Celery's own
+retry limit is off. An assessment whose worker dies (SIGKILL, the OOM killer) counts
+as a failed attempt: the next run finds the job still ``assessing`` and either tries
+again or, after ``max_attempts``, dead-letters it with that reason.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import structlog
 from celery import Celery, Task
+from celery.exceptions import Retry
 from pydicom import Dataset
 
 from inference.batcher import SeriesBatcher
@@ -30,11 +35,11 @@ from inference.engine import Engine, EngineError, create_engine
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
 from inference.vlm.policy import ExplainPolicy
-from node import audit_log
-from node.config import DeliverySettings, DestinationSettings, Settings
-from node.ledger import ConfirmedBy, DeliveryState, JobInfo, JobState, Ledger, SeriesState
+from node.config import DestinationSettings, Settings
+from node.ledger import JobInfo, JobState, Ledger, SeriesState
 from node.metrics import metrics
 from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
+from node.pipeline.deliveries import deliver_one, seconds_until_due
 from node.pipeline.payload import b64, decode_sources, job_key, unb64
 from node.pipeline.reports import (
     SR,
@@ -50,8 +55,8 @@ from node.pipeline.reports import (
     wanted_companions,
     worst_image,
 )
+from node.pipeline.retry import plan_retry, retry_later
 from node.redact import error_text
-from node.scu import DeliveryError, deliver
 from sr_writer.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -61,13 +66,6 @@ NON_RETRYABLE: tuple[type[BaseException], ...] = (ValueError, EngineError, KeyEr
 SKIP_STATES = (JobState.DONE, JobState.SUPERSEDED, JobState.DEAD)
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-
-
-def backoff(attempt: int, policy: DeliverySettings) -> float:
-    """Seconds before attempt ``attempt + 1``: exponential, capped, full jitter in [½, 1]."""
-    base = min(policy.backoff_max_seconds,
-               policy.backoff_initial_seconds * 2 ** max(0, attempt - 1))
-    return float(base * random.uniform(0.5, 1.0))
 
 
 _BATCHERS: dict[tuple[int, int, float], SeriesBatcher] = {}
@@ -125,11 +123,20 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
     structlog.contextvars.bind_contextvars(series_uid=job.series_instance_uid, job_id=job_id)
     if job.state in SKIP_STATES:
         return
-    prepared = PreparedSeries.from_bytes(unb64(prepared_b64))
-    if job.state not in (JobState.REPORTING, JobState.DELIVERING) or not job.result_json:
-        job = ledger.move_job(job_id, JobState.ASSESSING, count_attempt=True)
+    if not job.result_json:
+        died = _worker_died(job)
+        if died is not None and job.attempts >= settings.delivery.max_attempts:
+            error = f"{died}; gave up after {job.attempts} attempt(s)"
+            ledger.dead_letter_job(job_id, error)
+            log.error("job_dead_lettered", stage="assessment", attempts=job.attempts, error=error)
+            return
+        if died is not None:
+            log.warning("assessment_worker_lost", attempt=job.attempts,
+                        max_attempts=settings.delivery.max_attempts)
+        job = ledger.move_job(job_id, JobState.ASSESSING, count_attempt=True, error=died)
         ledger.set_series_state(job.series_instance_uid, SeriesState.ASSESSING,
                                 generation=job.generation)
+        prepared = PreparedSeries.from_bytes(unb64(prepared_b64))
         try:
             engine = engine_for(settings)
             if engine.info.key != job.engine_key:
@@ -149,20 +156,47 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
         ledger.set_series_state(job.series_instance_uid, SeriesState.REPORTING,
                                 generation=job.generation)
         log.info("assessed", score=result.score, seconds=round(seconds, 3))
+    else:
+        prepared = PreparedSeries.from_bytes(unb64(prepared_b64))
     result = AssessmentResult.from_json(job.result_json or "")
     image = encode_image(worst_image(prepared, result)) \
         if "pdf" in wanted_companions(_destinations(settings, ledger, job)) else None
     task.app.send_task(TASK_REPORT, args=[job_id, sources, b64(image) if image else None],
-                       queue=queue_name(settings, IO))
+                       queue=queue_name(settings, IO), argsrepr=f"(job {job_id})",
+                       kwargsrepr="{}")
+
+
+def _worker_died(job: JobInfo) -> str | None:
+    """Why the job's previous assessment never finished, or None when it did not start.
+
+    A job found ``assessing`` by a new run was left there by a run that neither
+    recorded a result nor a failure: its worker process died (SIGKILL, the OOM killer,
+    the node killed with its embedded workers). That attempt counts.
+    """
+    if job.state != JobState.ASSESSING:
+        return None
+    return (f"assessment: attempt {job.attempts} did not finish, its worker died "
+            "(killed, e.g. SIGKILL or out of memory)")
 
 
 def _retry_or_dead(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
-                   error: str) -> None:
-    if job.attempts >= settings.delivery.max_attempts:
+                   error: str, *, count_attempt: bool = False) -> None:
+    """Retry the job's stage after a backoff, or dead-letter it after ``max_attempts``.
+
+    ``count_attempt`` counts this failure as an attempt of the job (stages that do not
+    count their start, e.g. keeping the report files).
+    """
+    if count_attempt:
+        job = ledger.move_job(job.id, JobState.FAILED, error=error, count_attempt=True)
+    plan = plan_retry(job.attempts, settings.delivery)
+    if plan is None:
         ledger.dead_letter_job(job.id, error)
+        log.error("job_dead_lettered", attempts=job.attempts, error=error)
         return
-    ledger.move_job(job.id, JobState.FAILED, error=error)
-    raise task.retry(countdown=backoff(job.attempts, settings.delivery), max_retries=None)
+    ledger.move_job(job.id, JobState.FAILED, error=f"{error}; {plan.describe()}")
+    log.warning("job_retry", error=error, attempt=plan.attempt,
+                max_attempts=plan.max_attempts, retry_in=round(plan.delay, 3))
+    raise retry_later(task, plan.delay, job.id)
 
 
 def _earlier_job(ledger: Ledger, job: JobInfo) -> JobInfo | None:
@@ -235,6 +269,10 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
     if ledger.series_info(job.series_instance_uid).generation != job.generation:
         ledger.move_job(job_id, JobState.SUPERSEDED)
         return
+    wait = seconds_until_due(ledger, job)
+    if wait is not None:
+        log.info("delivery_not_due", retry_in=round(wait, 3))
+        raise retry_later(task, wait, job_id)
     destinations = _destinations(settings, ledger, job)
     result = AssessmentResult.from_json(job.result_json)
     predecessors = _predecessors(settings, _earlier_job(ledger, job))
@@ -248,7 +286,8 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
     try:
         kept = keep_reports(reports, reports_root(settings))
     except OSError as exc:
-        _retry_or_dead(task, settings, ledger, job, f"report file: {error_text(exc)}")
+        _retry_or_dead(task, settings, ledger, job, f"report file: {error_text(exc)}",
+                       count_attempt=True)
         return
     log.info("sr_built", objects=len(reports.objects), report_path=kept[SR],
              seconds=round(time.perf_counter() - started, 3))
@@ -258,7 +297,7 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
                           superseded_sr_uid=str(superseded.SOPInstanceUID)
                           if superseded is not None else None)
     for dest in destinations:
-        if not _deliver_one(task, settings, ledger, job, dest, reports.for_destination(dest)):
+        if not deliver_one(task, settings, ledger, job, dest, reports.for_destination(dest)):
             return
     _finish(ledger, job, str(sr.SOPInstanceUID), len(destinations))
 
@@ -275,55 +314,52 @@ def _finish(ledger: Ledger, job: JobInfo, sr_uid: str, destinations: int) -> Non
              report_path=job.report_path)
 
 
-def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
-                 dest: DestinationSettings, datasets: list[Dataset]) -> bool:
-    """Deliver to one destination; False when the job was dead-lettered."""
-    name = dest.name
-    delivery = ledger.create_delivery(job.id, name)
-    if delivery.state == DeliveryState.CONFIRMED:
-        return True
-    if delivery.state == DeliveryState.DEAD:
-        return False
-    started = time.perf_counter()
+@contextmanager
+def _retry_unhandled(task: Task, settings: Settings, job_id: int,
+                     stage: str) -> Iterator[None]:
+    """Treat a failure the task did not handle like any other: retry, then dead-letter.
+
+    Without this the job stayed in its stage and its series waited forever (e.g. after
+    a ledger error); now it is retried after the policy's backoff and, after
+    ``max_attempts``, dead-lettered where ``qcnode status`` shows it and ``qcnode
+    retry`` re-queues it. An assessment counted its start already; other stages count
+    the failure. Celery's retries (:class:`~celery.exceptions.Retry`) pass through.
+    """
     try:
-        receipt = deliver(datasets, dest, node_ae=settings.node.ae_title,
-                          bind_host=settings.node.host, node_port=settings.node.port,
-                          ledger=ledger)
-    except DeliveryError as exc:
-        metrics().delivery_failures.labels(name).inc()
-        attempts = delivery.attempts + 1
-        error = f"{name}: {exc.failure}"
-        log.warning("delivery_failed", destination=name, error=error, attempt=attempts,
-                    transient=exc.transient)
-        if exc.transient and attempts < settings.delivery.max_attempts:
-            ledger.move_delivery(delivery.id, DeliveryState.FAILED, error=error,
-                                 count_attempt=True)
-            ledger.move_job(job.id, JobState.DELIVERING, error=error)
-            raise task.retry(countdown=backoff(attempts, settings.delivery),
-                             max_retries=None) from exc
-        ledger.move_delivery(delivery.id, DeliveryState.DEAD, error=error, count_attempt=True)
-        ledger.dead_letter_job(job.id, error)
-        return False
-    metrics().deliveries.labels(name).observe(time.perf_counter() - started)
-    log.info("sent", destination=name, confirmed_by=receipt.confirmation,
-             seconds=round(receipt.seconds, 3))
-    ledger.move_delivery(delivery.id, DeliveryState.SENT, count_attempt=True)
-    ledger.move_delivery(delivery.id, DeliveryState.CONFIRMED,
-                         confirmed_by=ConfirmedBy(receipt.confirmation))
-    audit_log.report_delivered(dest, dest.calling_ae_title or settings.node.ae_title,
-                               [(str(d.StudyInstanceUID), str(d.SOPClassUID)) for d in datasets])
-    return True
+        yield
+    except Retry:
+        raise
+    except Exception as exc:
+        error = f"{stage}: unexpected {error_text(exc)}"
+        log.error("task_failed", stage=stage, error=error)
+        try:
+            ledger = ledger_for(settings)
+            job = ledger.get_job(job_id)
+            if job.state not in SKIP_STATES:
+                _retry_or_dead(task, settings, ledger, job, error,
+                               count_attempt=job.state != JobState.ASSESSING)
+        except Retry:
+            raise
+        except Exception as inner:  # noqa: BLE001 - the ledger itself failed: logged
+            log.error("task_failure_not_recorded", error=type(inner).__name__)
+        raise
 
 
 def register(app: Celery, settings: Settings) -> None:
-    """Register the tasks on ``app``, bound to ``settings``."""
+    """Register the tasks on ``app``, bound to ``settings``.
 
-    @app.task(name=TASK_ASSESS, bind=True)  # type: ignore[untyped-decorator]
+    ``max_retries=None``: Celery never gives up on its own (it would after 3 retries);
+    the ledger counts attempts against ``[delivery] max_attempts``
+    (:mod:`node.pipeline.retry`).
+    """
+
+    @app.task(name=TASK_ASSESS, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def _assess(self: Task, job_id: int, prepared_b64: str, sources: list[str]) -> None:
-        assess(self, settings, job_id, prepared_b64, sources)
+        with _retry_unhandled(self, settings, job_id, "assessment"):
+            assess(self, settings, job_id, prepared_b64, sources)
 
-    @app.task(name=TASK_REPORT, bind=True)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK_REPORT, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def _report(self: Task, job_id: int, sources: list[str],
                 image: str | None = None) -> None:
-        report(self, settings, job_id, sources, image)
-
+        with _retry_unhandled(self, settings, job_id, "report"):
+            report(self, settings, job_id, sources, image)

@@ -61,8 +61,8 @@ queue_prefix = "e2e{prefix}."
 
 [delivery]
 max_attempts = {max_attempts}
-backoff_initial_seconds = 0.5
-backoff_max_seconds = 2.0
+backoff_initial_seconds = {backoff_initial}
+backoff_max_seconds = {backoff_max}
 
 [logging]
 level = "INFO"
@@ -172,8 +172,11 @@ class NodeSite:
 
     def __init__(self, home: Path, pacs: Orthanc | None, *, broker: str = "",
                  engine: str = "", companions: str = "", quiet: float = 1.0,
-                 max_attempts: int = 6) -> None:
-        """``pacs`` None: no ``[[destinations]]`` at all (reports are only kept on disk)."""
+                 max_attempts: int = 6, backoff: tuple[float, float] = (0.5, 2.0)) -> None:
+        """``pacs`` None: no ``[[destinations]]`` at all (reports are only kept on disk).
+
+        ``backoff``: ``[delivery]`` backoff_initial_seconds and backoff_max_seconds.
+        """
         self.home = home
         self._pacs = pacs
         self.port = free_port()
@@ -184,7 +187,7 @@ class NodeSite:
             ae=NODE_AE, port=self.port, home=home, quiet=quiet, prefix=uuid.uuid4().hex[:8],
             broker=broker, engine=engine or 'name = "physics"', max_attempts=max_attempts,
             pacs_port=pacs.dicom_port if pacs is not None else 0, companions=companions,
-            web_port=self.web_port)
+            web_port=self.web_port, backoff_initial=backoff[0], backoff_max=backoff[1])
         if pacs is None:
             text = text.partition("[[destinations]]")[0]
         self.config.write_text(text)
