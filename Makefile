@@ -6,8 +6,10 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages the tests talk to (real peers): DCMTK, Orthanc (+ DICOMweb for OHIF),
 # Chromium (the real-viewer test drives OHIF in it; no browser download); VL Gothic, a
-# TrueType Japanese font the PDF quality card embeds (reportlab cannot embed CFF fonts).
-SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium fonts-vlgothic
+# TrueType Japanese font the PDF quality card embeds (reportlab cannot embed CFF fonts);
+# strace (the durability test traces the listener's flushes and answers); Prometheus,
+# which scrapes the node's /metrics in the test suite.
+SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium fonts-vlgothic strace prometheus
 PYTEST_ARGS ?=
 
 .PHONY: serve test lint typecheck unit bench system-deps viewer-deps install install-dev clean

@@ -62,6 +62,8 @@ home = "{home}"
 [completion]
 quiet_seconds = {quiet}
 poll_seconds = 0.05
+[web]
+port = 0
 [logging]
 json = "always"
 [[destinations]]

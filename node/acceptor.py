@@ -8,7 +8,10 @@ the rest of the receive path). Here one thread serves every association (an even
 connection's reused buffer to the sink the node gives it, the receive journal
 (:mod:`node.journal`; PS3.8 §9.3.5, §E.2); the calls that wait for a disk or the
 ledger run in a few pool threads meanwhile. pynetdicom still does all of qcnode's
-sending (:mod:`node.scu`).
+sending (:mod:`node.scu`). Besides C-ECHO and C-STORE it takes N-EVENT-REPORT, whose
+small data set (a Storage Commitment report, PS3.4 J.3.3) is collected in memory and
+handed to the node whole (:class:`EventReport`); which callers may use which SOP
+classes is the node's answer to :meth:`Services.admits`.
 
 State handling follows PS3.8 §9.2 for an acceptor: A-ASSOCIATE-RQ must arrive within
 the ACSE timeout (ARTIM) or the connection is closed; an established association that
@@ -25,16 +28,29 @@ import math
 import socket
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from node import dimse
+from node import dimse, metrics
 from node import upperlayer as ul
 from node.logs import get_logger
+from node.redact import error_text
 
 log = get_logger(__name__)
+
+#: A-ASSOCIATE-RJ (source, reason) → the ``reason`` label of a rejection (PS3.8 §9.3.4).
+_RJ_REASONS = {
+    (ul.RJ_SOURCE_SERVICE_PROVIDER_ACSE, ul.RJ_PROTOCOL_VERSION_NOT_SUPPORTED):
+        "protocol_version",
+    (ul.RJ_SOURCE_SERVICE_USER, ul.RJ_APPLICATION_CONTEXT_NOT_SUPPORTED):
+        "application_context",
+    (ul.RJ_SOURCE_SERVICE_USER, ul.RJ_CALLED_AE_NOT_RECOGNISED): "called_ae",
+    (ul.RJ_SOURCE_SERVICE_USER, ul.RJ_CALLING_AE_NOT_RECOGNISED): "calling_ae_or_host",
+    (ul.RJ_SOURCE_SERVICE_PROVIDER_PRESENTATION, ul.RJ_LOCAL_LIMIT_EXCEEDED):
+        "association_limit",
+}
 
 #: Receive buffer, reused for every read of one connection.
 BUFFER_BYTES = 256 << 10
@@ -42,6 +58,9 @@ BUFFER_BYTES = 256 << 10
 MAX_ASSOCIATE_RQ = 1 << 20
 #: A peer that leaves this much of our responses unread is aborted.
 MAX_OUTBOX = 1 << 20
+#: An N-EVENT-REPORT's Event Information longer than this aborts the association (a
+#: storage commitment report of 10,000 objects is ~1.5 MB).
+MAX_EVENT_INFORMATION = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -74,15 +93,30 @@ class StoreRequest:
     sop_instance_uid: str
 
 
+@dataclass(frozen=True)
+class EventReport:
+    """A received N-EVENT-REPORT (PS3.7 §10.1.1): its command and Event Information."""
+
+    abstract_syntax: str
+    transfer_syntax: str
+    command: dimse.Command
+    data: bytes
+
+
 class Services(Protocol):
     """What the acceptor asks of the node (implemented by :class:`node.scp.Listener`)."""
 
-    def admits(self, calling_ae: str, address: str) -> bool: ...
+    def admits(self, calling_ae: str, address: str) -> Mapping[str, tuple[str, ...]] | None:
+        """The abstract syntaxes this caller may use, with our transfer syntaxes in
+        preference order; None rejects it."""
+        ...
+
     def opened(self, peer: Peer) -> None: ...
     def closed(self, peer: Peer, *, aborted: bool) -> None: ...
     def echo(self, peer: Peer) -> int: ...
     def incoming(self, peer: Peer, part10_header: bytes) -> Incoming: ...
     def store(self, peer: Peer, request: StoreRequest) -> int: ...
+    def event_report(self, peer: Peer, report: EventReport) -> int: ...
     def error_comment(self, status: int) -> str | None: ...
 
 
@@ -97,6 +131,8 @@ class AcceptorConfig:
     supported: dict[str, tuple[str, ...]]
     implementation_uid: str
     implementation_version: str
+    #: abstract syntaxes whose requestor may take the SCP role (PS3.7 §D.3.3.4)
+    scp_role_classes: frozenset[str] = frozenset()
 
 
 class Offload(Protocol):
@@ -154,6 +190,7 @@ class Connection:
         self.contexts: dict[int, ul.Accepted] = {}
         self.peer_max_pdu = 0
         self.incoming: Incoming | None = None
+        self._event_data: bytearray | None = None  # an N-EVENT-REPORT's data set
         self._pending: tuple[int, dimse.Command] | None = None
         self.context = contextvars.Context()
         self._gen = self._protocol()
@@ -286,7 +323,7 @@ class Connection:
             # Malformed or unexpected PDUs, before or after establishment: AA-1/AA-8.
             reason = exc.reason if isinstance(exc, ul.ProtocolError) else (
                 ul.ABORT_REASON_NOT_SPECIFIED)
-            log.warning("association aborted", reason=type(exc).__name__, detail=str(exc),
+            log.warning("association aborted", reason=type(exc).__name__, detail=error_text(exc),
                         address=self.address)
             self._send_quietly(ul.abort(reason))
         except (Aborted, OSError) as exc:
@@ -318,11 +355,13 @@ class Connection:
         if length > MAX_ASSOCIATE_RQ:
             raise ul.ProtocolError("A-ASSOCIATE-RQ too long", ul.ABORT_INVALID_PDU_PARAMETER)
         request = ul.parse_associate_rq((yield from self._exact(length)))
-        reject = self._rejection(request)
+        reject, supported = self._rejection(request)
         if reject is not None:
+            metrics.rejected(request.calling_ae, self.address,
+                             _RJ_REASONS.get((reject[1], reject[2]), "other"))
             self._send_quietly(ul.associate_rj(*reject))
             return None
-        results = ul.negotiate(request, self.config.supported)
+        results = ul.negotiate(request, supported)
         self.contexts = {
             pcid: ul.Accepted(request.contexts[pcid][0], ts)
             for pcid, (result, ts) in results.items() if result == ul.PC_ACCEPTANCE
@@ -332,35 +371,41 @@ class Connection:
             request, results, max_pdu=self.config.max_pdu,
             implementation_uid=self.config.implementation_uid,
             implementation_version=self.config.implementation_version,
+            roles=ul.role_answers(request, results, self.config.scp_role_classes),
         ))
         peer = Peer(uuid.uuid4().hex[:16], request.calling_ae, self.address)
+        metrics.accepted()
         yield from self._off_loop(lambda: self.services.opened(peer))
         return peer
 
-    def _rejection(self, request: ul.AssociateRequest) -> tuple[int, int, int] | None:
-        """(result, source, reason) of an A-ASSOCIATE-RJ, or None to accept (§9.3.4)."""
+    def _rejection(
+        self, request: ul.AssociateRequest,
+    ) -> tuple[tuple[int, int, int] | None, Mapping[str, tuple[str, ...]]]:
+        """(result, source, reason) of an A-ASSOCIATE-RJ, or None to accept (§9.3.4), and
+        the abstract syntaxes the caller may use."""
         if not request.protocol_version & ul.PROTOCOL_VERSION:
             return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_PROVIDER_ACSE,
-                    ul.RJ_PROTOCOL_VERSION_NOT_SUPPORTED)
+                    ul.RJ_PROTOCOL_VERSION_NOT_SUPPORTED), {}
         if request.application_context != ul.APPLICATION_CONTEXT:
             return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
-                    ul.RJ_APPLICATION_CONTEXT_NOT_SUPPORTED)
+                    ul.RJ_APPLICATION_CONTEXT_NOT_SUPPORTED), {}
         if request.called_ae != self.config.ae_title:
             log.warning("association rejected", reason="called AE not ours",
                         calling_ae=request.calling_ae, address=self.address)
             return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
-                    ul.RJ_CALLED_AE_NOT_RECOGNISED)
-        if not self.services.admits(request.calling_ae, self.address):
+                    ul.RJ_CALLED_AE_NOT_RECOGNISED), {}
+        supported = self.services.admits(request.calling_ae, self.address)
+        if supported is None:
             log.warning("association rejected", reason="calling AE/host not allowed",
                         calling_ae=request.calling_ae, address=self.address)
             return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
-                    ul.RJ_CALLING_AE_NOT_RECOGNISED)
+                    ul.RJ_CALLING_AE_NOT_RECOGNISED), {}
         if self.over_limit:
             log.warning("association rejected", reason="association limit",
                         calling_ae=request.calling_ae, address=self.address)
             return (ul.RJ_REJECTED_TRANSIENT, ul.RJ_SOURCE_SERVICE_PROVIDER_PRESENTATION,
-                    ul.RJ_LOCAL_LIMIT_EXCEEDED)
-        return None
+                    ul.RJ_LOCAL_LIMIT_EXCEEDED), {}
+        return None, supported
 
     # Data transfer ----------------------------------------------------------------------
     def _serve(self, peer: Peer) -> Generator[None, None, bool]:
@@ -419,6 +464,8 @@ class Connection:
             raise ul.ProtocolError("a new command before the previous data set ended")
         if request.field == dimse.C_ECHO_RQ and not request.has_data_set:
             self._respond(pcid, request, self.services.echo(peer))
+        elif request.field == dimse.N_EVENT_REPORT_RQ and request.has_data_set:
+            self._pending, self._event_data = (pcid, request), bytearray()
         elif request.field == dimse.C_STORE_RQ and request.has_data_set:
             context = self.contexts[pcid]
             self._pending = (pcid, request)
@@ -435,6 +482,9 @@ class Connection:
             raise ul.ProtocolError(f"unsupported DIMSE command 0x{request.field:04X}")
 
     def _data(self, peer: Peer, pcid: int, value_len: int, last: bool) -> Wait:
+        if self._event_data is not None:
+            yield from self._event_information(peer, pcid, value_len, last)
+            return
         incoming, pending = self.incoming, self._pending
         if incoming is None or pending is None or pending[0] != pcid:
             raise ul.ProtocolError("data set fragment without its C-STORE command")
@@ -450,7 +500,25 @@ class Connection:
             sop_instance_uid=request.sop_instance_uid,
         )
         status = yield from self._off_loop(lambda: self.services.store(peer, store))
+        metrics.metrics().images.labels(metrics.status_name(status)).inc()
         self._respond(pcid, request, status)
+
+    def _event_information(self, peer: Peer, pcid: int, value_len: int, last: bool) -> Wait:
+        """Collect an N-EVENT-REPORT's data set (small), then hand it to the node."""
+        data, pending = self._event_data, self._pending
+        if data is None or pending is None or pending[0] != pcid:
+            raise ul.ProtocolError("data set fragment without its N-EVENT-REPORT command")
+        data += yield from self._exact(value_len)
+        if len(data) > MAX_EVENT_INFORMATION:
+            raise ul.ProtocolError("N-EVENT-REPORT data set too long")
+        if not last:
+            return
+        self._event_data, self._pending = None, None
+        context = self.contexts[pcid]
+        report = EventReport(context.abstract_syntax, context.transfer_syntax, pending[1],
+                             bytes(data))
+        status = yield from self._off_loop(lambda: self.services.event_report(peer, report))
+        self._respond(pcid, pending[1], status)
 
     def _respond(self, pcid: int, request: dimse.Command, status: int) -> None:
         message = dimse.response(request, status, self.services.error_comment(status))

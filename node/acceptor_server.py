@@ -28,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from node import metrics
 from node.acceptor import AcceptorConfig, Connection, Services
 from node.logs import get_logger
 
@@ -238,6 +239,7 @@ class AcceptorServer:
         if self._per_host.get(host, 0) >= self.max_per_host:
             log.warning("connection refused", reason="per-host association limit",
                         address=host, limit=self.max_per_host)
+            metrics.rejected("", host, "per_host_limit")
             client.close()
             return
         over = len(self._open) >= self.max_associations

@@ -22,6 +22,8 @@ _HANDLERS: dict[str, str] = {
     "serve": "node.serve:main",
     "worker": "node.worker:main",
     "config check": "node.cli:config_check",
+    "config edit": "node.config_cli:config_main",
+    "user": "node.config_cli:user_main",
     "status": "node.status:main",
     "retry": "node.status:retry_main",
     "echo": "node.scu:echo_main",
@@ -62,6 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c = config_sub.add_parser("check", help="validate a settings file; lists every error")
     c.add_argument("file", type=Path, nargs="?", default=None)
     c.set_defaults(handler="config check")
+    from node.config_cli import add_parsers
+
+    add_parsers(config_sub, sub, _add_config)
 
     p = sub.add_parser("status", help="series by state, failures, queue depths")
     _add_config(p)

@@ -31,6 +31,7 @@ from node.config import Settings
 from node.ledger import Ledger, OpenSeries, SeriesState
 from node.ledger.models import utcnow
 from node.logs import get_logger
+from node.redact import error_fields
 
 TRIGGER_QUIET = "quiet"
 TRIGGER_MAX_WAIT = "max_wait"
@@ -111,7 +112,7 @@ class CompletionMonitor:
         try:
             step()
         except Exception as exc:  # noqa: BLE001 — a database hiccup must not end completion
-            log.error("completion.pass_failed", **_describe(exc))
+            log.error("completion.pass_failed", **error_fields(exc))
 
     # One pass -----------------------------------------------------------------------
     def check_once(self, now: dt.datetime | None = None) -> list[tuple[str, str]]:
@@ -166,17 +167,5 @@ class CompletionMonitor:
         try:
             self._on_complete(series_uid, trigger)
         except Exception as exc:  # noqa: BLE001 — a bad callback must not stop the monitor
-            log.error("completion.callback_failed", series_uid=series_uid, **_describe(exc))
+            log.error("completion.callback_failed", series_uid=series_uid, **error_fields(exc))
 
-
-def _describe(exc: BaseException) -> dict[str, str]:
-    """The exception's type and where it was raised, never its message.
-
-    A message may quote dataset contents (a patient attribute); the type and the
-    innermost frame are enough to find the bug.
-    """
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
-    return {"error": type(exc).__name__, "where": where}

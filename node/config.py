@@ -176,8 +176,18 @@ class DestinationSettings(_Section):
     confirm: ConfirmMode = "auto"
     timeout: PositiveSeconds = 30.0
     # Storage Commitment (PS3.4 Annex J): the PACS opens a new association to the calling
-    # AE for its N-EVENT-REPORT; this is the local port the sender listens on meanwhile.
+    # AE for its N-EVENT-REPORT, to the node's main listener (always admitted for this
+    # destination's AE and host), or to this local port, which the delivering process
+    # listens on meanwhile.
     commitment_port: Port | None = None
+
+    @property
+    def uses_commitment(self) -> bool:
+        """True when deliveries ask for Storage Commitment: ``confirm = "commitment"``
+        (reports to the main listener or ``commitment_port``), or ``"auto"`` with a
+        ``commitment_port``."""
+        return self.confirm == "commitment" or (
+            self.confirm == "auto" and self.commitment_port is not None)
 
 
 RuleAction = Literal["assess", "store", "reject"]
@@ -310,6 +320,34 @@ class DeliverySettings(_Section):
     backoff_max_seconds: PositiveSeconds = 600.0
 
 
+class WebSettings(_Section):
+    """``[web]``: health, readiness and Prometheus metrics over HTTP (node.web).
+
+    Loopback only: nothing on it authenticates a caller yet. Put a reverse proxy with
+    TLS and authentication in front to reach it from elsewhere.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8480, ge=0, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            loopback = value == "localhost" or ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"{value!r} is not a loopback address: the web side has no authentication "
+                "yet, so it serves 127.0.0.1 (or ::1) only; put a reverse proxy with TLS "
+                "and authentication in front of it")
+        return value
+
+
 class LoggingSettings(_Section):
     """``[logging]``: ``json`` is ``auto`` (JSON unless stderr is a terminal)."""
 
@@ -317,6 +355,17 @@ class LoggingSettings(_Section):
     json_output: Literal["auto", "always", "never"] = Field(default="auto", alias="json")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _check_commitment_route(dest: DestinationSettings, node: NodeSettings) -> None:
+    """Reports to the main listener must be addressed to the node's AE title (PS3.4 J.3:
+    the PACS calls the AE that asked, i.e. the calling AE)."""
+    to_main = dest.commitment_port in (None, node.port)
+    calling = dest.calling_ae_title or node.ae_title
+    if dest.confirm == "commitment" and to_main and calling != node.ae_title:
+        raise ValueError(
+            f"destination {dest.name!r}: commitment reports to the main listener must be "
+            f"addressed to {node.ae_title}; set commitment_port or drop calling_ae_title")
 
 
 class Settings(BaseSettings):
@@ -343,6 +392,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     delivery: DeliverySettings = DeliverySettings()
     logging: LoggingSettings = LoggingSettings()
+    web: WebSettings = WebSettings()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
@@ -350,6 +400,8 @@ class Settings(BaseSettings):
             self.model_dump(include={"destinations", "rules"}))
         if problems:
             raise PydanticCustomError(CROSS_REFERENCE, "; ".join(m for _, m in problems))
+        for destination in self.destinations:
+            _check_commitment_route(destination, self.node)
         return self
 
     @classmethod

@@ -10,7 +10,26 @@ data is complete:
   Samples per Pixel × Bits Allocated / 8 bytes (PS3.5 §8.1.1, PS3.3 C.7.6.3);
 * encapsulated pixel data must be a well-formed item sequence: a Basic Offset Table item,
   at least one fragment item per frame (or fragments for one frame), closed by a Sequence
-  Delimitation Item (PS3.5 §A.4).
+  Delimitation Item (PS3.5 §A.4);
+* an image Storage SOP Class data set must hold pixel data at all (the caller names
+  those classes: Pixel Data is Type 1 in their Image Pixel Module, PS3.3 C.7.6.3, with
+  every transfer syntax the node accepts);
+* every explicit VR must be one PS3.5 §6.2 defines (pydicom, which reads the series
+  later, cannot read an element of an unknown VR such as ``CQ``), in nested sequence
+  items too;
+* a deflated data set may inflate to :data:`MAX_INFLATED_BYTES` at most (a small
+  deflate stream can expand a thousandfold: unbounded, it exhausted the listener's
+  memory and the association was aborted instead of answered).
+
+UIDs: the standard's form (PS3.5 §9.1: no leading zero in a component, at most 64
+characters) is what :func:`is_valid_uid` checks; the listener also accepts components
+with leading zeros, which some modalities send and DCMTK and Orthanc store
+(:func:`is_acceptable_uid`), and :func:`node.spool.path_part` names them by a hash.
+Nothing else: only digits and dots, no empty component, nothing after the last digit
+(a trailing newline is refused: no sender means it), and at most 64 characters — the
+ledger's UID columns hold 64 (PostgreSQL refused a longer one *after* the Success, so
+the image never reached the pipeline) and the report copies the UIDs into UI elements
+(at most 64 characters, PS3.5 §6.2): a longer UID is refused before the Success.
 
 Nothing here decodes pixel values or builds a pydicom Dataset: a small scanner walks the
 element headers of the memory-mapped file (PS3.5 §7.1: explicit/implicit VR, little/big
@@ -25,12 +44,18 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
 #: PS3.5 §9.1: digits and dots, no empty component, no leading zero, at most 64 chars.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 UID_MAX_LENGTH = 64
+#: What the listener accepts besides: components with leading zeros.
+_LOOSE_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+#: A deflated data set inflating to more than this is refused (PS3.5 §A.5): 256 MiB, a
+#: 500-frame 512×512 16-bit multi-frame image; held in memory while it is checked.
+MAX_INFLATED_BYTES = 256 << 20
 
 PIXEL_DATA = 0x7FE00010
 FLOAT_PIXEL_DATA = 0x7FE00008
@@ -42,6 +67,11 @@ _SEQ_DELIM = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+#: The VRs with a 2-byte length (PS3.5 §7.1.2, Table 7.1-2); any other code is unknown.
+_SHORT_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
+     b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
 )
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -82,8 +112,14 @@ class InstanceHeader:
 
 def is_valid_uid(value: str) -> bool:
     """True when ``value`` is a UID per PS3.5 §9.1 (safe as a file-name part)."""
-    return len(value) <= UID_MAX_LENGTH and _UID_RE.match(value) is not None
+    return len(value) <= UID_MAX_LENGTH and _UID_RE.fullmatch(value) is not None
 
+
+def is_acceptable_uid(value: str) -> bool:
+    """True when the listener accepts ``value`` as a UID: digits and dots, no empty
+    component, at most 64 characters (leading zeros allowed: see the module
+    documentation)."""
+    return len(value) <= UID_MAX_LENGTH and _LOOSE_UID_RE.fullmatch(value) is not None
 
 
 
@@ -114,13 +150,17 @@ class _Scanner:
         if vr in _LONG_VRS:
             self._need(pos, 12)
             return tag, vr, self.u32.unpack_from(self.buf, pos + 8)[0], pos + 12
+        if vr not in _SHORT_VRS:
+            raise MalformedDataset(f"unknown Value Representation {vr.hex()} (hex)")
         return tag, vr, self.u16.unpack_from(self.buf, pos + 6)[0], pos + 8
 
-    def skip_sequence(self, pos: int, depth: int, implicit_items: bool) -> int:
-        """Offset just past an undefined-length sequence value starting at ``pos``."""
+    def skip_sequence(self, pos: int, depth: int, vr: bytes) -> int:
+        """Offset just past an undefined-length sequence value starting at ``pos``
+        (``vr`` SQ, UN — its items are Implicit VR Little Endian, PS3.5 §6.2.2 — or an
+        encapsulated OB/OW whose items are fragments, not data sets)."""
         if depth > _MAX_DEPTH:
             raise MalformedDataset("sequences nested too deeply")
-        inner = self if not implicit_items or self.implicit else _Scanner(
+        inner = self if vr != b"UN" or self.implicit else _Scanner(
             self.buf, self.end, little=True, implicit=True
         )
         while True:
@@ -129,21 +169,46 @@ class _Scanner:
                 return pos
             if tag != _ITEM:
                 raise MalformedDataset("malformed sequence item")
-            if length != _UNDEFINED:
-                self._need(pos, length)
-                pos += length
-                continue
-            while True:  # an undefined-length item: elements up to the item delimiter
-                tag, vr, length, pos = inner.header(pos)
+            pos = inner.skip_item(pos, length, depth, parse=vr == b"SQ")
+
+    def skip_items(self, pos: int, end: int, depth: int) -> None:
+        """Walk the items of a defined-length sequence value ``[pos, end)``."""
+        if depth > _MAX_DEPTH:
+            raise MalformedDataset("sequences nested too deeply")
+        while pos < end:
+            tag, _, length, pos = self.header(pos)
+            if tag != _ITEM:
+                raise MalformedDataset("malformed sequence item")
+            pos = self.skip_item(pos, length, depth, parse=True)
+        if pos != end:
+            raise MalformedDataset("sequence item runs past its sequence")
+
+    def skip_item(self, pos: int, length: int, depth: int, *, parse: bool) -> int:
+        """Offset just past an item's value; a data set item's elements are walked
+        (their VRs checked) when the encoding is explicit or the length undefined."""
+        if length == _UNDEFINED:
+            while True:  # elements up to the item delimiter
+                tag, vr, length, pos = self.header(pos)
                 if tag == _ITEM_DELIM:
-                    break
-                pos = inner.skip_value(pos, vr, length, depth + 1)
+                    return pos
+                pos = self.skip_value(pos, vr, length, depth + 1)
+        self._need(pos, length)
+        end = pos + length
+        if parse and not self.implicit:
+            while pos < end:
+                tag, vr, length, pos = self.header(pos)
+                pos = self.skip_value(pos, vr, length, depth + 1)
+            if pos != end:
+                raise MalformedDataset("item element runs past its item")
+        return end
 
     def skip_value(self, pos: int, vr: bytes, length: int, depth: int) -> int:
         """Offset just past a value of ``length`` bytes (or an undefined-length one)."""
         if length == _UNDEFINED:
-            return self.skip_sequence(pos, depth, implicit_items=(vr == b"UN"))
+            return self.skip_sequence(pos, depth, vr if vr else b"SQ")
         self._need(pos, length)
+        if vr == b"SQ":
+            self.skip_items(pos, pos + length, depth + 1)
         return pos + length
 
     def text(self, pos: int, length: int) -> str:
@@ -173,9 +238,9 @@ def _meta(buf: _Buf, size: int) -> tuple[str, int]:
     scan = _Scanner(buf, size, little=True, implicit=False)
     pos, syntax = 132, ""
     while pos + 8 <= size:
+        if scan.u16.unpack_from(buf, pos)[0] != 0x0002:
+            break  # the data set starts (deflated, maybe: no element header to read)
         tag, vr, length, value_pos = scan.header(pos)
-        if tag >> 16 != 0x0002:
-            break
         if tag == _TRANSFER_SYNTAX:
             syntax = scan.text(value_pos, length)
         pos = scan.skip_value(value_pos, vr, length, 0)
@@ -192,6 +257,7 @@ def _scan_dataset(scan: _Scanner, pos: int) -> dict[str, str | int]:
         bits = _PIXEL_TAGS.get(tag)
         if bits is not None:
             pos = _check_pixels(scan, found, value_pos, length, bits)
+            found["pixel_data"] = tag
             continue
         name = _WANTED.get(tag)
         if name is not None and length != _UNDEFINED:
@@ -244,18 +310,29 @@ def _check_pixels(
 
 def _uid(found: dict[str, str | int], name: str) -> str:
     value = found.get(name)
-    if not isinstance(value, str) or not is_valid_uid(value):
+    if not isinstance(value, str) or not is_acceptable_uid(value):
         raise MalformedDataset(f"{name} missing or not a valid UID")
     return value
 
 
-def _scan_file(buf: _Buf, size: int) -> InstanceHeader:
+def _inflate(deflated: bytes) -> bytes:
+    """A deflated data set's bytes (PS3.5 §A.5), at most :data:`MAX_INFLATED_BYTES`."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(deflated, MAX_INFLATED_BYTES + 1)
+    except zlib.error as exc:
+        raise MalformedDataset("deflated dataset cannot be inflated") from exc
+    if len(data) > MAX_INFLATED_BYTES:
+        raise MalformedDataset(f"deflated dataset inflates beyond {MAX_INFLATED_BYTES} bytes")
+    if not inflater.eof:
+        raise MalformedDataset("deflated dataset cannot be inflated (truncated)")
+    return data
+
+
+def _scan_file(buf: _Buf, size: int, image_classes: Container[str]) -> InstanceHeader:
     syntax, start = _meta(buf, size)
     if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        try:
-            buf, start = zlib.decompress(bytes(buf[start:size]), -zlib.MAX_WBITS), 0
-        except zlib.error as exc:
-            raise MalformedDataset("deflated dataset cannot be inflated") from exc
+        buf, start = _inflate(bytes(buf[start:size])), 0
         size = len(buf)
     scan = _Scanner(
         buf, size,
@@ -263,9 +340,12 @@ def _scan_file(buf: _Buf, size: int) -> InstanceHeader:
         implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN,
     )
     found = _scan_dataset(scan, start)
+    sop_class_uid = _uid(found, "sop_class_uid")
+    if sop_class_uid in image_classes and "pixel_data" not in found:
+        raise MalformedDataset("image storage data set without pixel data")
     return InstanceHeader(
         sop_instance_uid=_uid(found, "sop_instance_uid"),
-        sop_class_uid=_uid(found, "sop_class_uid"),
+        sop_class_uid=sop_class_uid,
         study_instance_uid=_uid(found, "study_instance_uid"),
         series_instance_uid=_uid(found, "series_instance_uid"),
         modality=str(found.get("modality", "")),
@@ -274,7 +354,7 @@ def _scan_file(buf: _Buf, size: int) -> InstanceHeader:
     )
 
 
-def read_header(path: Path) -> InstanceHeader:
+def read_header(path: Path, image_classes: Container[str] = frozenset()) -> InstanceHeader:
     """Scan a received Part 10 file and check that it can be accepted.
 
     Parameters
@@ -282,6 +362,8 @@ def read_header(path: Path) -> InstanceHeader:
     path
         A file in the DICOM File Format (PS3.10), as pynetdicom writes it when
         receiving with ``STORE_RECV_CHUNKED_DATASET``.
+    image_classes
+        SOP Class UIDs whose data sets must hold pixel data (image storage classes).
 
     Returns
     -------
@@ -292,24 +374,27 @@ def read_header(path: Path) -> InstanceHeader:
     ------
     MalformedDataset
         With a reason free of patient data: truncated or malformed element headers,
-        invalid UIDs, or pixel data shorter than the image attributes require.
+        an unknown VR, invalid UIDs, pixel data missing from an image or shorter than
+        the image attributes require, a deflated data set inflating beyond its bound.
     """
     with path.open("rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size == 0:
             raise MalformedDataset("empty dataset")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return scan_header(buf, size)
+            return scan_header(buf, size, image_classes)
 
 
-def scan_header(buf: _Buf, size: int | None = None) -> InstanceHeader:
+def scan_header(
+    buf: _Buf, size: int | None = None, image_classes: Container[str] = frozenset()
+) -> InstanceHeader:
     """:func:`read_header` over bytes in memory (a Part 10 file's bytes, e.g. a
     memory-mapped journal record); same checks, same errors."""
     size = len(buf) if size is None else size
     if size == 0:
         raise MalformedDataset("empty dataset")
     try:
-        return _scan_file(buf, size)
+        return _scan_file(buf, size, image_classes)
     except (struct.error, ValueError) as exc:
         if isinstance(exc, MalformedDataset):
             raise

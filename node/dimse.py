@@ -1,7 +1,9 @@
-"""DIMSE command sets for C-ECHO and C-STORE, and the Part 10 header of a received file.
+"""DIMSE command sets for C-ECHO, C-STORE and N-EVENT-REPORT, and the Part 10 header of a
+received file.
 
 Command sets are encoded in Implicit VR Little Endian, group 0000, ascending tags, with
-the Command Group Length first (PS3.7 §6.3.1, §9.3.1 C-STORE, §9.3.5 C-ECHO, Annex E).
+the Command Group Length first (PS3.7 §6.3.1, §9.3.1 C-STORE, §9.3.5 C-ECHO, §10.3.1
+N-EVENT-REPORT, Annex E).
 A received C-STORE data set is written after a File Meta Information group (PS3.10
 §7.1) built from the request, so every spool file is a DICOM Part 10 file holding
 exactly the data set bytes that arrived.
@@ -17,6 +19,10 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100
+_RESPONSE_FIELD = {C_STORE_RQ: C_STORE_RSP, C_ECHO_RQ: C_ECHO_RSP,
+                   N_EVENT_REPORT_RQ: N_EVENT_REPORT_RSP}
 #: Command Data Set Type meaning "no data set" (PS3.7 §E.1).
 NO_DATA_SET = 0x0101
 DATA_SET_PRESENT = 0x0000
@@ -33,11 +39,13 @@ TAG_ERROR_COMMENT = 0x00000902
 #: Error Comment is LO: at most 64 characters (PS3.5 §6.2, PS3.7 §C.4.1).
 MAX_ERROR_COMMENT = 64
 TAG_AFFECTED_SOP_INSTANCE = 0x00001000
+TAG_EVENT_TYPE_ID = 0x00001002
 _US_TAGS = frozenset(
-    {TAG_COMMAND_FIELD, TAG_MESSAGE_ID, TAG_DATA_SET_TYPE, TAG_STATUS, 0x00000700}
+    {TAG_COMMAND_FIELD, TAG_MESSAGE_ID, TAG_DATA_SET_TYPE, TAG_STATUS, 0x00000700,
+     TAG_EVENT_TYPE_ID}
 )
 _ELEMENT = struct.Struct("<HHL")
-#: A command set longer than this is not a C-ECHO / C-STORE request.
+#: A command set longer than this is not a request the listener serves.
 MAX_COMMAND_BYTES = 64 * 1024
 
 
@@ -47,13 +55,15 @@ class CommandError(ValueError):
 
 @dataclass(frozen=True)
 class Command:
-    """The fields of a request command set the listener uses (PS3.7 §9.3.1, §9.3.5)."""
+    """The fields of a request command set the listener uses (PS3.7 §9.3.1, §9.3.5,
+    §10.3.1)."""
 
     field: int
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
     has_data_set: bool
+    event_type: int | None = None  # N-EVENT-REPORT's Event Type ID
 
 
 def decode_command(data: bytes) -> Command:
@@ -84,6 +94,7 @@ def decode_command(data: bytes) -> Command:
         sop_class_uid=str(values.get(TAG_AFFECTED_SOP_CLASS, "")),
         sop_instance_uid=str(values.get(TAG_AFFECTED_SOP_INSTANCE, "")),
         has_data_set=int(values.get(TAG_DATA_SET_TYPE, NO_DATA_SET)) != NO_DATA_SET,
+        event_type=int(values[TAG_EVENT_TYPE_ID]) if TAG_EVENT_TYPE_ID in values else None,
     )
 
 
@@ -101,12 +112,13 @@ def _implicit(tag: int, value: bytes) -> bytes:
 
 
 def response(request: Command, status: int, error_comment: str | None = None) -> bytes:
-    """The C-STORE-RSP or C-ECHO-RSP command set answering ``request``.
+    """The C-STORE-RSP, C-ECHO-RSP or N-EVENT-REPORT-RSP command set answering ``request``.
 
     ``error_comment`` (only for a failure status) becomes Error Comment (0000,0902),
-    ASCII, cut to 64 characters (PS3.7 §9.1.1.1.9, Annex C.4.1).
+    ASCII, cut to 64 characters (PS3.7 §9.1.1.1.9, Annex C.4.1). An N-EVENT-REPORT-RSP
+    carries the Affected SOP Instance UID and the Event Type ID (PS3.7 Table 10.3-1).
     """
-    field = C_STORE_RSP if request.field == C_STORE_RQ else C_ECHO_RSP
+    field = _RESPONSE_FIELD[request.field]
     body = _implicit(TAG_AFFECTED_SOP_CLASS, _ui(request.sop_class_uid))
     body += _implicit(TAG_COMMAND_FIELD, struct.pack("<H", field))
     body += _implicit(TAG_MESSAGE_ID_RESPONDED, struct.pack("<H", request.message_id))
@@ -115,10 +127,12 @@ def response(request: Command, status: int, error_comment: str | None = None) ->
     if error_comment:
         text = error_comment.encode("ascii", "replace")[:MAX_ERROR_COMMENT]
         body += _implicit(TAG_ERROR_COMMENT, _even(text, b" "))
-    if field == C_STORE_RSP:
+    if field in (C_STORE_RSP, N_EVENT_REPORT_RSP):
         body += _implicit(
             TAG_AFFECTED_SOP_INSTANCE, _ui(request.sop_instance_uid)
         )
+    if field == N_EVENT_REPORT_RSP and request.event_type is not None:
+        body += _implicit(TAG_EVENT_TYPE_ID, struct.pack("<H", request.event_type))
     return _implicit(TAG_GROUP_LENGTH, struct.pack("<L", len(body))) + body
 
 

@@ -43,6 +43,7 @@ from node.dicomio import InstanceHeader
 from node.journal import Entry, Journal
 from node.ledger.instances import InstanceRecord
 from node.logs import get_logger
+from node.redact import error_text
 from node.spool import Spool, Stored
 
 log = get_logger(__name__)
@@ -267,7 +268,7 @@ class Applier:
                     log.exception("journal apply failed; retrying", records=len(batch))
                     with self._cond:
                         self._failing = True  # nobody waits on us meanwhile
-                        self._last_error = f"{type(exc).__name__}: {exc}"[:300]
+                        self._last_error = error_text(exc)
                         self._cond.notify_all()
                     self.publish()
                     with self._cond:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.config import ConfigError, Settings, load_settings
+from node.config import ConfigError, Settings, load_settings, resolve_config_path
 from node.logs import get_logger
 
 log = get_logger(__name__)
@@ -72,6 +72,13 @@ class Reloader:
         self.config = config
         self.current = current
         self.targets = targets
+        #: The last reload's plan (None before the first, or when it failed).
+        self.last: ReloadPlan | None = None
+
+    @property
+    def path(self) -> Path | None:
+        """The file a reload reads (None: built-in defaults and the environment only)."""
+        return resolve_config_path(self.config)
 
     def reload(self) -> bool:
         """Reload once; False (and the old settings kept) when the file is invalid."""
@@ -80,6 +87,7 @@ class Reloader:
         except ConfigError as exc:
             log.error("config_reload_failed", source=exc.source,
                       errors=[str(p) for p in exc.issues])
+            self.last = None
             return False
         plan = plan_reload(self.current, new)
         for apply in self.targets:
@@ -89,6 +97,7 @@ class Reloader:
                 log.exception("config_reload_apply_failed",
                               target=getattr(apply, "__qualname__", "?"))
         self.current = plan.settings
+        self.last = plan
         if plan.restart_needed:
             log.warning("config_restart_needed", keys=list(plan.restart_needed),
                         note="these keys keep their running values until a restart")

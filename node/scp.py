@@ -18,6 +18,17 @@ this module decides what happens to each association and instance:
   ``fdatasync`` makes the record durable, and only then is Success returned. The
   journal applier (:mod:`node.ingest`) moves it into the spool and the ledger; the
   association's end is recorded once that is done for everything it stored.
+* **Bad input is refused, never acknowledged** (PS3.4 Annex B.2.3): a malformed data
+  set — truncated, an unknown VR, an image class without pixel data, a deflated data
+  set inflating past its bound, an unacceptable UID — gets 0xC210, one whose SOP
+  Instance UID differs from the command's 0xC212, one whose SOP Class UID differs
+  0xA900; each is kept in ``<home>/quarantine`` with its reason. A C-STORE on a
+  context that is not a storage class (Verification) is refused with 0x0122.
+  An unexpected error while storing answers 0xC213 (0xA700 when memory ran out) and
+  quarantines the data set; the association goes on.
+* **Storage Commitment reports** (PS3.4 J.3.3) from the configured destinations that
+  use commitment are admitted for that SOP class alone and recorded in the ledger
+  (:mod:`node.scp_commit`).
 * **Status codes are named** (PS3.4 Annex B.2.3, PS3.7 Annex C): see the ``STATUS_*``
   constants.
 * **TCP_NODELAY** on the listening and on every accepted socket (DICOM's request /
@@ -36,13 +47,16 @@ import structlog
 from pydicom import uid as pyuid
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from node.acceptor import AcceptorConfig, Incoming, Peer, StoreRequest
+from node.acceptor import AcceptorConfig, EventReport, Incoming, Peer, StoreRequest
 from node.acceptor_server import AcceptorServer
 from node.config import Settings
 from node.dicomio import InstanceHeader, MalformedDataset, scan_header
 from node.ingest import Applier, RecordingLedger, entry_meta
 from node.journal import Journal, JournalError, Record, Writer
 from node.logs import get_logger
+from node.scp_commit import ERROR_COMMENTS as REPORT_ERROR_COMMENTS
+from node.scp_commit import CommitmentReports, ReportRecorder
+from node.scu_commit import STORAGE_COMMITMENT_PUSH_MODEL
 from node.spool import Spool, SpoolFull
 
 log = get_logger(__name__)
@@ -53,11 +67,15 @@ STATUS_SUCCESS = 0x0000
 STATUS_REFUSED_NOT_AUTHORIZED = 0x0124
 #: Refused: Out of Resources (PS3.4 B.2.3) — the spool disk is past its watermark.
 STATUS_OUT_OF_RESOURCES = 0xA700
+#: Error: Data Set does not match SOP Class (PS3.4 B.2.3) — the data set's SOP Class
+#: UID differs from the command's Affected SOP Class UID.
+STATUS_DATASET_MISMATCH = 0xA900
 #: Error: Cannot Understand (C2xx, PS3.4 B.2.3): the dataset is malformed or truncated.
 STATUS_CANNOT_UNDERSTAND = 0xC210
 #: Error: Cannot Understand: the dataset's SOP Instance UID differs from the request's.
 STATUS_UID_MISMATCH = 0xC212
-#: Error: Cannot Understand: the node failed to record the instance (ledger error).
+#: Error: Cannot Understand: the node failed to record the instance (journal error, or
+#: an unexpected error while storing).
 STATUS_PROCESSING_FAILURE = 0xC213
 #: Refused: SOP Class not supported (PS3.7 C.5.x) — the command's class is not the
 #: presentation context's abstract syntax.
@@ -67,7 +85,8 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: patient data (PS3.7 §9.1.1.1.9, Annex C.4).
 ERROR_COMMENTS: dict[int, str] = {
     STATUS_REFUSED_NOT_AUTHORIZED: "Refused by the node's routing rules",
-    STATUS_OUT_OF_RESOURCES: "Spool disk full: retry later",
+    STATUS_OUT_OF_RESOURCES: "Out of resources (disk or memory): retry later",
+    STATUS_DATASET_MISMATCH: "Data set SOP Class UID differs from the command",
     STATUS_CANNOT_UNDERSTAND: "Malformed or truncated data set (quarantined)",
     STATUS_UID_MISMATCH: "Data set SOP Instance UID differs from the command",
     STATUS_PROCESSING_FAILURE: "Stored but not recorded: internal error",
@@ -88,6 +107,14 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 ECHO_TRANSFER_SYNTAXES = (pyuid.ExplicitVRLittleEndian, pyuid.ImplicitVRLittleEndian)
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: Storage SOP Classes of images (PS3.4 B.5, named "... Image Storage"): their IODs
+#: include the Image Pixel Module, whose Pixel Data is Type 1 unless a Pixel Data
+#: Provider URL stands in for it (PS3.3 C.7.6.3) — only with JPIP transfer syntaxes,
+#: which the node does not accept. Checked by the header scan at no extra cost.
+IMAGE_STORAGE_CLASSES: frozenset[str] = frozenset(
+    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+    if cx.abstract_syntax is not None and "Image Storage" in pyuid.UID(cx.abstract_syntax).name
+)
 #: A C-STORE whose journal commit takes longer than this is logged (a stalled disk;
 #: senders give up after their DIMSE timeout, often 30 s).
 SLOW_STORE_SECONDS = 1.0
@@ -96,7 +123,7 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.10365451129798785511095758
 IMPLEMENTATION_VERSION_NAME = "QCNODE_010"
 
 
-class LedgerLike(RecordingLedger, Protocol):
+class LedgerLike(RecordingLedger, ReportRecorder, Protocol):
     """The part of :class:`node.ledger.Ledger` the listener uses."""
 
     def association_opened(self, assoc_id: str, calling_ae: str, address: str) -> None: ...
@@ -132,6 +159,7 @@ class Listener:
         self.ledger = ledger
         self._on_closed = on_association_closed
         self._server: AcceptorServer | None = None
+        self._supported = self.acceptor_config().supported
         self.journal = Journal(settings.node.home / "journal",
                                segment_bytes=settings.spool.journal_segment_bytes,
                                segments=settings.spool.journal_segments)
@@ -140,6 +168,7 @@ class Listener:
         self._lock = threading.Lock()
         self._writers: dict[str, Writer] = {}
         self._tickets: dict[str, int] = {}
+        self.reports = CommitmentReports(settings.destinations, ledger)
 
     def acceptor_config(self) -> AcceptorConfig:
         """Identity, limits and the supported contexts, from ``[node]``."""
@@ -153,11 +182,25 @@ class Listener:
             network_timeout=node.network_timeout, supported=supported,
             implementation_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version=IMPLEMENTATION_VERSION_NAME,
+            scp_role_classes=frozenset({STORAGE_COMMITMENT_PUSH_MODEL}),
         )
 
-    def admits(self, calling_ae: str, address: str) -> bool:
-        """True when a ``[[senders]]`` entry admits this caller."""
-        return any(s.admits(calling_ae, address) for s in self.settings.senders)
+    def admits(self, calling_ae: str, address: str) -> dict[str, tuple[str, ...]] | None:
+        """What this caller may use: a ``[[senders]]`` entry admits storage and C-ECHO; a
+        destination that uses commitment may send its reports (and C-ECHO)."""
+        sender = any(s.admits(calling_ae, address) for s in self.settings.senders)
+        reporter = self.reports.admits(calling_ae, address)
+        if not sender and not reporter:
+            return None
+        supported: dict[str, tuple[str, ...]] = dict(self._supported) if sender else {
+            VERIFICATION_SOP_CLASS: ECHO_TRANSFER_SYNTAXES}
+        if reporter:
+            supported[STORAGE_COMMITMENT_PUSH_MODEL] = ECHO_TRANSFER_SYNTAXES
+        return supported
+
+    def event_report(self, peer: Peer, report: EventReport) -> int:
+        """N-EVENT-REPORT (PS3.7 §10.1.1): a Storage Commitment report, into the ledger."""
+        return self.reports.event_report(peer, report)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -241,7 +284,7 @@ class Listener:
 
     def error_comment(self, status: int) -> str | None:
         """The Error Comment of a failure ``status`` (see :data:`ERROR_COMMENTS`)."""
-        return ERROR_COMMENTS.get(status)
+        return ERROR_COMMENTS.get(status) or REPORT_ERROR_COMMENTS.get(status)
 
     def incoming(self, peer: Peer, part10_header: bytes) -> Incoming:
         """A journal record for the data set that starts arriving."""
@@ -256,24 +299,37 @@ class Listener:
         return record
 
     def store(self, peer: Peer, request: StoreRequest) -> int:
-        """Receive one C-STORE: validate, journal durably, answer (PS3.4 B.2)."""
+        """Receive one C-STORE: validate, journal durably, answer (PS3.4 B.2).
+
+        An unexpected error answers a failure status (the data set quarantined)
+        instead of ending the association: 0xA700 when memory ran out, else 0xC213.
+        """
+        try:
+            return self._store(peer, request)
+        except Exception as exc:  # answered and logged
+            log.exception("store failed", sop_instance_uid=request.sop_instance_uid)
+            status = (STATUS_OUT_OF_RESOURCES if isinstance(exc, MemoryError)
+                      else STATUS_PROCESSING_FAILURE)
+            record = request.incoming
+            if isinstance(record, Record) and not record.error:
+                self._refuse_malformed(record, f"internal error: {type(exc).__name__}",
+                                       status)
+            return status
+
+    def _store(self, peer: Peer, request: StoreRequest) -> int:
         record = request.incoming
         if record.error or not isinstance(record, Record):
             log.error("spool full: data set not written",
                       sop_instance_uid=request.sop_instance_uid)
             return STATUS_OUT_OF_RESOURCES
-        if request.sop_class_uid != request.abstract_syntax:
+        if (request.sop_class_uid != request.abstract_syntax
+                or request.abstract_syntax == VERIFICATION_SOP_CLASS):
+            log.warning("C-STORE refused", reason="SOP Class not a storage class of the "
+                        "presentation context", sop_class_uid=request.sop_class_uid)
             return STATUS_SOP_CLASS_NOT_SUPPORTED
-        try:
-            with record.view() as data:
-                header = scan_header(data)
-        except MalformedDataset as exc:
-            return self._refuse_malformed(record, exc.reason, STATUS_CANNOT_UNDERSTAND)
-        if header.sop_instance_uid != request.sop_instance_uid:
-            return self._refuse_malformed(
-                record, "dataset SOP Instance UID differs from the request",
-                STATUS_UID_MISMATCH,
-            )
+        header = self._checked(record, request)
+        if isinstance(header, int):
+            return header
         structlog.contextvars.bind_contextvars(series_uid=header.series_instance_uid)
         rule = self.settings.rule_for(
             header.modality, header.sop_class_uid, header.series_description
@@ -283,6 +339,26 @@ class Listener:
                      sop_instance_uid=header.sop_instance_uid)
             return STATUS_REFUSED_NOT_AUTHORIZED
         return self._commit(peer, record, header, rule.action, rule.name)
+
+    def _checked(self, record: Record, request: StoreRequest) -> InstanceHeader | int:
+        """The data set's header scanned and matched against the command, or the
+        status of its refusal (the data set quarantined)."""
+        try:
+            with record.view() as data:
+                header = scan_header(data, image_classes=IMAGE_STORAGE_CLASSES)
+        except MalformedDataset as exc:
+            return self._refuse_malformed(record, exc.reason, STATUS_CANNOT_UNDERSTAND)
+        if header.sop_class_uid != request.sop_class_uid:
+            return self._refuse_malformed(
+                record, "dataset SOP Class UID differs from the request",
+                STATUS_DATASET_MISMATCH,
+            )
+        if header.sop_instance_uid != request.sop_instance_uid:
+            return self._refuse_malformed(
+                record, "dataset SOP Instance UID differs from the request",
+                STATUS_UID_MISMATCH,
+            )
+        return header
 
     def _commit(
         self, peer: Peer, record: Record, header: InstanceHeader, action: str, rule: str
@@ -314,11 +390,13 @@ class Listener:
         return STATUS_SUCCESS
 
     def _refuse_malformed(self, record: Record, reason: str, status: int) -> int:
+        """Keep the refused data set in the quarantine (best effort: the refusal is
+        answered whether or not it could be kept); ``status``."""
         try:
             with record.view() as data:
                 staged = self.spool.stage(data)
             target = self.spool.quarantine(staged, reason)
-        except OSError:
+        except Exception:  # logged; the refusal stands
             log.exception("malformed dataset could not be quarantined", reason=reason)
         else:
             log.warning("malformed dataset quarantined", reason=reason, file=target.name,

@@ -6,9 +6,10 @@ when configured), C-STOREs every object (PS3.4 Annex B), then confirms that the 
 holds them:
 
 * **Storage Commitment** (PS3.4 Annex J, Push Model): N-ACTION on the same association;
-  the PACS answers with an N-EVENT-REPORT on a *new* association to the calling AE, so
-  the destination must set ``commitment_port`` and name the calling AE at that port in
-  its modality table. Used when configured and the PACS accepts the SOP class.
+  the PACS answers with an N-EVENT-REPORT on a *new* association to the calling AE, at
+  the node's main listener (found in the ledger) or at the destination's
+  ``commitment_port`` (:mod:`node.scu_commit`). Used with ``confirm = "commitment"``,
+  or ``"auto"`` with a ``commitment_port``, when the PACS accepts the SOP class.
 * else **C-FIND** (PS3.4 Annex C, Study Root, IMAGE level) for each SOP Instance UID.
 
 Every failure is an exception carrying a :class:`Failure` that says whether retrying
@@ -39,6 +40,8 @@ from node.config import DestinationSettings, TlsSettings
 from node.scu_commit import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     CommitmentListener,
+    ReportLedger,
+    ReportWaiter,
     commitment_request,
 )
 
@@ -134,6 +137,7 @@ class DeliveryReceipt:
     statuses: tuple[int, ...]
     confirmation: Confirmation
     seconds: float
+    transaction_uid: str | None = None  # of the storage commitment request, if any
 
 
 def classify_store_status(status: int) -> Reason | None:
@@ -307,43 +311,71 @@ def _accepted(assoc: Any, sop_class: str) -> bool:
 def deliver(
     datasets: Sequence[Dataset], dest: DestinationSettings, *, node_ae: str,
     bind_host: str = "0.0.0.0",  # noqa: S104 - the PACS connects back for commitment
+    node_port: int | None = None, ledger: ReportLedger | None = None,
 ) -> DeliveryReceipt:
-    """C-STORE ``datasets`` to ``dest`` and confirm them; raise :class:`DeliveryError`."""
+    """C-STORE ``datasets`` to ``dest`` and confirm them; raise :class:`DeliveryError`.
+
+    ``node_port`` and ``ledger``: the node's main listener, where the PACS may send its
+    storage commitment report too (recorded in ``ledger``); None: only the separate
+    ``commitment_port``.
+    """
     start = time.monotonic()
-    commit = dest.confirm in ("auto", "commitment") and dest.commitment_port is not None
+    commit = dest.uses_commitment
     session = _Session(dest, node_ae, _contexts(datasets, dest.confirm, commit))
     uids = tuple(str(ds.SOPInstanceUID) for ds in datasets)
+    own_port = dest.commitment_port is not None and dest.commitment_port != node_port
     listener = CommitmentListener(session.calling_ae, bind_host, dest.commitment_port) \
-        if commit and dest.commitment_port is not None else None
+        if commit and own_port and dest.commitment_port is not None else None
+    waiter = _waiter(dest, session.calling_ae, node_ae, bind_host, node_port, ledger, listener)
     with listener if listener is not None else nullcontext():
         assoc = session.open()
         try:
             statuses = _store_all(assoc, datasets)
-            confirmation = _confirm(assoc, datasets, dest, listener)
+            confirmation, transaction = _confirm(assoc, datasets, dest, waiter)
         finally:
             if assoc.is_established:
                 assoc.release()
     return DeliveryReceipt(dest.name, uids, tuple(statuses), confirmation,
-                           time.monotonic() - start)
+                           time.monotonic() - start, transaction)
+
+
+def _waiter(dest: DestinationSettings, calling_ae: str, node_ae: str, bind_host: str,
+            node_port: int | None, ledger: ReportLedger | None,
+            listener: CommitmentListener | None) -> ReportWaiter | None:
+    """Where the N-EVENT-REPORT may arrive: the main listener (reports to the node's own
+    AE title only) and/or the separate commitment port."""
+    if not dest.uses_commitment:
+        return None
+    main = ledger is not None and node_port is not None and calling_ae == node_ae
+    routes = [f"{calling_ae} at {bind_host}:{node_port}"] if main else []
+    if listener is not None:
+        routes.append(f"{calling_ae} at {bind_host}:{dest.commitment_port}")
+    if not routes:
+        return None
+    return ReportWaiter(dest.name, dest.ae_title, listener, ledger if main else None,
+                        tuple(routes))
 
 
 def _confirm(assoc: Any, datasets: Sequence[Dataset], dest: DestinationSettings,
-             listener: CommitmentListener | None) -> Confirmation:
+             waiter: ReportWaiter | None) -> tuple[Confirmation, str | None]:
     if dest.confirm == "none":
-        return "none"
-    if listener is not None and _accepted(assoc, STORAGE_COMMITMENT_PUSH_MODEL):
-        ok, detail = commitment_request(assoc, listener, datasets, dest.timeout)
-        if not ok:
-            raise DeliveryError(Failure(Reason.NOT_CONFIRMED, detail))
-        return "commitment"
+        return "none", None
+    if waiter is not None and _accepted(assoc, STORAGE_COMMITMENT_PUSH_MODEL):
+        outcome = commitment_request(assoc, waiter, datasets, dest.timeout)
+        if not outcome.ok:
+            raise DeliveryError(Failure(Reason.NOT_CONFIRMED, outcome.detail))
+        return "commitment", outcome.transaction_uid
     if dest.confirm == "commitment":
-        raise DeliveryError(Failure(Reason.NO_CONTEXT, "storage commitment not accepted"))
+        why = ("the PACS does not accept it" if waiter is not None
+               else "no route for its reports (a calling AE of its own needs a "
+                    "commitment_port)")
+        raise DeliveryError(Failure(Reason.NO_CONTEXT, f"storage commitment: {why}"))
     if not _accepted(assoc, STUDY_ROOT_FIND):
         raise DeliveryError(Failure(Reason.NO_CONTEXT, "neither commitment nor C-FIND accepted"))
     missing = [str(ds.SOPInstanceUID) for ds in datasets if not _find_confirms(assoc, ds)]
     if missing:
         raise DeliveryError(Failure(Reason.NOT_CONFIRMED, f"C-FIND does not find {missing[0]}"))
-    return "find"
+    return "find", None
 
 
 def echo(dest: DestinationSettings, *, node_ae: str) -> float:
@@ -378,7 +410,9 @@ _ADVICE = {
 
 
 def echo_main(args: argparse.Namespace) -> int:
-    """``qcnode echo NAME``: C-ECHO a configured destination, say what failed in words."""
+    """``qcnode echo NAME``: C-ECHO a configured destination, say what failed in words;
+    with Storage Commitment configured, one commitment round trip too
+    (:mod:`node.commit_check`)."""
     from node.config import ConfigError, load_settings
 
     try:
@@ -399,4 +433,10 @@ def echo_main(args: argparse.Namespace) -> int:
         print(f"FAILED {target}: {exc.failure}" + (f" — {advice}" if advice else ""))
         return 1
     print(f"OK {target}: C-ECHO answered in {seconds * 1000:.0f} ms")
-    return 0
+    if not dest.uses_commitment:
+        return 0
+    from node.commit_check import check_commitment
+
+    ok, detail = check_commitment(dest, settings)
+    print(f"{'OK' if ok else 'FAILED'} {target}: storage commitment: {detail}")
+    return 0 if ok else 1

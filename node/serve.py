@@ -32,9 +32,12 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import TYPE_CHECKING
 
+from node import metrics
 from node.completion import CompletionMonitor
 from node.config import ConfigError, Settings, load_settings
 from node.dicomio import MalformedDataset, read_header
@@ -44,6 +47,9 @@ from node.logs import configure_logging, get_logger
 from node.reload import Reloader, ReloadPlan
 from node.scp import Listener
 from node.spool import Spool, Stored, file_sha256
+
+if TYPE_CHECKING:
+    from node.web.server import WebServer
 
 log = get_logger(__name__)
 EXIT_OK = 0
@@ -196,12 +202,16 @@ def main(args: argparse.Namespace) -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(tmp.resolve())
     signals = SignalPipe((*STOP_SIGNALS, signal.SIGHUP))
+    # Every process of this node counts into one directory (before anything counts).
+    metrics.use_directory(settings.node.home / "run" / "metrics")
     from node.pipeline.service import Pipeline  # the pipeline's hook (issue 5)
 
     config = getattr(args, "config", None)
     with signals, Pipeline(settings, config) as pipeline, \
-            Node(settings, [pipeline.on_complete]) as node:
+            Node(settings, [pipeline.on_complete]) as node, ExitStack() as web:
         reloader = Reloader(config, settings, [node.apply, pipeline.apply])
+        if settings.web.enabled:
+            web.enter_context(web_server(node, settings, reloader))
         host, port = node.address
         print(f"listening on {host}:{port} as {settings.node.ae_title}", flush=True)
         while True:
@@ -214,6 +224,33 @@ def main(args: argparse.Namespace) -> int:
                 reloader.reload()
     log.info("stopped")
     return EXIT_OK
+
+
+def web_server(node: Node, settings: Settings, reloader: Reloader) -> WebServer:
+    """The node's web side (health, readiness, metrics, the configuration API) over the
+    running ``node``; a change through the API is applied as a SIGHUP reload."""
+    from node.config_store import ConfigStore
+    from node.pipeline.app import queue_depths
+    from node.web.api import ApiContext
+    from node.web.app import NodeView
+    from node.web.auth import Accounts
+    from node.web.server import WebServer
+
+    def listening() -> tuple[str, int] | None:
+        return node.address if node.listener is not None else None
+
+    def apply() -> tuple[str, ...]:
+        reloader.reload()
+        return reloader.last.restart_needed if reloader.last is not None else ()
+
+    home = settings.node.home
+    path = reloader.path
+    store = ConfigStore(path, home / "audit" / "config.jsonl") if path is not None else None
+    api = ApiContext(store=store, accounts=Accounts(home), apply=apply,
+                     refused=lambda reason: metrics.metrics().http_refused.labels(reason).inc())
+    view = NodeView(settings=lambda: node.settings, ledger=lambda: node.ledger,
+                    listening=listening, depths=queue_depths, api=api)
+    return WebServer(view, settings.web.host, settings.web.port)
 
 
 class SignalPipe:

@@ -8,6 +8,11 @@ Layout under the spool directory (UIDs are validated before they become path par
 and under ``<home>``: ``tmp/`` (partial receptions; emptied at start-up) and
 ``quarantine/`` (malformed datasets with a ``.reason`` file beside each).
 
+A UID the listener accepts without it being valid per PS3.5 §9.1 (a component with a
+leading zero: :func:`node.dicomio.is_acceptable_uid`) is named by its hash instead
+(:func:`path_part`): ``uid-<40 hex digits>``, which no valid UID can collide with. The
+ledger keeps the UID itself and the file's relative path.
+
 Files arrive here from the receive journal (:mod:`node.ingest`), which already holds
 every acknowledged data set durably: they are renamed in without a flush each, and
 :meth:`Spool.sync` (one ``syncfs`` at the journal's checkpoint) makes a batch durable
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from node.dicomio import InstanceHeader, is_valid_uid
+from node.dicomio import InstanceHeader, is_acceptable_uid, is_valid_uid
 
 _CHUNK = 1 << 20
 #: Buffer of :meth:`Spool.stage_copy` (one per spool; the journal applier is one thread).
@@ -83,11 +88,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def path_part(uid: str) -> str:
+    """The file-name part for ``uid``: the UID itself when valid per PS3.5 §9.1,
+    else ``uid-`` and 40 hex digits of its SHA-256 (see the module documentation).
+
+    Raises
+    ------
+    ValueError
+        ``uid`` is not even acceptable (:func:`node.dicomio.is_acceptable_uid`).
+    """
+    if is_valid_uid(uid):
+        return uid
+    if not is_acceptable_uid(uid):
+        raise ValueError("invalid UID used as a path part")
+    return "uid-" + hashlib.sha256(uid.encode("ascii")).hexdigest()[:40]
+
+
 def version_name(sop_instance_uid: str, version: int) -> str:
     """File name of one version of an instance."""
+    name = path_part(sop_instance_uid)
     if version == 1:
-        return f"{sop_instance_uid}{SUFFIX}"
-    return f"{sop_instance_uid}.v{version}{SUFFIX}"
+        return f"{name}{SUFFIX}"
+    return f"{name}.v{version}{SUFFIX}"
 
 
 class Spool:
@@ -126,12 +148,10 @@ class Spool:
 
     # Storing ------------------------------------------------------------------------
     def series_dir(self, header: InstanceHeader) -> Path:
-        """Directory of a series (UIDs re-checked: they are path parts)."""
-        for uid in (header.study_instance_uid, header.series_instance_uid,
-                    header.sop_instance_uid):
-            if not is_valid_uid(uid):
-                raise ValueError("invalid UID used as a path part")
-        return self.root / header.study_instance_uid / header.series_instance_uid
+        """Directory of a series (UIDs re-checked: they are path parts, :func:`path_part`)."""
+        path_part(header.sop_instance_uid)
+        return (self.root / path_part(header.study_instance_uid)
+                / path_part(header.series_instance_uid))
 
     def store(
         self, src: Path, header: InstanceHeader, known: list[tuple[int, str]] | None = None,

@@ -11,8 +11,11 @@ Negotiation rules (PS3.8 Annex B, PS3.7 Annex D.3.3):
   with the first transfer syntax of *our* preference list the requestor proposed;
   otherwise it gets result 3 (abstract syntax not supported) or 4 (transfer syntaxes
   not supported);
-* SCP/SCU role selection (§D.3.3.4) is not answered: the default roles (requestor SCU,
-  acceptor SCP) then apply, which is all a store SCP does;
+* SCP/SCU role selection (PS3.7 §D.3.3.4) is answered only for the SOP classes the
+  node serves as SCU (:func:`role_answers`): Storage Commitment, whose N-EVENT-REPORT
+  the PACS sends as SCP on an association it opens (PS3.4 J.3); we accept its SCP
+  role and not an SCU role. Elsewhere the default roles (requestor SCU, acceptor SCP)
+  apply, which is all a store SCP does;
 * SOP class extended negotiation (§D.3.3.5) and common extended negotiation (§D.3.3.6)
   are not answered, which means "not supported"; asynchronous operations (§D.3.3.3)
   are not answered, so one operation at a time (the default) applies;
@@ -49,6 +52,7 @@ ITEM_USER_INFORMATION = 0x50
 ITEM_MAXIMUM_LENGTH = 0x51
 ITEM_IMPLEMENTATION_CLASS_UID = 0x52
 ITEM_IMPLEMENTATION_VERSION_NAME = 0x55
+ITEM_ROLE_SELECTION = 0x54
 ITEM_USER_IDENTITY_RQ = 0x58
 ITEM_USER_IDENTITY_AC = 0x59
 #: User-Identity-Types answered with a zero-length server response (PS3.7 D.3.3.7.1).
@@ -121,6 +125,8 @@ class AssociateRequest:
     max_pdu: int = 0
     #: a User Identity sub-item requested a positive response for a username identity
     user_identity_response: bool = False
+    #: SCP/SCU Role Selection sub-items: abstract syntax -> (SCU role, SCP role)
+    roles: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -167,14 +173,31 @@ def _context(value: bytes) -> tuple[int, str, tuple[str, ...]]:
     return value[0], abstract, tuple(syntaxes)
 
 
-def _user_information(user_info: bytes) -> tuple[int, bool]:
-    """``(maximum length, user identity response wanted)`` from the user information.
+def _role(value: bytes) -> tuple[str, tuple[int, int]]:
+    """``(abstract syntax, (SCU role, SCP role))`` of a Role Selection sub-item."""
+    if len(value) < 2:
+        raise ProtocolError("role selection item too short")
+    length = struct.unpack_from(">H", value, 0)[0]
+    if len(value) != 2 + length + 2:
+        raise ProtocolError("role selection item length mismatch")
+    return _text(value[2:2 + length]), (value[2 + length], value[3 + length])
 
-    Sub-items other than Maximum Length (PS3.8 §D.1) and User Identity (PS3.7
-    §D.3.3.7.1) are skipped by their length, known or not.
+
+def _user_information(
+    user_info: bytes,
+) -> tuple[int, bool, dict[str, tuple[int, int]]]:
+    """``(maximum length, user identity response wanted, roles)`` from the user
+    information.
+
+    Sub-items other than Maximum Length (PS3.8 §D.1), SCP/SCU Role Selection (PS3.7
+    §D.3.3.4) and User Identity (PS3.7 §D.3.3.7.1) are skipped by their length.
     """
     max_pdu, identity_response = 0, False
+    roles: dict[str, tuple[int, int]] = {}
     for kind, sub in _items(user_info, 0, len(user_info)):
+        if kind == ITEM_ROLE_SELECTION:
+            abstract, role = _role(sub)
+            roles[abstract] = role
         if kind == ITEM_MAXIMUM_LENGTH:
             if len(sub) != 4:
                 raise ProtocolError("maximum length item is not 4 bytes")
@@ -184,7 +207,7 @@ def _user_information(user_info: bytes) -> tuple[int, bool]:
                 raise ProtocolError("user identity item too short")
             identity_response = sub[1] == 1 and sub[0] in (
                 USER_IDENTITY_USERNAME, USER_IDENTITY_USERNAME_PASSCODE)
-    return max_pdu, identity_response
+    return max_pdu, identity_response, roles
 
 
 def parse_associate_rq(body: bytes) -> AssociateRequest:
@@ -194,6 +217,7 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
     version = struct.unpack_from(">H", body, 0)[0]
     called, calling = body[4:20], body[20:36]
     app_context, max_pdu, identity_response = "", 0, False
+    roles: dict[str, tuple[int, int]] = {}
     contexts: dict[int, tuple[str, tuple[str, ...]]] = {}
     for kind, value in _items(body, 68, len(body)):
         if kind == ITEM_APPLICATION_CONTEXT:
@@ -204,12 +228,12 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
                 raise ProtocolError("presentation context ids must be odd and unique")
             contexts[pcid] = (abstract, syntaxes)
         elif kind == ITEM_USER_INFORMATION:
-            max_pdu, identity_response = _user_information(value)
+            max_pdu, identity_response, roles = _user_information(value)
     return AssociateRequest(
         protocol_version=version, called_ae=_text(called), calling_ae=_text(calling),
         called_raw=bytes(called), calling_raw=bytes(calling),
         application_context=app_context, contexts=contexts, max_pdu=max_pdu,
-        user_identity_response=identity_response,
+        user_identity_response=identity_response, roles=roles,
     )
 
 
@@ -236,6 +260,19 @@ def negotiate(
     return results
 
 
+def role_answers(
+    request: AssociateRequest, results: Mapping[int, tuple[int, str]],
+    scp_role_classes: frozenset[str],
+) -> dict[str, tuple[int, int]]:
+    """The Role Selection answers (PS3.7 §D.3.3.4): for each accepted abstract syntax in
+    ``scp_role_classes`` the requestor proposed roles for, its SCP role as proposed and
+    no SCU role (the node only receives that class's notifications)."""
+    accepted = {request.contexts[pcid][0] for pcid, (result, _) in results.items()
+                if result == PC_ACCEPTANCE}
+    return {abstract: (0, scp) for abstract, (_, scp) in request.roles.items()
+            if abstract in scp_role_classes and abstract in accepted}
+
+
 def _item(kind: int, value: bytes) -> bytes:
     return _ITEM.pack(kind, 0, len(value)) + value
 
@@ -251,8 +288,10 @@ def _pdu(pdu_type: int, body: bytes) -> bytes:
 def associate_ac(
     request: AssociateRequest, results: Mapping[int, tuple[int, str]], *,
     max_pdu: int, implementation_uid: str, implementation_version: str,
+    roles: Mapping[str, tuple[int, int]] | None = None,
 ) -> bytes:
-    """Encode the A-ASSOCIATE-AC answering ``request`` (PS3.8 §9.3.3)."""
+    """Encode the A-ASSOCIATE-AC answering ``request`` (PS3.8 §9.3.3); ``roles`` are the
+    Role Selection answers (:func:`role_answers`)."""
     items = [_item(ITEM_APPLICATION_CONTEXT, _uid(APPLICATION_CONTEXT))]
     for pcid, (result, syntax) in sorted(results.items()):
         sub = _item(ITEM_TRANSFER_SYNTAX, _uid(syntax))
@@ -260,8 +299,11 @@ def associate_ac(
     user = (
         _item(ITEM_MAXIMUM_LENGTH, struct.pack(">L", max_pdu))
         + _item(ITEM_IMPLEMENTATION_CLASS_UID, _uid(implementation_uid))
-        + _item(ITEM_IMPLEMENTATION_VERSION_NAME, implementation_version.encode("ascii"))
     )
+    for abstract, (scu, scp) in (roles or {}).items():  # §D.3.3.4: after the class UID
+        uid = _uid(abstract)
+        user += _item(ITEM_ROLE_SELECTION, struct.pack(">H", len(uid)) + uid + bytes([scu, scp]))
+    user += _item(ITEM_IMPLEMENTATION_VERSION_NAME, implementation_version.encode("ascii"))
     if request.user_identity_response:
         user += _item(ITEM_USER_IDENTITY_AC, struct.pack(">H", 0))  # empty server response
     items.append(_item(ITEM_USER_INFORMATION, user))

@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 def main(args: argparse.Namespace) -> int:
     """Start a worker consuming ``args.queues``; returns when it stops."""
     from node.config import ConfigError, load_settings
-    from node.logs import configure_logging
+    from node.logs import celery_logging, configure_logging
     from node.pipeline.tasks import register
 
     try:
@@ -34,6 +34,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"--queues takes gpu, io or gpu,io (not {args.queues!r})", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.logging.level, settings.logging.json_output)
+    celery_logging(settings.logging.level)
     # highdicom narrates every copied module at INFO; keep its warnings only.
     logging.getLogger("highdicom").setLevel(max(logging.WARNING,
                                                 logging.getLevelName(settings.logging.level)))
@@ -43,7 +44,9 @@ def main(args: argparse.Namespace) -> int:
     pool, concurrency = "prefork", int(args.concurrency)
     if stages == [GPU] and settings.engine.batch_series > 1:
         pool, concurrency = "threads", max(concurrency, settings.engine.batch_series)
-    argv = ["worker", "--queues", queues, "--concurrency", str(concurrency),
+    # --quiet: no start-up banner on stdout (plain text, around the log's JSON lines);
+    # the worker's ``ready`` line is logged.
+    argv = ["--quiet", "worker", "--queues", queues, "--concurrency", str(concurrency),
             "--pool", pool, "--prefetch-multiplier", "1", "--without-gossip",
             "--without-mingle", "--without-heartbeat", "--loglevel",
             settings.logging.level, "--hostname", f"qcnode-{'-'.join(stages)}@%h"]

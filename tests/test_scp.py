@@ -14,6 +14,7 @@ import pytest
 
 from node.dicomio import is_valid_uid
 from node.ledger import Ledger, SeriesState
+from node.spool import path_part
 from tests.support.dcmtk import (
     PROPOSE_OPTION,
     SECRET_PATIENT_NAME,
@@ -240,3 +241,37 @@ def test_listener_does_not_import_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
+
+
+def test_storescu_image_without_pixel_data_refused(node: RunningNode, tmp_path: Path) -> None:
+    """DCMTK sends a CT data set without Pixel Data: 0xC210, quarantined, not stored."""
+    path = write_ct_series(tmp_path / "nopix", 1)[0]
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    before = set((node.home / "quarantine").glob("*.reason"))
+    result = storescu(node.port, [path])
+    output = result.stdout + result.stderr
+    assert "Store Response (Error: CannotUnderstand)" in output, output
+    reasons = set((node.home / "quarantine").glob("*.reason")) - before
+    assert [r.read_text() for r in reasons] == ["image storage data set without pixel data\n"]
+    assert not list(node.spool.rglob(f"{ds.SOPInstanceUID}*"))
+
+
+def test_storescu_leading_zero_uid_recorded_and_spooled_by_hash(
+    node: RunningNode, ledger: Ledger, tmp_path: Path
+) -> None:
+    """A UID DCMTK and Orthanc store (a leading-zero component) is accepted: the
+    ledger keeps it as sent, the spool file is named by its hash."""
+    path = write_ct_series(tmp_path / "zero", 1)[0]
+    ds = pydicom.dcmread(path)
+    uid = "1.2.826.0.1.3680043.2.1125.0042.7"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(uid)
+    ds.save_as(path)
+    result = storescu(node.port, [path])
+    assert result.returncode == 0, result.stdout + result.stderr
+    _applied(ledger)
+    assert len(ledger.versions_of(uid)) == 1
+    relpaths = ledger.instance_relpaths(str(ds.SeriesInstanceUID))
+    assert [Path(r).name for r in relpaths] == [f"{path_part(uid)}.dcm"]
+    assert pydicom.dcmread(node.spool / relpaths[0]).SOPInstanceUID == uid

@@ -67,6 +67,11 @@ def test_store_confirmed_by_storage_commitment(pacs: Orthanc, commit_port: int) 
     receipt = deliver([ds], dest, node_ae=NODE_AE, bind_host="127.0.0.1")
     assert receipt.confirmation == "commitment"
     assert len(pacs.find_sop(ds.SOPInstanceUID)) == 1
+    # Orthanc got a success N-EVENT-REPORT-RSP (the handler once returned a bare int:
+    # pynetdicom aborted, Orthanc's job failed "Unable to read N-EVENT-REPORT response").
+    assert receipt.transaction_uid is not None
+    job = pacs.commitment_job(receipt.transaction_uid)
+    assert job["State"] == "Success", job.get("ErrorDetails")
 
 
 def test_same_object_twice_is_one_instance(pacs: Orthanc) -> None:

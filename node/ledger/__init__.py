@@ -7,12 +7,15 @@ Alembic revision. The API is split by concern:
   associations), see :meth:`Ledger.record_instance`;
 * :class:`~node.ledger.series.SeriesAPI` — completion queries, the series state
   machine (:data:`~node.ledger.series.SERIES_TRANSITIONS`), history, listings;
-* :class:`~node.ledger.jobs.JobAPI` — the pipeline's jobs and deliveries.
+* :class:`~node.ledger.jobs.JobAPI` — the pipeline's jobs and deliveries;
+* :class:`~node.ledger.commitments.CommitmentAPI` — Storage Commitment transactions
+  and the reports the listener received for them.
 """
 
 from __future__ import annotations
 
 from node.ledger.base import InvalidTransition, LedgerError, NotFound, VersionConflict
+from node.ledger.commitments import CommitmentAPI, CommitmentReport
 from node.ledger.instances import InstanceAPI, InstanceRecord
 from node.ledger.jobs import (
     DELIVERY_TRANSITIONS,
@@ -32,7 +35,7 @@ from node.ledger.series import (
 )
 
 
-class Ledger(InstanceAPI, JobAPI, SeriesAPI):
+class Ledger(InstanceAPI, JobAPI, SeriesAPI, CommitmentAPI):
     """The ledger's whole API (see the module documentation)."""
 
 
@@ -40,6 +43,7 @@ __all__ = [
     "DELIVERY_TRANSITIONS",
     "JOB_TRANSITIONS",
     "SERIES_TRANSITIONS",
+    "CommitmentReport",
     "ConfirmedBy",
     "DeliveryInfo",
     "DeliveryState",

@@ -20,6 +20,10 @@ jobs, deliveries
     One assessment job per ``(series, generation, engine key)`` and one delivery per
     ``(job, destination)``: the idempotency keys of the pipeline. A job records the
     path of the SR file it keeps under ``<home>/reports`` (migration 0002).
+commitments
+    One row per Storage Commitment transaction (PS3.4 Annex J) a delivery requested,
+    and the N-EVENT-REPORT the main listener received for it (migration 0003): the
+    listener and the delivering worker are different processes, maybe hosts.
 series_events
     The history of each series (state changes, re-openings, SRs produced and
     superseded): the ledger shows every SR ever sent for a series.
@@ -285,3 +289,21 @@ class SeriesEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
     sr_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+
+
+class Commitment(Base):
+    """A Storage Commitment request (PS3.4 J.3.2) and its N-EVENT-REPORT (J.3.3).
+
+    ``committed`` holds the committed SOP Instance UIDs and ``failed`` the failed
+    ones with their Failure Reason, as JSON (null until the report arrived).
+    """
+
+    __tablename__ = "commitments"
+    transaction_uid: Mapped[str] = mapped_column(String(UID_LENGTH), primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    peer_ae: Mapped[str] = mapped_column(String(AE_LENGTH))
+    requested_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+    reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    event_type: Mapped[int | None] = mapped_column(Integer)
+    committed: Mapped[str | None] = mapped_column(Text)
+    failed: Mapped[str | None] = mapped_column(Text)

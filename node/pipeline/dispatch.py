@@ -34,6 +34,7 @@ from node.pipeline.app import GPU, IO, TASK_ASSESS, TASK_REPORT, create_app, que
 from node.pipeline.payload import b64, encode_sources, engine_key
 from node.pipeline.reports import destinations_of, encode_image, wanted_companions, worst_image
 from node.pipeline.speculate import Speculator
+from node.redact import error_fields, error_text
 from sr_writer.sources import referenced_uids
 
 log = structlog.get_logger(__name__)
@@ -88,10 +89,10 @@ class Dispatcher:
             self.dispatch(series_uid)
             release_free_memory()
         except Exception as exc:  # noqa: BLE001 - recorded; the ledger keeps the series
-            log.error("dispatch_failed", series_uid=series_uid, error=str(exc))
+            log.error("dispatch_failed", series_uid=series_uid, **error_fields(exc))
             for job in self.ledger.jobs_of_series(series_uid):
                 if job.state not in FINISHED_JOBS:
-                    self.ledger.dead_letter_job(job.id, f"dispatch: {exc}")
+                    self.ledger.dead_letter_job(job.id, f"dispatch: {error_text(exc)}")
 
     def _send(self, name: str, args: list[Any], **options: Any) -> AsyncResult:
         """Send a task on the dispatcher's own broker connection; after a failure, on a
@@ -113,7 +114,7 @@ class Dispatcher:
                 self._drop_connection()
                 if attempt == 2:
                     raise
-                log.warning("dispatch_retry", task=name, error=str(exc))
+                log.warning("dispatch_retry", task=name, **error_fields(exc))
         raise AssertionError("unreachable")
 
     def _drop_connection(self) -> None:

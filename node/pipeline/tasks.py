@@ -32,6 +32,7 @@ from inference.result import AssessmentResult
 from inference.vlm.policy import ExplainPolicy
 from node.config import DeliverySettings, DestinationSettings, Settings
 from node.ledger import ConfirmedBy, DeliveryState, JobInfo, JobState, Ledger, SeriesState
+from node.metrics import metrics
 from node.pipeline.app import IO, TASK_ASSESS, TASK_REPORT, queue_name
 from node.pipeline.payload import b64, decode_sources, job_key, unb64
 from node.pipeline.reports import (
@@ -48,6 +49,7 @@ from node.pipeline.reports import (
     wanted_companions,
     worst_image,
 )
+from node.redact import error_text
 from node.scu import DeliveryError, deliver
 from sr_writer.uids import derive_uid
 
@@ -135,11 +137,12 @@ def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
             started = time.perf_counter()
             result = batcher_for(settings).assess(prepared)
             seconds = time.perf_counter() - started
+            metrics().assessments.labels(engine.info.name).observe(seconds)
         except NON_RETRYABLE as exc:
-            ledger.dead_letter_job(job_id, f"assessment: {exc}")
+            ledger.dead_letter_job(job_id, f"assessment: {error_text(exc)}")
             return
         except Exception as exc:  # noqa: BLE001 - any other failure: retry, then dead-letter
-            _retry_or_dead(task, settings, ledger, job, f"assessment: {exc}")
+            _retry_or_dead(task, settings, ledger, job, f"assessment: {error_text(exc)}")
             return
         job = ledger.move_job(job_id, JobState.REPORTING, result_json=result.to_json())
         ledger.set_series_state(job.series_instance_uid, SeriesState.REPORTING,
@@ -238,13 +241,13 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
         started = time.perf_counter()
         reports = _build(job, result, sources_b64, destinations, image_b64, predecessors)
     except ValueError as exc:
-        ledger.dead_letter_job(job_id, f"SR: {exc}")
+        ledger.dead_letter_job(job_id, f"SR: {error_text(exc)}")
         return
     sr = reports.sr
     try:
         kept = keep_reports(reports, reports_root(settings))
     except OSError as exc:
-        _retry_or_dead(task, settings, ledger, job, f"report file: {exc}")
+        _retry_or_dead(task, settings, ledger, job, f"report file: {error_text(exc)}")
         return
     log.info("sr_built", objects=len(reports.objects), report_path=kept[SR],
              seconds=round(time.perf_counter() - started, 3))
@@ -280,10 +283,13 @@ def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
         return True
     if delivery.state == DeliveryState.DEAD:
         return False
+    started = time.perf_counter()
     try:
         receipt = deliver(datasets, dest, node_ae=settings.node.ae_title,
-                          bind_host=settings.node.host)
+                          bind_host=settings.node.host, node_port=settings.node.port,
+                          ledger=ledger)
     except DeliveryError as exc:
+        metrics().delivery_failures.labels(name).inc()
         attempts = delivery.attempts + 1
         error = f"{name}: {exc.failure}"
         log.warning("delivery_failed", destination=name, error=error, attempt=attempts,
@@ -297,6 +303,7 @@ def _deliver_one(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
         ledger.move_delivery(delivery.id, DeliveryState.DEAD, error=error, count_attempt=True)
         ledger.dead_letter_job(job.id, error)
         return False
+    metrics().deliveries.labels(name).observe(time.perf_counter() - started)
     log.info("sent", destination=name, confirmed_by=receipt.confirmation,
              seconds=round(receipt.seconds, 3))
     ledger.move_delivery(delivery.id, DeliveryState.SENT, count_attempt=True)

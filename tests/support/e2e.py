@@ -45,6 +45,9 @@ home = "{home}"
 quiet_seconds = {quiet}
 poll_seconds = 0.1
 
+[web]
+port = {web_port}
+
 [spool]  # a small receive journal: every test writes its own once
 journal_segment_bytes = 1048576
 journal_segments = 2
@@ -174,12 +177,14 @@ class NodeSite:
         self.home = home
         self._pacs = pacs
         self.port = free_port()
+        self.web_port = free_port()
         home.mkdir(parents=True, exist_ok=True)
         self.config = home / "qcnode.toml"
         text = DEFAULT_TOML.format(
             ae=NODE_AE, port=self.port, home=home, quiet=quiet, prefix=uuid.uuid4().hex[:8],
             broker=broker, engine=engine or 'name = "physics"', max_attempts=max_attempts,
-            pacs_port=pacs.dicom_port if pacs is not None else 0, companions=companions)
+            pacs_port=pacs.dicom_port if pacs is not None else 0, companions=companions,
+            web_port=self.web_port)
         if pacs is None:
             text = text.partition("[[destinations]]")[0]
         self.config.write_text(text)

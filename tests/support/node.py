@@ -96,6 +96,7 @@ def default_sections(home: Path, port: int, ae_title: str = "QCNODE") -> dict[st
         "spool": {"min_free_bytes": 0, "min_free_percent": 0.0,
                   "journal_segment_bytes": 1 << 20, "journal_segments": 2},
         "logging": {"level": "DEBUG", "json": "always"},
+        "web": {"port": 0},  # any free port: tests start many nodes
     }
 
 

@@ -250,6 +250,23 @@ class Orthanc:
         )
         return found
 
+    def commitment_job(self, transaction_uid: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Orthanc's finished storage-commitment job for ``transaction_uid`` (its SCP side:
+        N-EVENT-REPORT sent and its response read). ``State`` is ``Success`` only when
+        Orthanc got an N-EVENT-REPORT-RSP with a success status."""
+
+        def finished() -> dict[str, Any] | None:
+            for job in self.get_json("/jobs?expand"):
+                content = job.get("Content", {})
+                if (job.get("Type") == "StorageCommitmentScp"
+                        and content.get("TransactionUid") == transaction_uid
+                        and job.get("State") in ("Success", "Failure")):
+                    return dict(job)
+            return None
+
+        return wait_for(finished, timeout=timeout, interval=0.05,
+                        what=f"Orthanc's commitment job for {transaction_uid}")
+
     def delete(self, orthanc_id: str) -> None:
         """Delete one instance."""
         self._request("DELETE", f"/instances/{orthanc_id}")
