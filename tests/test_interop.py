@@ -41,12 +41,15 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import (
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGLSLossless,
 )
 from pynetdicom import AE, build_role
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.pdu_primitives import (
     AsynchronousOperationsWindowNegotiation,
     UserIdentityNegotiation,
@@ -62,6 +65,8 @@ from tests.support.orthanc import DEFAULT_AE as ORTHANC_AE
 from tests.support.orthanc import running_orthanc
 
 STATUS_SUCCESS = 0x0000
+STATUS_CANNOT_UNDERSTAND = 0xC210
+UNDEFINED_LENGTH = 0xFFFFFFFF
 NODE_AE = "QCNODE"
 STORESCU_AE, PYNETDICOM_AE, PIXELMED_AE, GDCM_AE = "STORESCU", "PYNETDICOM", "PIXELMED", "GDCMSCU"
 #: The node's allow-list: exactly the senders of this module, by AE title.
@@ -201,3 +206,268 @@ def test_dcmtk_storescu_big_endian(node: RunningNode, tmp_path: Path) -> None:
     assert run is not None and run.returncode == 0, run and run.stdout + run.stderr
     assert {w.transfer_syntax for w in only(proxy).stores} == {ExplicitVRBigEndian}
     verify(node, proxy, files, calling_ae=STORESCU_AE)
+
+
+# pynetdicom ------------------------------------------------------------------------------
+#: A pynetdicom requestor sometimes never sees a response the node sent: its
+#: association reactor takes the C-STORE-RSP off the queue and drops it (a race; see
+#: docs/benchmarks.md). The sender then waits this long, aborts, and the helper below
+#: sends the rest (and that instance again) on a new association.
+PYNETDICOM_DIMSE_TIMEOUT = 5.0
+UNEXPECTED_RESPONSE = "Received unexpected C-STORE service message"
+
+
+@dataclass
+class PynetdicomRun:
+    """What a pynetdicom sender saw: statuses by SOP Instance UID, and its stalls."""
+
+    statuses: dict[str, int]
+    stalled: list[str]
+    associations: int
+
+
+def pynetdicom_send(port: int, items: Sequence[Path | pydicom.Dataset],
+                    make_ae: Callable[[], AE], **associate: object) -> PynetdicomRun:
+    """Send ``items`` (paths or data sets) in one association; after a stall (no
+    response within the DIMSE timeout: pynetdicom aborts) go on in a new one."""
+    statuses: dict[str, int] = {}
+    stalled: list[str] = []
+    associations, pending = 0, list(items)
+    while pending:
+        assoc = make_ae().associate("127.0.0.1", port, ae_title=NODE_AE, **associate)
+        associations += 1
+        assert assoc.is_established, "association not established"
+        try:
+            while pending:
+                item = pending[0]
+                uid = io.sop_instance_uid(item) if isinstance(item, Path) else str(
+                    item.SOPInstanceUID)
+                rsp = assoc.send_c_store(item)
+                if "Status" not in rsp:
+                    stalled.append(uid)
+                    break
+                statuses[uid] = int(rsp.Status)
+                pending.pop(0)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return PynetdicomRun(statuses, stalled, associations)
+
+
+def pynetdicom_ae(contexts: Sequence[tuple[str, Sequence[str]]]) -> AE:
+    ae = AE(ae_title=PYNETDICOM_AE)
+    ae.dimse_timeout = PYNETDICOM_DIMSE_TIMEOUT
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
+    return ae
+
+
+def check_pynetdicom_run(run: PynetdicomRun, proxy: RecordingProxy, count: int) -> None:
+    """Every instance got Success; each stall was pynetdicom's: the node had answered."""
+    assert len(run.statuses) == count
+    assert set(run.statuses.values()) == {STATUS_SUCCESS}
+    answered = {s.sop_instance_uid: s for a in proxy.associations for s in a.stores
+                if s.status is not None}
+    for uid in run.stalled:
+        assert answered[uid].status == STATUS_SUCCESS, uid
+
+
+@pytest.fixture()
+def stream_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's documented switch (``_config.STORE_SEND_CHUNKED_DATASET``): a file
+    given by path is sent as it is, its data set bytes unchanged (exact context)."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def _file_context(path: Path) -> tuple[str, str]:
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+def test_pynetdicom_300_instances_in_one_association(node: RunningNode, tmp_path: Path) -> None:
+    """Data sets re-encoded by pydicom (pynetdicom's default), 300 in one association."""
+    files = write_ct_series(tmp_path / "ct", 300)
+    datasets = [pydicom.dcmread(f) for f in files]
+    make = lambda: pynetdicom_ae([(CTImageStorage, [ExplicitVRLittleEndian])])  # noqa: E731
+    with RecordingProxy(node.port) as proxy:
+        run = pynetdicom_send(proxy.port, datasets, make)
+        verify(node, proxy, files, calling_ae=PYNETDICOM_AE)
+    check_pynetdicom_run(run, proxy, 300)
+    assert run.associations == 1 + len(run.stalled)
+
+
+@pytest.mark.usefixtures("stream_files")
+def test_pynetdicom_every_sample_as_is_over_128_contexts(node: RunningNode,
+                                                         tmp_path: Path) -> None:
+    """Each sample in its own syntax (file data set bytes unchanged), 128 presentation
+    contexts, SCP/SCU role selection for every class, an asynchronous operations
+    window of 5 and a user identity asking for a positive response."""
+    files = list(io.fresh_copies(list(io.SAMPLES), tmp_path).values())
+    wanted = list(dict.fromkeys(_file_context(f) for f in files))
+    fill = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+            if str(cx.abstract_syntax) not in {c for c, _ in wanted}]
+    contexts = [(c, [ts]) for c, ts in wanted]
+    contexts += [(c, [ExplicitVRLittleEndian]) for c in fill[:MAX_CONTEXTS - len(contexts)]]
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = 5
+    window.maximum_number_operations_performed = 5
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 2
+    identity.primary_field, identity.secondary_field = b"bob", b"secret"
+    identity.positive_response_requested = True
+    roles = [build_role(c, scu_role=True, scp_role=True) for c in dict(wanted)]
+    with RecordingProxy(node.port) as proxy:
+        run = pynetdicom_send(proxy.port, files, lambda: pynetdicom_ae(contexts),
+                              ext_neg=[window, identity, *roles])
+        verify(node, proxy, files, calling_ae=PYNETDICOM_AE, file_identical=True)
+    check_pynetdicom_run(run, proxy, len(files))
+    first = proxy.associations[0]
+    assert len(first.proposed) == MAX_CONTEXTS
+    assert len(first.accepted) == MAX_CONTEXTS
+
+
+@pytest.mark.usefixtures("stream_files")
+def test_pynetdicom_max_pdu_0(node: RunningNode, tmp_path: Path) -> None:
+    """A requestor's Maximum Length 0 (no limit, PS3.8 §D.1): the node's responses
+    are not fragmented, and the 6 MB CR crosses in the node's 4 MiB PDUs."""
+    files = list(io.fresh_copies(("cr", "us_rgb", "ct"), tmp_path).values())
+    contexts = list(dict.fromkeys(_file_context(f) for f in files))
+    with RecordingProxy(node.port) as proxy:
+        run = pynetdicom_send(proxy.port, files,
+                              lambda: pynetdicom_ae([(c, [t]) for c, t in contexts]), max_pdu=0)
+        verify(node, proxy, files, calling_ae=PYNETDICOM_AE, file_identical=True)
+    check_pynetdicom_run(run, proxy, len(files))
+    assoc = proxy.associations[0]
+    assert assoc.requestor_max_pdu == 0
+    assert max(assoc.pdata_lengths) <= assoc.acceptor_max_pdu
+
+
+class _Warnings(logging.Handler):
+    """Counts pynetdicom's "unexpected C-STORE" warnings (a dropped response)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if UNEXPECTED_RESPONSE in record.getMessage():
+            self.dropped += 1
+
+
+def test_pynetdicom_20_concurrent_associations(node: RunningNode, tmp_path: Path) -> None:
+    """20 threads, one association each, 15 instances each. Where pynetdicom stalls,
+    the proxy shows the node had answered Success, and pynetdicom logged that its
+    reactor took the response as an unexpected request (the race, not the node)."""
+    threads_n, per_thread = 20, 15
+    series = [write_ct_series(tmp_path / f"s{i}", per_thread) for i in range(threads_n)]
+    runs: list[PynetdicomRun] = []
+    failures: list[BaseException] = []
+    counter = _Warnings()
+    logging.getLogger("pynetdicom").addHandler(counter)
+    make = lambda: pynetdicom_ae([(CTImageStorage, [ExplicitVRLittleEndian])])  # noqa: E731
+
+    def send(files: list[Path]) -> None:
+        try:
+            runs.append(pynetdicom_send(proxy.port, files, make))
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    try:
+        with RecordingProxy(node.port) as proxy:
+            workers = [threading.Thread(target=send, args=(s,)) for s in series]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(120)
+            assert not failures, failures
+            files = [f for s in series for f in s]
+            verify(node, proxy, files, calling_ae=PYNETDICOM_AE)
+    finally:
+        logging.getLogger("pynetdicom").removeHandler(counter)
+    assert len(runs) == threads_n
+    for run in runs:
+        check_pynetdicom_run(run, proxy, per_thread)
+    stalls = sum(len(r.stalled) for r in runs)
+    assert counter.dropped >= stalls, (counter.dropped, stalls)
+    slowest = max(s.answer_seconds or 0.0 for a in proxy.associations for s in a.stores)
+    assert slowest < PYNETDICOM_DIMSE_TIMEOUT, slowest
+
+
+# PixelMed, GDCM, Orthanc -------------------------------------------------------------------
+#: One association's worth of everything: CT, MR, CR, US RGB, multi-frame, big endian,
+#: implicit, the compressed syntaxes and deflate.
+MIX = ("ct", "mr", "mr_implicit", "mr_big", "cr_j2k", "us_rgb", "us_rgb_j2k", "mf",
+       "mf_rle", "nm_jpeg_ll", "mr_jls", "deflated")
+
+
+#: PixelMed picks a presentation context by SOP class alone: with one class in several
+#: syntaxes it sends some files in another file's syntax without converting the pixel
+#: data (native pixels under a JPEG-LS or JPEG 2000 context). One syntax per class here
+#: (two associations); the mismatch is the next test's subject.
+PIXELMED_RUNS = (("ct", "mr_big", "cr_j2k", "us_rgb", "mf_rle", "nm_jpeg_ll"),
+                 ("mr_implicit", "us_rgb_j2k", "mf", "deflated"))
+
+
+@pytest.mark.parametrize("names", PIXELMED_RUNS, ids=("run1", "run2"))
+def test_pixelmed_storage_scu(node: RunningNode, tmp_path: Path, names: tuple[str, ...]) -> None:
+    files = list(io.fresh_copies(names, tmp_path).values())
+    proxy, run = send_through_proxy(
+        node, lambda port, f: io.run_pixelmed(port, f, aet=PIXELMED_AE), files)
+    assert run is not None and "Exception" not in run.stderr, run.stderr[-3000:]
+    assert len(proxy.associations) == 1
+    verify(node, proxy, files, calling_ae=PIXELMED_AE)
+
+
+def test_pixelmed_native_pixels_under_a_compressed_syntax_refused(
+        node: RunningNode, tmp_path: Path) -> None:
+    """PixelMed sends MR_small (native pixels) on the JPEG-LS context it proposed for
+    MR_small_jpeg_ls_lossless: a data set its transfer syntax cannot describe (PS3.5
+    §A.4: pixel data of a compressed syntax is encapsulated). Before: Success, and a
+    spool file no reader decodes. Now: 0xC210, quarantined, nothing spooled."""
+    copies = io.fresh_copies(("mr_jls", "mr"), tmp_path)
+    proxy, run = send_through_proxy(
+        node, lambda port, f: io.run_pixelmed(port, f, aet=PIXELMED_AE), list(copies.values()))
+    sent = proxy.sent()
+    good, bad = sent[io.sop_instance_uid(copies["mr_jls"])], sent[
+        io.sop_instance_uid(copies["mr"])]
+    assert bad.transfer_syntax == JPEGLSLossless, "PixelMed chose the right context now"
+    native = io.decode(bad.data, ExplicitVRLittleEndian).get_item("PixelData")
+    assert native is not None and native.length != UNDEFINED_LENGTH
+    assert good.status == STATUS_SUCCESS
+    _applied(node, good.sop_instance_uid)
+    io.check_stored(node.spool, good, calling_ae=PIXELMED_AE)
+    assert bad.status == STATUS_CANNOT_UNDERSTAND, f"0x{bad.status or 0:04X}"
+    assert not io.spool_files(node.spool, bad.sop_instance_uid)
+
+
+def test_gdcmscu_store(node: RunningNode, tmp_path: Path) -> None:
+    """Judged by its stores: gdcmscu 3.0.21 aborts on exit against every SCP."""
+    files = list(io.fresh_copies(MIX, tmp_path).values())
+    proxy, run = send_through_proxy(
+        node, lambda port, f: io.run_gdcmscu(port, f, aet=GDCM_AE), files)
+    assert run is not None and run.returncode in (0, io.GDCM_ABORT_EXIT), run.stderr[-3000:]
+    verify(node, proxy, files, calling_ae=GDCM_AE)
+
+
+def test_orthanc_pushes_a_study(node: RunningNode, tmp_path: Path) -> None:
+    """Orthanc stores a study (files as uploaded), then pushes it over DICOM with REST
+    ``POST /modalities/{name}/store``, in each file's own syntax (the node accepts them
+    all), re-encoded by Orthanc's DCMTK."""
+    study_uid = pydicom.uid.generate_uid()
+    files = []
+    for path in io.fresh_copies(MIX, tmp_path / "files").values():
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.PatientID = study_uid, "INTEROP"  # Orthanc: one study
+        ds.save_as(path)
+        files.append(path)
+    with RecordingProxy(node.port) as proxy, \
+            running_orthanc(tmp_path / "orthanc", {NODE_AE: proxy.port}) as orthanc:
+        studies = {orthanc.upload(f.read_bytes())["ParentStudy"] for f in files}
+        assert len(studies) == 1
+        job = orthanc.post_json("/modalities/peer0/store",
+                                {"Resources": list(studies), "Synchronous": True})
+        assert job.get("FailedInstancesCount", 0) == 0, job
+        verify(node, proxy, files, calling_ae=ORTHANC_AE)
+    for wire in proxy.sent().values():
+        source = next(f for f in files if io.sop_instance_uid(f) == wire.sop_instance_uid)
+        assert wire.transfer_syntax == _file_context(source)[1], source.name
