@@ -56,6 +56,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from node.config import DestinationSettings
+from node.scu import DeliveryError, deliver
 from tests.support import interop as io
 from tests.support.dcmtk import write_ct_series
 from tests.support.dicomproxy import Association, RecordingProxy
@@ -471,3 +473,42 @@ def test_orthanc_pushes_a_study(node: RunningNode, tmp_path: Path) -> None:
     for wire in proxy.sent().values():
         source = next(f for f in files if io.sop_instance_uid(f) == wire.sop_instance_uid)
         assert wire.transfer_syntax == _file_context(source)[1], source.name
+
+
+# qcnode as the sender ----------------------------------------------------------------------
+def test_deliveries_drive_each_association_from_one_thread(tmp_path: Path) -> None:
+    """The sender-side guarantee (node/scu.py): a delivery opens its own association
+    and issues one operation at a time on it from the calling thread — what a
+    pynetdicom association needs (two threads on one association mix up responses; its
+    reactor already races the caller, see docs/benchmarks.md). Four deliveries run at
+    once (a threaded worker); on the wire each has its own association and never more
+    than one request waiting for its final response (C-STOREs, then C-FINDs with their
+    pending responses)."""
+    count, per_delivery = 4, 5
+    series = [[pydicom.dcmread(f) for f in write_ct_series(tmp_path / f"s{i}", per_delivery)]
+              for i in range(count)]
+    receipts: list[object] = []
+    retried: list[str] = []
+
+    def delivery(datasets: list[pydicom.Dataset], dest: DestinationSettings) -> None:
+        try:
+            receipts.append(deliver(datasets, dest, node_ae=NODE_AE))
+        except DeliveryError as exc:  # the pynetdicom race only: retried as a task would be
+            retried.append(str(exc))
+            receipts.append(deliver(datasets, dest, node_ae=NODE_AE))
+
+    with running_orthanc(tmp_path / "orthanc", {NODE_AE: 1}) as orthanc, \
+            RecordingProxy(orthanc.dicom_port) as proxy:
+        dest = DestinationSettings(name="pacs", ae_title=orthanc.ae_title, host="127.0.0.1",
+                                   port=proxy.port, confirm="find", timeout=10.0)
+        workers = [threading.Thread(target=delivery, args=(d, dest)) for d in series]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+    assert len(receipts) == count
+    assert all("no C-STORE response" in r for r in retried), retried
+    assert len(proxy.associations) == count + len(retried)
+    for assoc in proxy.associations:
+        assert all(s.status == STATUS_SUCCESS for s in assoc.stores)
+        assert assoc.most_outstanding() == 1, assoc.commands

@@ -34,6 +34,8 @@ ITEM_CONTEXT_RQ, ITEM_CONTEXT_AC = 0x20, 0x21
 ITEM_ABSTRACT, ITEM_TRANSFER, ITEM_USER_INFO, ITEM_MAX_LENGTH = 0x30, 0x40, 0x50, 0x51
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 PDV_COMMAND, PDV_LAST = 0x01, 0x02
+RESPONSE_BIT = 0x8000  # PS3.7 §9.3, §10.3: a response's Command Field
+PENDING = frozenset({0xFF00, 0xFF01})  # PS3.7 Annex C.4: more responses follow
 
 
 @dataclass
@@ -64,6 +66,21 @@ class Association:
     stores: list[SentDataSet] = field(default_factory=list)
     by_message: dict[int, SentDataSet] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # what the proxy could not parse
+    #: every DIMSE command in wire order: (from the requestor?, Command Field, Status
+    #: or None for a request)
+    commands: list[tuple[bool, int, int | None]] = field(default_factory=list)
+
+    def most_outstanding(self) -> int:
+        """The most requests the requestor had waiting for their final response at once
+        (1: one operation at a time, PS3.7 §D.3.3.3's default window)."""
+        outstanding = most = 0
+        for from_requestor, command, status in self.commands:
+            if from_requestor and not command & RESPONSE_BIT:
+                outstanding += 1
+                most = max(most, outstanding)
+            elif command & RESPONSE_BIT and status not in PENDING:
+                outstanding -= 1
+        return most
 
 
 def _items(body: bytes) -> Iterator[tuple[int, bytes]]:
@@ -162,6 +179,8 @@ class _Stream:
         if is_command:
             cmd = _command(raw)
             field_ = int(cmd.CommandField)
+            rec.commands.append((self.requestor, field_,
+                                 int(cmd.Status) if "Status" in cmd else None))
             if self.requestor and field_ == C_STORE_RQ:
                 self.commands[pcid] = cmd
             elif not self.requestor and field_ == C_STORE_RSP:
