@@ -33,10 +33,10 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -50,6 +50,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_role
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom._globals import DEFAULT_MAX_LENGTH
 from pynetdicom.pdu_primitives import (
     AsynchronousOperationsWindowNegotiation,
     UserIdentityNegotiation,
@@ -68,7 +69,6 @@ from tests.support.orthanc import running_orthanc
 
 STATUS_SUCCESS = 0x0000
 STATUS_CANNOT_UNDERSTAND = 0xC210
-UNDEFINED_LENGTH = 0xFFFFFFFF
 NODE_AE = "QCNODE"
 STORESCU_AE, PYNETDICOM_AE, PIXELMED_AE, GDCM_AE = "STORESCU", "PYNETDICOM", "PIXELMED", "GDCMSCU"
 #: The node's allow-list: exactly the senders of this module, by AE title.
@@ -91,7 +91,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
 
 
 # Sending through the proxy and checking what was stored ----------------------------------
-Send = Callable[[int, list[Path]], "subprocess.CompletedProcess[str] | None"]
+Send = Callable[[int, list[Path]], "subprocess.CompletedProcess[str]"]
 
 
 def _applied(node: RunningNode, uid: str) -> list[Path]:
@@ -118,7 +118,7 @@ def verify(node: RunningNode, proxy: RecordingProxy, sources: Sequence[Path], *,
 
 
 def send_through_proxy(node: RunningNode, send: Send, files: list[Path]) -> tuple[
-        RecordingProxy, subprocess.CompletedProcess[str] | None]:
+        RecordingProxy, subprocess.CompletedProcess[str]]:
     with RecordingProxy(node.port) as proxy:
         result = send(proxy.port, files)
         wait_for(proxy.answered, timeout=APPLIED_TIMEOUT, what="every C-STORE answered")
@@ -177,7 +177,7 @@ def test_dcmtk_storescu(node: RunningNode, tmp_path: Path, case: DcmtkCase) -> N
     files = list(io.fresh_copies(case.samples, tmp_path).values())
     proxy, run = send_through_proxy(
         node, lambda port, f: io.run_storescu(port, f, case.options, aet=STORESCU_AE), files)
-    assert run is not None and run.returncode == 0, run and run.stdout + run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
     assoc = only(proxy)
     for wire in assoc.stores:
         source = files[[io.sop_instance_uid(f) for f in files].index(wire.sop_instance_uid)]
@@ -205,7 +205,7 @@ def test_dcmtk_storescu_big_endian(node: RunningNode, tmp_path: Path) -> None:
     options = ("-xf", str(profile), "ONLY")
     proxy, run = send_through_proxy(
         node, lambda port, f: io.run_storescu(port, f, options, aet=STORESCU_AE), files)
-    assert run is not None and run.returncode == 0, run and run.stdout + run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
     assert {w.transfer_syntax for w in only(proxy).stores} == {ExplicitVRBigEndian}
     verify(node, proxy, files, calling_ae=STORESCU_AE)
 
@@ -229,14 +229,16 @@ class PynetdicomRun:
 
 
 def pynetdicom_send(port: int, items: Sequence[Path | pydicom.Dataset],
-                    make_ae: Callable[[], AE], **associate: object) -> PynetdicomRun:
+                    make_ae: Callable[[], AE], *, ext_neg: list[Any] | None = None,
+                    max_pdu: int = DEFAULT_MAX_LENGTH) -> PynetdicomRun:
     """Send ``items`` (paths or data sets) in one association; after a stall (no
     response within the DIMSE timeout: pynetdicom aborts) go on in a new one."""
     statuses: dict[str, int] = {}
     stalled: list[str] = []
     associations, pending = 0, list(items)
     while pending:
-        assoc = make_ae().associate("127.0.0.1", port, ae_title=NODE_AE, **associate)
+        assoc = make_ae().associate("127.0.0.1", port, ae_title=NODE_AE, ext_neg=ext_neg,
+                                    max_pdu=max_pdu)
         associations += 1
         assert assoc.is_established, "association not established"
         try:
@@ -415,7 +417,7 @@ def test_pixelmed_storage_scu(node: RunningNode, tmp_path: Path, names: tuple[st
     files = list(io.fresh_copies(names, tmp_path).values())
     proxy, run = send_through_proxy(
         node, lambda port, f: io.run_pixelmed(port, f, aet=PIXELMED_AE), files)
-    assert run is not None and "Exception" not in run.stderr, run.stderr[-3000:]
+    assert "Exception" not in run.stderr, run.stderr[-3000:]
     assert len(proxy.associations) == 1
     verify(node, proxy, files, calling_ae=PIXELMED_AE)
 
@@ -427,14 +429,13 @@ def test_pixelmed_native_pixels_under_a_compressed_syntax_refused(
     §A.4: pixel data of a compressed syntax is encapsulated). Before: Success, and a
     spool file no reader decodes. Now: 0xC210, quarantined, nothing spooled."""
     copies = io.fresh_copies(("mr_jls", "mr"), tmp_path)
-    proxy, run = send_through_proxy(
+    proxy, _ = send_through_proxy(
         node, lambda port, f: io.run_pixelmed(port, f, aet=PIXELMED_AE), list(copies.values()))
     sent = proxy.sent()
     good, bad = sent[io.sop_instance_uid(copies["mr_jls"])], sent[
         io.sop_instance_uid(copies["mr"])]
     assert bad.transfer_syntax == JPEGLSLossless, "PixelMed chose the right context now"
-    native = io.decode(bad.data, ExplicitVRLittleEndian).get_item("PixelData")
-    assert native is not None and native.length != UNDEFINED_LENGTH
+    assert not io.decode(bad.data, ExplicitVRLittleEndian)["PixelData"].is_undefined_length
     assert good.status == STATUS_SUCCESS
     _applied(node, good.sop_instance_uid)
     io.check_stored(node.spool, good, calling_ae=PIXELMED_AE)
@@ -447,7 +448,7 @@ def test_gdcmscu_store(node: RunningNode, tmp_path: Path) -> None:
     files = list(io.fresh_copies(MIX, tmp_path).values())
     proxy, run = send_through_proxy(
         node, lambda port, f: io.run_gdcmscu(port, f, aet=GDCM_AE), files)
-    assert run is not None and run.returncode in (0, io.GDCM_ABORT_EXIT), run.stderr[-3000:]
+    assert run.returncode in (0, io.GDCM_ABORT_EXIT), run.stderr[-3000:]
     verify(node, proxy, files, calling_ae=GDCM_AE)
 
 

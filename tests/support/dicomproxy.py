@@ -189,9 +189,9 @@ class _Stream:
                     sent.status = int(cmd.Status)
                     sent.answer_seconds = time.monotonic() - sent.sent_at
             return
-        cmd = self.commands.pop(pcid, None)
-        if cmd is None or not self.requestor:
+        if pcid not in self.commands or not self.requestor:
             return
+        cmd = self.commands.pop(pcid)
         sent = SentDataSet(str(cmd.AffectedSOPInstanceUID), str(cmd.AffectedSOPClassUID),
                            pcid, raw, rec.accepted.get(pcid, ""), sent_at=time.monotonic())
         rec.stores.append(sent)
