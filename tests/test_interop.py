@@ -35,6 +35,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,10 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from node.config import DestinationSettings
+from node.config import DestinationSettings, Settings
+from node.scp import Listener
 from node.scu import DeliveryError, deliver
+from node.spool import Spool
 from tests.support import interop as io
 from tests.support.dcmtk import write_ct_series
 from tests.support.dicomproxy import Association, RecordingProxy
@@ -344,6 +347,44 @@ def test_pynetdicom_max_pdu_0(node: RunningNode, tmp_path: Path) -> None:
     assoc = proxy.associations[0]
     assert assoc.requestor_max_pdu == 0
     assert max(assoc.pdata_lengths) <= assoc.acceptor_max_pdu
+
+
+@pytest.mark.usefixtures("stream_files")
+def test_pynetdicom_to_a_node_announcing_max_pdu_0(tmp_path: Path) -> None:
+    """The node's own Maximum Length 0 (``[node] max_pdu = 0``: no limit): pynetdicom
+    sends each data set as one PDV in one P-DATA-TF (6 MB for the CR), which the
+    acceptor streams through its 256 KiB buffer. The listener runs in-process here (the
+    same receive path as ``qcnode serve``, without the ledger)."""
+    settings = Settings.model_validate({
+        "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": 0, "max_pdu": 0,
+                 "home": str(tmp_path / "home")},
+        "senders": [{"ae_title": PYNETDICOM_AE, "host": "127.0.0.1"}],
+        "rules": [{"name": "keep", "action": "store"}],
+        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0,
+                  "journal_segment_bytes": 8 << 20, "journal_segments": 2},
+    })
+    listener = Listener(settings, Spool(settings.spool_dir, settings.node.home), None)
+    listener.start()
+    try:
+        files = list(io.fresh_copies(("cr", "mf_j2k", "ct"), tmp_path / "files").values())
+        contexts = [(c, [t]) for c, t in dict.fromkeys(_file_context(f) for f in files)]
+        with RecordingProxy(listener.address[1]) as proxy:
+            run = pynetdicom_send(proxy.port, files, lambda: pynetdicom_ae(contexts))
+            wait_for(proxy.answered, timeout=APPLIED_TIMEOUT, what="every C-STORE answered")
+        check_pynetdicom_run(run, proxy, len(files))
+        assoc = proxy.associations[0]
+        assert assoc.acceptor_max_pdu == 0
+        assert len(assoc.pdata_lengths) == 2 * len(files)  # command, then data: one PDV each
+        assert max(assoc.pdata_lengths) > io.sample("cr").stat().st_size - 4096
+        for path in files:
+            wire = proxy.sent()[io.sop_instance_uid(path)]
+            uid = wire.sop_instance_uid
+            wait_for(partial(io.spool_files, listener.spool.root, uid),
+                     timeout=APPLIED_TIMEOUT, what="applied to the spool")
+            stored = io.check_stored(listener.spool.root, wire, calling_ae=PYNETDICOM_AE)
+            io.check_file_identical(stored, path)
+    finally:
+        listener.stop(5.0)
 
 
 class _Warnings(logging.Handler):
