@@ -1,7 +1,7 @@
 """End-to-end benchmark: last C-STORE response → SR stored in Orthanc, on embedded defaults.
 
 Run: ``.venv/bin/python bench/e2e.py [--slices 300] [--quiet 2.0] [--series 20]
-[--throughput-slices 60]``.
+[--throughput-slices 60] [--runs 3]`` (``--series 0``: no throughput part).
 
 What it does, all with real processes on loopback:
 
@@ -18,6 +18,10 @@ What it does, all with real processes on loopback:
    the SR (polled every 10 ms). The parts come from the node's JSON log events and the
    ledger: quiet period (last instance → series closed), preparation (closed → task
    queued), broker hop to ``gpu``, assessment, hop to ``io``, SR build, delivery.
+4b. Latency with MPPS: the same, but right after storescu exits a pynetdicom SCU
+   (the modality) sends the step's N-CREATE and N-SET COMPLETED listing every image
+   to the node's MPPS SCP (``[mpps]``); the series closes without the quiet period
+   (trigger ``mpps_completed``). ``mpps_s`` is the time the two N-messages took.
 5. Throughput: ``--series`` series of ``--throughput-slices`` slices sent back to back
    (one association each); series/min from the first C-STORE to the last SR in
    Orthanc, and the listener's ingest rate (images/s) while the pipeline works,
@@ -47,6 +51,7 @@ from pydicom.uid import UID, generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.support.mpps import complete_step  # noqa: E402
 from tests.support.net import free_port, wait_for  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
 
@@ -66,6 +71,9 @@ poll_seconds = 0.05
 port = 0
 [logging]
 json = "always"
+[mpps]
+enabled = true
+port = {mpps_port}
 [[destinations]]
 name = "pacs"
 ae_title = "ORTHANC"
@@ -155,12 +163,14 @@ class Bench:
     def __init__(self, work: Path, quiet: float) -> None:
         self.work = work
         self.port = free_port()
+        self.mpps_port = free_port()
         self.pacs = Orthanc(work / "orthanc", {NODE_AE: self.port})
         self.home = work / "home"
         self.home.mkdir(parents=True)
         self.config = self.home / "qcnode.toml"
         self.config.write_text(CONFIG.format(ae=NODE_AE, port=self.port, home=self.home,
-                                             quiet=quiet, pacs_port=self.pacs.dicom_port))
+                                             quiet=quiet, pacs_port=self.pacs.dicom_port,
+                                             mpps_port=self.mpps_port))
         self.log = self.home / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -194,11 +204,16 @@ class Bench:
 
 
 def latency(bench: Bench, series: list[pydicom.Dataset], folder: Path,
-            quiet: float) -> dict[str, Any]:
+            quiet: float, *, mpps: bool = False) -> dict[str, Any]:
+    """Last image's Success → SR in Orthanc; with ``mpps``, MPPS COMPLETED is sent
+    right after the last image."""
     before = bench.sr_count()
     first, last = send(write_series(series, folder), bench.port)
-    seen = bench.wait_srs(before + 1)
     uid = str(series[0].SeriesInstanceUID)
+    if mpps:
+        complete_step(bench.mpps_port, {uid: [str(ds.SOPInstanceUID) for ds in series]})
+    mpps_done = time.time()
+    seen = bench.wait_srs(before + 1)
     wait_for(lambda: any(e["event"] == "delivered" and e.get("series_uid") == uid
                          for e in events(bench.log)), timeout=60, what="delivered event")
     evs = events(bench.log)
@@ -214,6 +229,7 @@ def latency(bench: Bench, series: list[pydicom.Dataset], folder: Path,
         "trigger": closed["trigger"], "images": len(series),
         "ingest_images_per_s": len(series) / (last - first),
         "total_s": seen - last, "quiet_configured_s": quiet,
+        "mpps_s": mpps_done - last if mpps else 0.0,
         "quiet_s": closed["t"] - last, "prepare_s": queued["prepare_seconds"],
         "dispatch_s": queued["t"] - closed["t"],
         "hop_gpu_s": got_assess["t"] - queued["t"], "assess_s": assessed["seconds"],
@@ -233,6 +249,10 @@ def throughput(bench: Bench, folders: list[Path], images: int) -> dict[str, floa
             "series_per_min": len(folders) / ((done - start) / 60),
             "ingest_images_per_s_while_busy": images / (end - start),
             "send_s": end - start, "last_sr_after_last_image_s": done - end}
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "trigger"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,17 +276,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.wait_srs(1)
             runs = [latency(bench, make_series(source, args.slices), work / f"s{i}", args.quiet)
                     for i in range(args.runs)]
-            median = {k: statistics.median(r[k] for r in runs) for k in runs[0]
-                      if k != "trigger"}
+            median = _median(runs)
+            mpps_runs = [latency(bench, make_series(source, args.slices), work / f"m{i}",
+                                 args.quiet, mpps=True) for i in range(args.runs)]
             folders = [write_series(make_series(source, args.throughput_slices),
                                     work / f"t{i}") for i in range(args.series)]
+            rate: dict[str, Any] = {}
             try:
-                rate: dict[str, Any] = throughput(bench, folders,
-                                                  args.series * args.throughput_slices)
+                if folders:
+                    rate = throughput(bench, folders, args.series * args.throughput_slices)
             except RuntimeError as exc:  # report what was measured, and the failure
                 rate = {"error": str(exc)}
-    print(json.dumps({"latency_runs": runs, "latency_median": median, "throughput": rate},
-                     indent=2))
+    print(json.dumps({"latency_runs": runs, "latency_median": median,
+                      "latency_mpps_runs": mpps_runs, "latency_mpps_median": _median(mpps_runs),
+                      "throughput": rate}, indent=2))
     return 0
 
 

@@ -10,6 +10,11 @@ an association may carry part of a series or several series), so a series closes
 ``max_wait``
     when ``max_wait_seconds`` passed since the first instance of its current
     generation, whatever is still arriving (a sender that never releases).
+``mpps_completed`` / ``mpps_discontinued``
+    at once, without the quiet period, when a Modality Performed Procedure Step that
+    lists the series ended (COMPLETED / DISCONTINUED, PS3.4 Annex F.7) and every
+    instance it lists for the series is in the ledger (:mod:`node.ledger.mpps`,
+    received by :mod:`node.mpps`).
 
 Closing moves the series to ``complete`` — or ``ignored`` when its rule's action is
 ``store`` — and then calls ``on_complete(series_uid, trigger)``; the callback should
@@ -30,6 +35,7 @@ from types import TracebackType
 from node.config import Settings
 from node.ledger import Ledger, OpenSeries, SeriesState
 from node.ledger.models import utcnow
+from node.ledger.mpps import MppsDue
 from node.logs import get_logger
 from node.redact import error_fields
 
@@ -119,8 +125,11 @@ class CompletionMonitor:
         """Close every series that is due; returns ``(series_uid, trigger)`` closed."""
         now = now or utcnow()
         closed: list[tuple[str, str]] = []
+        by_mpps = self._ledger.mpps_due()
         for series in self._ledger.open_series():
-            trigger = self._close_if_due(series, now)
+            due = by_mpps.get(series.series_instance_uid)
+            trigger = self._close_by_mpps(series, due) if due is not None else None
+            trigger = trigger or self._close_if_due(series, now)
             if trigger is not None:
                 closed.append((series.series_instance_uid, trigger))
                 self._notify(series.series_instance_uid, trigger)
@@ -140,6 +149,12 @@ class CompletionMonitor:
             uid, generation, TRIGGER_QUIET, quiet_since=now - quiet, ignore=ignore
         ):
             return TRIGGER_QUIET
+        return None
+
+    def _close_by_mpps(self, series: OpenSeries, due: MppsDue) -> str | None:
+        if self._ledger.close_series_by_mpps(due, series.generation,
+                                             ignore=series.action == ACTION_STORE):
+            return due.trigger
         return None
 
     def timeouts(self, rule_name: str) -> tuple[dt.timedelta, dt.timedelta]:

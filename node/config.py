@@ -273,6 +273,19 @@ class CompletionSettings(_Section):
     poll_seconds: PositiveSeconds = 0.5
 
 
+class MppsSettings(_Section):
+    """The Modality Performed Procedure Step SCP: ``[mpps]`` (PS3.4 Annex F.7).
+
+    Its own AE title and port (modalities send MPPS to a separately configured AE),
+    bound to ``[node] host``, admitting the same ``[[senders]]``. A series an ended
+    step lists closes without waiting for the quiet period (node.completion).
+    """
+
+    enabled: bool = False
+    ae_title: AETitle = "QCNODE_MPPS"
+    port: BindPort = 11113
+
+
 class BrokerSettings(_Section):
     """Celery broker: ``[broker]``; no ``url`` runs the embedded SQLite-backed broker."""
 
@@ -388,6 +401,7 @@ class Settings(BaseSettings):
     spool: SpoolSettings = SpoolSettings()
     ledger: LedgerSettings = LedgerSettings()
     completion: CompletionSettings = CompletionSettings()
+    mpps: MppsSettings = MppsSettings()
     broker: BrokerSettings = BrokerSettings()
     engine: EngineSettings = EngineSettings()
     delivery: DeliverySettings = DeliverySettings()

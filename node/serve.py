@@ -11,8 +11,9 @@ Start-up order (each step needs the previous one):
    before a crash reaches the spool and the ledger now;
 6. reconcile the spool with the ledger: a file in the spool the ledger does not know
    is recorded now;
-7. start the completion monitor, then the listener; print one line
-   ``listening on HOST:PORT as AE_TITLE`` to stdout.
+7. start the completion monitor, then the listener (and, with ``[mpps] enabled``, the
+   MPPS SCP, :mod:`node.mpps`); print one line ``listening on HOST:PORT as AE_TITLE``
+   to stdout.
 
 SIGHUP reloads the settings file (:mod:`node.reload`): senders, destinations and rules
 change without dropping an association; an invalid file is logged and ignored.
@@ -44,6 +45,7 @@ from node.dicomio import MalformedDataset, read_header
 from node.ingest import instance_record
 from node.ledger import Ledger
 from node.logs import configure_logging, get_logger
+from node.mpps import MppsServer
 from node.reload import Reloader, ReloadPlan
 from node.scp import Listener
 from node.spool import Spool, Stored, file_sha256
@@ -108,6 +110,7 @@ class Node:
         self.spool: Spool | None = None
         self.monitor: CompletionMonitor | None = None
         self.listener: Listener | None = None
+        self.mpps: MppsServer | None = None
 
     def _notify(self, series_uid: str, trigger: str) -> None:
         for hook in self.on_complete:
@@ -136,6 +139,9 @@ class Node:
             self.monitor = CompletionMonitor(self.ledger, settings, self._notify)
             self.monitor.start()
             self.listener.start()
+            if settings.mpps.enabled:
+                self.mpps = MppsServer(settings, self.ledger, self._wake_monitor)
+                self.mpps.start()
         except BaseException:
             self.close()
             raise
@@ -150,6 +156,8 @@ class Node:
             self.listener.settings = plan.settings
         if self.monitor is not None:
             self.monitor.use_settings(plan.settings)
+        if self.mpps is not None:
+            self.mpps.use_settings(plan.settings)
 
     def _wake_monitor(self) -> None:
         if self.monitor is not None:
@@ -163,7 +171,10 @@ class Node:
         return self.listener.address
 
     def close(self) -> None:
-        """Stop the listener, then the monitor, then close the ledger."""
+        """Stop the MPPS SCP and the listener, then the monitor, then close the ledger."""
+        if self.mpps is not None:
+            self.mpps.stop()
+            self.mpps = None
         if self.listener is not None:
             self.listener.stop()
             self.listener = None

@@ -166,10 +166,14 @@ def series_details(ledger: Ledger, info: SeriesInfo, spool: Path | None) -> dict
     return {"series_number": series_number(ledger, info, spool)} | score_entry(ledger, info)
 
 
+#: Width of the TRIGGER column: the longest trigger, ``mpps_discontinued``.
+TRIGGER_WIDTH = 17
+
+
 def series_header() -> str:
     """The heading of the text listing's series table."""
-    return (f"{'SERIES INSTANCE UID':<64}  {'STATE':<10} {'IMAGES':>6}  {'TRIGGER':<9} "
-            f"{'NO.':>5} {'SCORE':>5}  DESCRIPTION")
+    return (f"{'SERIES INSTANCE UID':<64}  {'STATE':<10} {'IMAGES':>6}  "
+            f"{'TRIGGER':<{TRIGGER_WIDTH}} {'NO.':>5} {'SCORE':>5}  DESCRIPTION")
 
 
 def series_row(s: dict[str, Any]) -> str:
@@ -177,7 +181,8 @@ def series_row(s: dict[str, Any]) -> str:
     number = "-" if s.get("series_number") is None else str(s["series_number"])
     score = "-" if s.get("score") is None else f"{s['score']:.1f}"
     return (f"{s['series_instance_uid']:<64}  {s['state']:<10} {s['instance_count']:>6}  "
-            f"{s['trigger'] or '-':<9} {number:>5} {score:>5}  {s.get('description') or '-'}")
+            f"{s['trigger'] or '-':<{TRIGGER_WIDTH}} {number:>5} {score:>5}  "
+            f"{s.get('description') or '-'}")
 
 
 def build_report(ledger: Ledger, limit: int = DEFAULT_LIMIT,

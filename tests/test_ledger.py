@@ -31,7 +31,8 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 TABLES = {
     "studies", "series", "instances", "associations", "series_associations", "jobs",
-    "deliveries", "series_events", "commitments", "alembic_version",
+    "deliveries", "series_events", "commitments", "mpps_steps", "mpps_series",
+    "alembic_version",
 }
 
 
@@ -63,7 +64,7 @@ def test_migration_from_empty_database_matches_models(ledger_url: str) -> None:
         assert set(inspect(led.engine).get_table_names()) >= TABLES
         with led.engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert context.get_current_revision() == "0003"
+            assert context.get_current_revision() == "0004"
             diff = compare_metadata(context, Base.metadata)
         assert diff == [], f"models and migrations differ: {diff}"
         downgrade(led.engine, "base")
@@ -236,7 +237,7 @@ def test_concurrent_open_migrates_once(ledger_url: str) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", code, ledger_url]) for _ in range(3)]
     assert [p.wait(120) for p in procs] == [0, 0, 0]
     with Ledger(ledger_url) as led, led.engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0003"
+        assert MigrationContext.configure(conn).get_current_revision() == "0004"
 
 
 def test_close_series_checks_hold_at_closing_time(ledger: Ledger) -> None:

@@ -10,6 +10,8 @@ Alembic revision. The API is split by concern:
 * :class:`~node.ledger.jobs.JobAPI` — the pipeline's jobs and deliveries;
 * :class:`~node.ledger.commitments.CommitmentAPI` — Storage Commitment transactions
   and the reports the listener received for them.
+* :class:`~node.ledger.mpps.MppsAPI` — Modality Performed Procedure Steps (a
+  :class:`~node.ledger.series.SeriesAPI` that also closes series by them).
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from node.ledger.jobs import (
     JobInfo,
 )
 from node.ledger.models import ConfirmedBy, DeliveryState, JobState, SeriesState
+from node.ledger.mpps import MppsAPI
 from node.ledger.series import (
     SERIES_TRANSITIONS,
     OpenSeries,
-    SeriesAPI,
     SeriesEventInfo,
     SeriesInfo,
 )
 
 
-class Ledger(InstanceAPI, JobAPI, SeriesAPI, CommitmentAPI):
+class Ledger(InstanceAPI, JobAPI, MppsAPI, CommitmentAPI):
     """The ledger's whole API (see the module documentation)."""
 
 

@@ -307,3 +307,36 @@ class Commitment(Base):
     event_type: Mapped[int | None] = mapped_column(Integer)
     committed: Mapped[str | None] = mapped_column(Text)
     failed: Mapped[str | None] = mapped_column(Text)
+
+
+class MppsStep(Base):
+    """A Modality Performed Procedure Step (PS3.4 Annex F.7; PS3.3 C.4.13–C.4.14).
+
+    Only the step's SOP Instance UID, its status and who sent it are kept: the step's
+    patient and procedure attributes are not stored.
+    """
+
+    __tablename__ = "mpps_steps"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    #: Performed Procedure Step Status (0040,0252): IN PROGRESS, COMPLETED, DISCONTINUED.
+    status: Mapped[str] = mapped_column(String(16))
+    calling_ae: Mapped[str] = mapped_column(String(AE_LENGTH))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class MppsSeries(Base):
+    """A series a step references (Performed Series Sequence (0040,0340)).
+
+    ``sop_uids`` is the JSON list of the images and other instances the step lists for
+    the series; ``outcome`` is set once the step's end was applied to the series.
+    """
+
+    __tablename__ = "mpps_series"
+    step_id: Mapped[int] = mapped_column(ForeignKey("mpps_steps.id"), primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(UID_LENGTH), primary_key=True, index=True)
+    sop_uids: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

@@ -134,6 +134,15 @@ class SeriesAPI(LedgerBase):
         no instance arrived after it and no association that fed it is open.
         Returns False (and changes nothing) when a check fails.
         """
+        with self._write() as conn:
+            return self._close_series_in(conn, series_uid, generation, trigger,
+                                         quiet_since=quiet_since, ignore=ignore) is not None
+
+    def _close_series_in(
+        self, conn: Connection, series_uid: str, generation: int, trigger: str, *,
+        quiet_since: dt.datetime | None = None, ignore: bool = False,
+    ) -> int | None:
+        """:meth:`close_series` inside the caller's transaction; the series' row id."""
         conditions = [
             Series.series_uid == series_uid,
             Series.state == S.RECEIVING.value,
@@ -143,19 +152,18 @@ class SeriesAPI(LedgerBase):
             conditions += [Series.last_instance_at <= quiet_since, ~_busy_clause()]
         to_state = S.IGNORED if ignore else S.COMPLETE
         now = utcnow()
-        with self._write() as conn:
-            result = conn.execute(
-                update(Series)
-                .where(and_(*conditions))
-                .values(state=to_state.value, closed_at=now, close_trigger=trigger,
-                        state_changed_at=now)
-                .returning(Series.id)
-            ).first()
-            if result is None:
-                return False
-            self._event(conn, int(result[0]), now, generation, "closed", S.RECEIVING,
-                        to_state, trigger)
-            return True
+        result = conn.execute(
+            update(Series)
+            .where(and_(*conditions))
+            .values(state=to_state.value, closed_at=now, close_trigger=trigger,
+                    state_changed_at=now)
+            .returning(Series.id)
+        ).first()
+        if result is None:
+            return None
+        series_id = int(result[0])
+        self._event(conn, series_id, now, generation, "closed", S.RECEIVING, to_state, trigger)
+        return series_id
 
     def set_series_state(
         self, series_uid: str, to_state: SeriesState, *, generation: int | None = None,

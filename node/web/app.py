@@ -99,4 +99,8 @@ def create_app(view: NodeView) -> Starlette:
     ]
     if view.api is not None:
         routes.append(Mount("/api", app=create_api(view.api)))
+        from node.web.console import ConsoleContext, create_console
+
+        routes += create_console(ConsoleContext(
+            view, lambda: collector.queue_depths(view.settings())))
     return Starlette(routes=routes)

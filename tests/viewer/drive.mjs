@@ -4,7 +4,8 @@
 // Plan: {"timeoutMs": 60000, "viewport": [w, h], "userDataDir": "/tmp/x", "localStorage": {},
 //        "steps": [{"goto": url}, {"waitText": "Image Quality Rating"},
 //                  {"waitSelector": "css", "state": "visible"}, {"waitCanvas": true},
-//                  {"dblclick": "css"}, {"click": "css"}, {"screenshot": "/path.png"},
+//                  {"dblclick": "css"}, {"click": "css"}, {"fill": "css", "value": "x"},
+//                  {"screenshot": "/path.png"},
 //                  {"bodyText": "name"}, {"text": "name", "selector": "css"},
 //                  {"count": "name", "selector": "css"}, {"saveHtml": "/path.html"},
 //                  {"fetchAttr": "name", "selector": "css", "attr": "data"}]}
@@ -62,6 +63,7 @@ async function runStep(page, step, report, timeout) {
   else if (step.waitCanvas) await page.waitForFunction(canvasDrawn, null, { timeout: t, polling: 250 });
   else if (step.dblclick) await page.locator(step.dblclick).first().dblclick({ timeout: t });
   else if (step.click) await page.locator(step.click).first().click({ timeout: t });
+  else if (step.fill) await page.locator(step.fill).first().fill(step.value, { timeout: t });
   else if (step.screenshot) await page.screenshot({ path: step.screenshot, timeout: t });
   else if (step.bodyText) report.texts[step.bodyText] = await page.locator('body').innerText({ timeout: t });
   else if (step.text) report.texts[step.text] = await page.locator(step.selector).first().innerText({ timeout: t });
@@ -86,6 +88,8 @@ async function main() {
   const context = await chromium.launchPersistentContext(plan.userDataDir, {
     executablePath: plan.executablePath ?? '/usr/bin/chromium',
     headless: true, args: FLAGS, viewport: { width, height },
+    // e.g. {"username": "admin", "password": "…"}: HTTP Basic for qcnode's console
+    ...(plan.httpCredentials ? { httpCredentials: plan.httpCredentials } : {}),
   });
   try {
     // e.g. {"shownTours": "[\"basicViewerTour\"]"}: OHIF's onboarding tour stays closed.
