@@ -14,11 +14,15 @@ storescu   profile), JPEG lossless, JPEG 2000 (lossless and lossy), RLE,        
            deflated, max PDU 4096 and 128 KiB, ``-R``, user identity ``-rsp``
 pynetdicom 300 instances in one association; every sample as it is over 128     wire,
            contexts with role selection, async window and user identity;        file
-           max PDU 0; 20 concurrent associations
-PixelMed   StorageSOPClassSCU, a mix of samples in one association              wire, content
+           max PDU 0 (its own, and the node's); 20 concurrent associations
+PixelMed   StorageSOPClassSCU, one syntax per SOP class in an association;      wire, content
+           native pixels it sends on a JPEG-LS context are refused (0xC210)
 GDCM       gdcmscu ``--store`` (judged by its stores: it aborts on exit)        wire, content
 Orthanc    REST ``/modalities/…/store`` of a study                             wire, content
 =========  ===================================================================  =========
+
+The last test turns the proxy on qcnode's own sending: concurrent deliveries
+(``node/scu.py``) each drive their own association, one operation at a time.
 
 Checks (:mod:`tests.support.interop`): **wire** — the spool file's data set is byte for
 byte the data set sent, its meta names the accepted transfer syntax, the instance and
