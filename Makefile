@@ -8,8 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 # Chromium (the real-viewer test drives OHIF in it; no browser download); VL Gothic, a
 # TrueType Japanese font the PDF quality card embeds (reportlab cannot embed CFF fonts);
 # strace (the durability test traces the listener's flushes and answers); Prometheus,
-# which scrapes the node's /metrics in the test suite.
-SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium fonts-vlgothic strace prometheus
+# which scrapes the node's /metrics in the test suite; the interop matrix's other senders:
+# PixelMed (a Java library: its package pulls no JRE, hence default-jre-headless) and
+# GDCM's gdcmscu.
+SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium fonts-vlgothic strace prometheus \
+               libpixelmed-java default-jre-headless libgdcm-tools
 PYTEST_ARGS ?=
 
 .PHONY: serve test lint typecheck unit bench system-deps viewer-deps install install-dev clean

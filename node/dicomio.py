@@ -76,6 +76,12 @@ _SHORT_VRS = frozenset(
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+#: The syntaxes whose Pixel Data is native (PS3.5 §8.2); every other one encapsulates it
+#: (§A.4) and a defined-length Pixel Data value cannot be decoded in it.
+NATIVE_SYNTAXES = frozenset({
+    IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.1", EXPLICIT_VR_BIG_ENDIAN,
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+})
 _TRANSFER_SYNTAX = 0x00020010
 # Attributes kept while scanning (tag -> name); everything else is skipped.
 _WANTED = {
@@ -249,12 +255,17 @@ def _meta(buf: _Buf, size: int) -> tuple[str, int]:
     return syntax, pos
 
 
-def _scan_dataset(scan: _Scanner, pos: int) -> dict[str, str | int]:
-    """Collect the wanted attributes, checking every top-level element is complete."""
+def _scan_dataset(scan: _Scanner, pos: int, *, encapsulated: bool = False
+                  ) -> dict[str, str | int]:
+    """Collect the wanted attributes, checking every top-level element is complete;
+    ``encapsulated``: the transfer syntax requires encapsulated Pixel Data."""
     found: dict[str, str | int] = {}
     while pos < scan.end:
         tag, vr, length, value_pos = scan.header(pos)
         bits = _PIXEL_TAGS.get(tag)
+        if tag == PIXEL_DATA and encapsulated and length != _UNDEFINED:
+            # PixelMed sends native pixels on the JPEG-LS context of another file
+            raise MalformedDataset("native pixel data in a compressed transfer syntax")
         if bits is not None:
             pos = _check_pixels(scan, found, value_pos, length, bits)
             found["pixel_data"] = tag
@@ -339,7 +350,7 @@ def _scan_file(buf: _Buf, size: int, image_classes: Container[str]) -> InstanceH
         little=syntax != EXPLICIT_VR_BIG_ENDIAN,
         implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN,
     )
-    found = _scan_dataset(scan, start)
+    found = _scan_dataset(scan, start, encapsulated=syntax not in NATIVE_SYNTAXES)
     sop_class_uid = _uid(found, "sop_class_uid")
     if sop_class_uid in image_classes and "pixel_data" not in found:
         raise MalformedDataset("image storage data set without pixel data")

@@ -12,6 +12,21 @@ holds them:
   or ``"auto"`` with a ``commitment_port``, when the PACS accepts the SOP class.
 * else **C-FIND** (PS3.4 Annex C, Study Root, IMAGE level) for each SOP Instance UID.
 
+**One association, one thread.** :func:`deliver` and :func:`echo` open their own
+association and drive it from the calling thread only, one operation at a time (each
+C-STORE, N-ACTION, C-FIND waits for its response before the next is sent); the
+association never leaves the function. The N-EVENT-REPORT arrives on another
+association (the commitment port's pynetdicom server, or the node's main listener via
+the ledger) and its handler only records the report. pynetdicom cannot share an
+association between threads, and even a single caller races the association's own
+reactor thread, which can take a response off the queue and drop it as "unexpected"
+(seen with 20 associations in one process; the window exists for one): the send then
+waits for the destination's ``timeout``, the delivery fails as transient
+(:attr:`Reason.ABORTED`) and is retried (pynetdicom 3.0.4;
+docs/benchmarks.md, "pynetdicom senders stall"). ``tests/test_interop.py`` checks on
+the wire that concurrent deliveries each use their own association, one request at a
+time.
+
 Every failure is an exception carrying a :class:`Failure` that says whether retrying
 can help (transient: refused connection, timeout, 0xA7xx out of resources, transient
 rejection) or not (permanent: 0xA9xx, 0xCxxx, permanent rejection).

@@ -221,6 +221,11 @@ class Orthanc:
         """POST a JSON body to ``path`` and decode the JSON answer."""
         return json.loads(self._request("POST", path, json.dumps(payload).encode()))
 
+    def upload(self, part10: bytes) -> dict[str, Any]:
+        """POST a DICOM file to ``/instances`` (stored as it is); Orthanc's answer."""
+        answer: dict[str, Any] = json.loads(self._request("POST", "/instances", part10))
+        return answer
+
     def instances(self) -> list[str]:
         """Orthanc IDs of every stored instance."""
         ids: list[str] = self.get_json("/instances")
