@@ -268,11 +268,18 @@ class EngineSettings(_Section):
     adapter: Path | None = None
     slices: int = Field(default=8, ge=1, le=512)
     device: str = "auto"
+    # The VLM's runtime: transformers (NF4 + peft, in process) or vLLM — in process, or
+    # the `vllm serve` at vllm_url shared by several workers (vllm_model: served name).
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")] | None = None
+    vllm_model: str | None = None
 
     @model_validator(mode="after")
     def _vlm_needs_model(self) -> EngineSettings:
         if self.name == "vlm" and self.model is None:
             raise ValueError("engine 'vlm' needs 'model', a local model directory")
+        if self.vllm_url is not None and self.backend != "vllm":
+            raise ValueError("engine 'vllm_url' needs backend = \"vllm\"")
         return self
 
 

@@ -25,6 +25,7 @@ from inference.card import ModelCard
 from inference.errors import EngineError
 from inference.prepare import PreparedSeries, PreparedSlice
 from inference.result import AssessmentResult, EngineInfo, Finding, SliceScore
+from inference.vlm.backend import ScoringBackend
 from inference.vlm.findings import extract_findings, merge_findings
 from inference.vlm.loading import (
     compute_dtype,
@@ -81,6 +82,10 @@ class VlmEngine:
         At most this many slices per forward pass; ``None`` takes the card's
         ``max_batch``. A setting of the host (GPU memory), so it is not part of
         :attr:`info`: results do not depend on it.
+    backend
+        Another runtime for the read-out and generation (e.g.
+        :class:`~inference.vlm.vllm_backend.VllmBackend`); None: transformers (NF4 +
+        peft) in this process. Same weights, same read-out: not part of :attr:`info`.
 
     The directories and the card are checked at construction (a hub id or a missing
     directory raises :class:`~inference.vlm.loading.ModelDirectoryError`); the model
@@ -90,8 +95,10 @@ class VlmEngine:
     def __init__(
         self, model_dir: Path | str, adapter_dir: Path | str | None = None,
         device: str = "auto", *, quantize: bool = True, max_batch: int | None = None,
+        backend: ScoringBackend | None = None,
     ) -> None:
         self._source = resolve_source(model_dir, adapter_dir)
+        self._backend = backend
         self._device = device
         self._quantize = quantize
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
@@ -138,8 +145,10 @@ class VlmEngine:
 
     def read_slices(self, slices: tuple[PreparedSlice, ...]) -> list[SliceReadout]:
         """The score distribution of each slice (batches of at most :attr:`max_batch`)."""
-        lm = self.loaded
         images = [to_image(s.rgb) for s in slices]
+        if self._backend is not None:
+            return self._backend.read_scores(images)
+        lm = self.loaded
         return read_scores(
             lm.model, lm.processor, self.card, lm.tokens, images,
             dtype=lm.dtype, device=lm.device, max_batch=self.max_batch,
@@ -147,8 +156,10 @@ class VlmEngine:
 
     def generate(self, slices: tuple[PreparedSlice, ...]) -> list[str]:
         """Full generated answers for ``slices`` (batches of at most :attr:`max_batch`)."""
-        lm = self.loaded
         images = [to_image(s.rgb) for s in slices]
+        if self._backend is not None:
+            return self._backend.generate(images)
+        lm = self.loaded
         return generate_answers(
             lm.model, lm.processor, self.card, images, dtype=lm.dtype, device=lm.device,
             max_batch=self.max_batch,

@@ -71,12 +71,15 @@ def _ledger(url: str, pid: int) -> Ledger:
 
 
 @lru_cache(maxsize=2)
-def _engine(name: str, model: str | None, adapter: str | None, device: str) -> Engine:
+def _engine(name: str, model: str | None, adapter: str | None, device: str,
+            backend: str = "transformers", vllm_url: str | None = None,
+            vllm_model: str | None = None) -> Engine:
     """The engine, built once per worker process on first use (the model loads lazily)."""
     from pathlib import Path
 
     return create_engine(name, model=Path(model) if model else None,
-                         adapter=Path(adapter) if adapter else None, device=device)
+                         adapter=Path(adapter) if adapter else None, device=device,
+                         backend=backend, vllm_url=vllm_url, vllm_model=vllm_model)
 
 
 def ledger_for(settings: Settings) -> Ledger:
@@ -88,7 +91,8 @@ def engine_for(settings: Settings) -> Engine:
     """This process's engine."""
     cfg = settings.engine
     return _engine(cfg.name, str(cfg.model) if cfg.model else None,
-                   str(cfg.adapter) if cfg.adapter else None, cfg.device)
+                   str(cfg.adapter) if cfg.adapter else None, cfg.device,
+                   cfg.backend, cfg.vllm_url, cfg.vllm_model)
 
 
 def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,
