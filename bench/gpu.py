@@ -4,7 +4,7 @@ One command, no download (the architecture is ``bench/medgemma_4b_it_config.json
 tokenizer is the offline test tokenizer, so only the special-token ids differ)::
 
     .venv/bin/python bench/gpu.py                      # both backends, GPU, < 10 min
-    .venv/bin/python bench/gpu.py --vllm-python .venv-vllm/bin/python
+    .venv/bin/python bench/gpu.py --vllm-python ~/.cache/qcnode/venv-vllm/bin/python
     .venv/bin/python bench/gpu.py --tiny               # tiny Gemma 3 on the CPU (tests)
 
 For each backend (transformers: NF4 + peft path of the node; vLLM: bf16, in process) a
