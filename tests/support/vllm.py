@@ -1,6 +1,6 @@
 """Real vLLM for the vLLM backend's tests: its own venv (``make vllm-deps``) and servers.
 
-vLLM pins its own transformers and torch, so it lives in its own venv (``make vllm-deps``); the Makefile
+vLLM pins its own transformers and torch, so it lives in its own venv; the Makefile
 passes its interpreter as ``QCNODE_VLLM_PYTHON``. Without it the tests skip, except
 under CI, where they fail: ``make test`` always installs it.
 """
