@@ -50,7 +50,7 @@ def build_model(out: Path, *, tiny: bool, new_tokens: int) -> Path:
     from tests.support.tiny_gemma import build_tiny_gemma, tiny_card
 
     if tiny:
-        build_tiny_gemma(out)
+        build_tiny_gemma(out, for_vllm=True)
         replace(tiny_card(), max_new_tokens=new_tokens).save(out)
         return out
     import torch
@@ -82,7 +82,7 @@ def _save_processor(out: Path, image_size: int, mm_tokens: int) -> dict[str, int
 
     from tests.support.tiny_gemma import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 
-    tokenizer: Any = build_tokenizer()
+    tokenizer: Any = build_tokenizer(newline_tokens=True)
     images = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size},
                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
     Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,

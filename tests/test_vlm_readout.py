@@ -155,7 +155,7 @@ def test_from_digits_is_the_formula() -> None:
     assert SliceReadout.from_digits(digits).expected == pytest.approx(readout.digit_expected)
 
 
-def _overfit(model_dir: Path, out: Path, score: float, steps: int = 60) -> Path:
+def _overfit(model_dir: Path, out: Path, score: float, steps: int = 25) -> Path:
     """Fine-tune the tiny model's decoder (full precision) on one answer; save it."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

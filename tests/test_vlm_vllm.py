@@ -43,11 +43,13 @@ def _series(n: int, seed: int) -> PreparedSeries:
 
 @pytest.fixture(scope="module")
 def server(
-    tiny_gemma_dir: Path, tiny_adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_gemma_vllm_dir: Path, tiny_vllm_adapter_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     python = vllm_python()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with vllm_server(python, tiny_gemma_dir, log, lora={"tiny": tiny_adapter_dir}) as url:
+    lora = {"tiny": tiny_vllm_adapter_dir}
+    with vllm_server(python, tiny_gemma_vllm_dir, log, lora=lora) as url:
         yield url
 
 
@@ -58,13 +60,13 @@ def _vllm_engine(model: Path, adapter: Path | None, url: str) -> VlmEngine:
 
 @pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "lora"])
 def test_server_readout_and_answers_match_transformers(
-    server: str, tiny_gemma_dir: Path, tiny_adapter_dir: Path, with_adapter: bool
+    server: str, tiny_gemma_vllm_dir: Path, tiny_vllm_adapter_dir: Path, with_adapter: bool
 ) -> None:
-    adapter = tiny_adapter_dir if with_adapter else None
+    adapter = tiny_vllm_adapter_dir if with_adapter else None
     series = _series(4, seed=11)
-    fp32 = VlmEngine(tiny_gemma_dir, adapter, device="cpu", quantize=False)
-    nf4 = VlmEngine(tiny_gemma_dir, adapter, device="cpu")
-    served = _vllm_engine(tiny_gemma_dir, adapter, server)
+    fp32 = VlmEngine(tiny_gemma_vllm_dir, adapter, device="cpu", quantize=False)
+    nf4 = VlmEngine(tiny_gemma_vllm_dir, adapter, device="cpu")
+    served = _vllm_engine(tiny_gemma_vllm_dir, adapter, server)
 
     ours = served.read_slices(series.slices)
     theirs, quantized = fp32.read_slices(series.slices), nf4.read_slices(series.slices)
@@ -77,7 +79,7 @@ def test_server_readout_and_answers_match_transformers(
 
 
 def test_in_process_llm_matches_transformers(
-    tiny_gemma_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+    tiny_gemma_vllm_dir: Path, tiny_vllm_adapter_dir: Path, tmp_path: Path
 ) -> None:
     python = vllm_python()
     series = _series(3, seed=12)
@@ -87,13 +89,13 @@ def test_in_process_llm_matches_transformers(
     script.write_text(_IN_PROCESS)
     result = tmp_path / "result.json"
     run = subprocess.run(
-        [str(python), str(script), str(tiny_gemma_dir), str(tiny_adapter_dir), str(images),
-         str(result)],
+        [str(python), str(script), str(tiny_gemma_vllm_dir), str(tiny_vllm_adapter_dir),
+         str(images), str(result)],
         capture_output=True, text=True, env=vllm_env(), timeout=900, check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(result.read_text())
-    fp32 = VlmEngine(tiny_gemma_dir, tiny_adapter_dir, device="cpu", quantize=False)
+    fp32 = VlmEngine(tiny_gemma_vllm_dir, tiny_vllm_adapter_dir, device="cpu", quantize=False)
     want = fp32.read_slices(series.slices)
     assert got["expected"] == pytest.approx([r.expected for r in want], abs=FP32_TOL)
     assert got["std"] == pytest.approx([r.std for r in want], abs=FP32_TOL)
@@ -101,9 +103,9 @@ def test_in_process_llm_matches_transformers(
 
 
 def test_sixteen_concurrent_series_beat_sixteen_in_a_row(
-    server: str, tiny_gemma_dir: Path
+    server: str, tiny_gemma_vllm_dir: Path
 ) -> None:
-    engine = _vllm_engine(tiny_gemma_dir, None, server)
+    engine = _vllm_engine(tiny_gemma_vllm_dir, None, server)
     batch = [_series(2, seed=100 + i) for i in range(16)]
     engine.assess(batch[0])  # server-side warm-up and the prompt check, not timed
 
@@ -121,29 +123,29 @@ def test_sixteen_concurrent_series_beat_sixteen_in_a_row(
 
 
 def test_server_without_the_adapter_is_refused(
-    server: str, tiny_gemma_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+    server: str, tiny_gemma_vllm_dir: Path, tiny_vllm_adapter_dir: Path, tmp_path: Path
 ) -> None:
     other = tmp_path / "other_adapter"
     other.mkdir()
-    for item in tiny_adapter_dir.iterdir():
+    for item in tiny_vllm_adapter_dir.iterdir():
         (other / item.name).write_bytes(item.read_bytes())
-    engine = _vllm_engine(tiny_gemma_dir, other, server)
+    engine = _vllm_engine(tiny_gemma_vllm_dir, other, server)
     with pytest.raises(EngineError, match="serves no LoRA module"):
         engine.read_slices(_series(1, seed=13).slices)
 
 
 def test_server_with_another_chat_template_is_refused(
-    server: str, tiny_gemma_dir: Path, tmp_path: Path
+    server: str, tiny_gemma_vllm_dir: Path, tmp_path: Path
 ) -> None:
     local = tmp_path / "model"
     local.mkdir()
-    for item in tiny_gemma_dir.iterdir():
+    for item in tiny_gemma_vllm_dir.iterdir():
         (local / item.name).write_bytes(item.read_bytes())
     template = (local / "chat_template.jinja").read_text()
     turn = "'<start_of_turn>model\n'"
     assert turn in template
     (local / "chat_template.jinja").write_text(template.replace(turn, "'<start_of_turn>model\n\n'"))
-    options = VllmOptions(url=server, served_model=str(tiny_gemma_dir))
+    options = VllmOptions(url=server, served_model=str(tiny_gemma_vllm_dir))
     engine = VlmEngine(local, device="cpu", backend=VllmBackend(resolve_source(local), options))
     with pytest.raises(EngineError, match="renders the prompt differently"):
         engine.read_slices(_series(1, seed=14).slices)

@@ -62,8 +62,14 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int = 400) -> object:
-    """A fast BPE tokenizer with Gemma 3's special tokens; digits are single tokens."""
+def build_tokenizer(vocab_size: int = 400, *, newline_tokens: bool = False) -> object:
+    """A fast BPE tokenizer with Gemma 3's special tokens; digits are single tokens.
+
+    ``newline_tokens`` adds ``\n`` … ``\n\n\n\n`` as tokens, as Gemma's vocabulary has
+    them: vLLM's Gemma 3 prompt update looks them up (it merges ``\n`` + ``\n\n`` into
+    ``\n\n\n`` by id). Off by default: as added tokens they split the text, and the
+    Metaspace decoder then writes ``\n Reasoning`` for ``\nReasoning``.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -76,9 +82,8 @@ def build_tokenizer(vocab_size: int = 400) -> object:
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    # Gemma's vocabulary has runs of newlines as single tokens (vLLM's Gemma 3 prompt
-    # update merges "\n" + "\n\n" into "\n\n\n" by token id).
-    tok.add_tokens([AddedToken("\n" * n, normalized=False) for n in (4, 3, 2, 1)])
+    if newline_tokens:
+        tok.add_tokens([AddedToken("\n" * n, normalized=False) for n in (4, 3, 2, 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
@@ -96,10 +101,13 @@ def build_tokenizer(vocab_size: int = 400) -> object:
     return fast
 
 
-def build_tiny_gemma(out: Path, *, seed: int = 0, text_layers: int = 1) -> Path:
+def build_tiny_gemma(
+    out: Path, *, seed: int = 0, text_layers: int = 1, for_vllm: bool = False
+) -> Path:
     """Write a tiny random Gemma 3 model, tokenizer and processor into ``out``.
 
-    Returns ``out``, a directory ``from_pretrained`` loads like MedGemma's snapshot.
+    Returns ``out``, a directory ``from_pretrained`` loads like MedGemma's snapshot;
+    ``for_vllm`` gives the tokenizer Gemma's newline tokens, which vLLM needs.
     """
     import torch
     from transformers import (
@@ -110,7 +118,7 @@ def build_tiny_gemma(out: Path, *, seed: int = 0, text_layers: int = 1) -> Path:
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(newline_tokens=for_vllm)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}  # type: ignore[attr-defined]
     vocab = len(tokenizer)  # type: ignore[arg-type]
     config = Gemma3Config(
@@ -218,6 +226,22 @@ def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = build_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma") / "model")
     tiny_card().save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_vllm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`tiny_gemma_dir` with Gemma's newline tokens, which vLLM needs."""
+    out = build_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma_vllm") / "model", for_vllm=True)
+    tiny_card().save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_adapter_dir(
+    tiny_gemma_vllm_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A random LoRA adapter for :func:`tiny_gemma_vllm_dir`, with its card."""
+    return build_random_adapter(tiny_gemma_vllm_dir, tmp_path_factory.mktemp("tiny_adapter_v"))
 
 
 @pytest.fixture(scope="session")
