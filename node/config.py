@@ -357,11 +357,18 @@ class EngineSettings(_Section):
     #: companions; 1: one series at a time (prefork pool)
     batch_series: int = Field(default=1, ge=1, le=64)
     batch_wait_seconds: float = Field(default=0.5, ge=0.0, le=60.0)
+    # The VLM's runtime: transformers (NF4 + peft, in process) or vLLM — in process, or
+    # the `vllm serve` at vllm_url shared by several workers (vllm_model: served name).
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")] | None = None
+    vllm_model: str | None = None
 
     @model_validator(mode="after")
     def _vlm_needs_model(self) -> EngineSettings:
         if self.name == "vlm" and self.model is None:
             raise ValueError("engine 'vlm' needs 'model', a local model directory")
+        if self.vllm_url is not None and self.backend != "vllm":
+            raise ValueError("engine 'vllm_url' needs backend = \"vllm\"")
         return self
 
 

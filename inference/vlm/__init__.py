@@ -5,7 +5,10 @@ Modules: :mod:`~inference.vlm.source` (local directories, torch-free),
 :mod:`~inference.vlm.prompting` (card → prompt and inputs, shared with training),
 :mod:`~inference.vlm.readout` (score probabilities, generation),
 :mod:`~inference.vlm.parsing` and :mod:`~inference.vlm.findings` (torch-free text
-handling), :mod:`~inference.vlm.engine` (:class:`VlmEngine`).
+handling), :mod:`~inference.vlm.engine` (:class:`VlmEngine`); the vLLM runtime behind
+:mod:`~inference.vlm.backend`: :mod:`~inference.vlm.vllm_backend` (read-out from
+log-probabilities), :mod:`~inference.vlm.vllm_local` (``vllm.LLM``) and
+:mod:`~inference.vlm.vllm_server` (a ``vllm serve`` by URL).
 
 Attributes are imported lazily so that ``inference.vlm.source``, ``inference.vlm.parsing``
 and ``inference.vlm.findings`` can be used without importing torch.

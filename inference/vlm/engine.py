@@ -33,6 +33,7 @@ from inference.errors import EngineError
 from inference.physics import Evidence, PhysicsEngine
 from inference.prepare import PreparedSeries, PreparedSlice
 from inference.result import AssessmentResult, EngineInfo, Finding, SliceScore, score_label
+from inference.vlm.backend import ScoringBackend
 from inference.vlm.consistency import check_ratings
 from inference.vlm.findings import extract_findings, merge_findings
 from inference.vlm.loading import (
@@ -95,6 +96,10 @@ class VlmEngine:
         :attr:`info`: results do not depend on it.
     explain
         Which series get a generated explanation (default: every series).
+    backend
+        Another runtime for the read-out and generation (e.g.
+        :class:`~inference.vlm.vllm_backend.VllmBackend`); None: transformers (NF4 +
+        peft) in this process. Same weights, same read-out: not part of :attr:`info`.
 
     The directories and the card are checked at construction (a hub id or a missing
     directory raises :class:`~inference.vlm.loading.ModelDirectoryError`); the model
@@ -104,9 +109,10 @@ class VlmEngine:
     def __init__(
         self, model_dir: Path | str, adapter_dir: Path | str | None = None,
         device: str = "auto", *, quantize: bool = True, max_batch: int | None = None,
-        explain: ExplainPolicy | None = None,
+        explain: ExplainPolicy | None = None, backend: ScoringBackend | None = None,
     ) -> None:
         self._source = resolve_source(model_dir, adapter_dir)
+        self._backend = backend
         self._card = self._source.card
         #: Says where the card came from when there is none beside the weights.
         self._card_note = "" if self._source.card_found else (
@@ -206,8 +212,10 @@ class VlmEngine:
 
     def read_slices(self, slices: tuple[PreparedSlice, ...]) -> list[SliceReadout]:
         """The score distribution of each slice (batches of at most :attr:`max_batch`)."""
-        lm = self.loaded
         images = [to_image(s.rgb) for s in slices]
+        if self._backend is not None:
+            return self._backend.read_scores(images)
+        lm = self.loaded
         return read_scores(
             lm.model, lm.processor, self.card, lm.tokens, images,
             dtype=lm.dtype, device=lm.device, max_batch=self.max_batch,
@@ -215,8 +223,10 @@ class VlmEngine:
 
     def generate(self, slices: tuple[PreparedSlice, ...]) -> list[str]:
         """Full generated answers for ``slices`` (batches of at most :attr:`max_batch`)."""
-        lm = self.loaded
         images = [to_image(s.rgb) for s in slices]
+        if self._backend is not None:
+            return self._backend.generate(images)
+        lm = self.loaded
         return generate_answers(
             lm.model, lm.processor, self.card, images, dtype=lm.dtype, device=lm.device,
             max_batch=self.max_batch,

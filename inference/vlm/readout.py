@@ -104,6 +104,16 @@ def digit_distribution(last_logits: torch.Tensor, tokens: ScoreTokens) -> torch.
     return _restricted_softmax(last_logits, tokens.digit_ids)
 
 
+def renormalised(logprobs: Sequence[float]) -> list[float]:
+    """The distribution over a few tokens from their log-probabilities (or logits).
+
+    The same restricted softmax as the logits read-out: log-probabilities differ from
+    the logits by the log of the full vocabulary's normaliser, which cancels.
+    """
+    values = torch.tensor([list(logprobs)], dtype=torch.float64)
+    return [float(p) for p in _restricted_softmax(values, range(len(logprobs)))[0]]
+
+
 def _restricted_softmax(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
     index = torch.tensor(list(ids), device=logits.device)
     return torch.softmax(logits.index_select(-1, index).double(), dim=-1)

@@ -80,13 +80,15 @@ def _ledger(url: str, pid: int) -> Ledger:
 
 @lru_cache(maxsize=2)
 def _engine(name: str, model: str | None, adapter: str | None, device: str,
-            explain: ExplainPolicy) -> Engine:
+            explain: ExplainPolicy, backend: str = "transformers",
+            vllm_url: str | None = None, vllm_model: str | None = None) -> Engine:
     """The engine, built once per worker process on first use (the model loads lazily)."""
     from pathlib import Path
 
     return create_engine(name, model=Path(model) if model else None,
                          adapter=Path(adapter) if adapter else None, device=device,
-                         explain=explain)
+                         explain=explain, backend=backend, vllm_url=vllm_url,
+                         vllm_model=vllm_model)
 
 
 def batcher_for(settings: Settings) -> SeriesBatcher:
@@ -112,7 +114,8 @@ def engine_for(settings: Settings) -> Engine:
     with _BATCHERS_LOCK:
         return _engine(cfg.name, str(cfg.model) if cfg.model else None,
                        str(cfg.adapter) if cfg.adapter else None, cfg.device,
-                       ExplainPolicy(cfg.explain, cfg.explain_below))
+                       ExplainPolicy(cfg.explain, cfg.explain_below),
+                       cfg.backend, cfg.vllm_url, cfg.vllm_model)
 
 
 def assess(task: Task, settings: Settings, job_id: int, prepared_b64: str,

@@ -62,9 +62,15 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int = 400) -> object:
-    """A fast BPE tokenizer with Gemma 3's special tokens; digits are single tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 400, *, newline_tokens: bool = False) -> object:
+    """A fast BPE tokenizer with Gemma 3's special tokens; digits are single tokens.
+
+    ``newline_tokens`` adds ``\n`` … ``\n\n\n\n`` as tokens, as Gemma's vocabulary has
+    them: vLLM's Gemma 3 prompt update looks them up (it merges ``\n`` + ``\n\n`` into
+    ``\n\n\n`` by id). Off by default: as added tokens they split the text, and the
+    Metaspace decoder then writes ``\n Reasoning`` for ``\nReasoning``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -76,6 +82,8 @@ def build_tokenizer(vocab_size: int = 400) -> object:
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if newline_tokens:
+        tok.add_tokens([AddedToken("\n" * n, normalized=False) for n in (4, 3, 2, 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
@@ -93,10 +101,13 @@ def build_tokenizer(vocab_size: int = 400) -> object:
     return fast
 
 
-def build_tiny_gemma(out: Path, *, seed: int = 0, text_layers: int = 1) -> Path:
+def build_tiny_gemma(
+    out: Path, *, seed: int = 0, text_layers: int = 1, for_vllm: bool = False
+) -> Path:
     """Write a tiny random Gemma 3 model, tokenizer and processor into ``out``.
 
-    Returns ``out``, a directory ``from_pretrained`` loads like MedGemma's snapshot.
+    Returns ``out``, a directory ``from_pretrained`` loads like MedGemma's snapshot;
+    ``for_vllm`` gives the tokenizer Gemma's newline tokens, which vLLM needs.
     """
     import torch
     from transformers import (
@@ -107,7 +118,7 @@ def build_tiny_gemma(out: Path, *, seed: int = 0, text_layers: int = 1) -> Path:
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(newline_tokens=for_vllm)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}  # type: ignore[attr-defined]
     vocab = len(tokenizer)  # type: ignore[arg-type]
     config = Gemma3Config(
@@ -135,6 +146,7 @@ def build_tiny_gemma(out: Path, *, seed: int = 0, text_layers: int = 1) -> Path:
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
     model.save_pretrained(out)
+    to_hub_layout(out)
     image_processor = Gemma3ImageProcessorPil(
         size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
@@ -146,6 +158,29 @@ def build_tiny_gemma(out: Path, *, seed: int = 0, text_layers: int = 1) -> Path:
     processor.save_pretrained(out)
     (out / "tiny_gemma.json").write_text(json.dumps({"seed": seed, "vocab": vocab}))
     return out
+
+
+def to_hub_layout(model_dir: Path) -> None:
+    """Rename the saved weights to the published MedGemma checkpoint's names.
+
+    transformers 5 saves the SigLIP tower as ``vision_tower.encoder…``; the published
+    snapshot (and vLLM's loader) name it ``vision_tower.vision_model.encoder…``, which
+    transformers also loads (it strips the ``vision_model`` prefix).
+    """
+    from safetensors.torch import load_file, save_file
+
+    for path in model_dir.glob("*.safetensors"):
+        tensors = load_file(path)
+        renamed = {_hub_name(k): v for k, v in tensors.items()}
+        if renamed.keys() != tensors.keys():
+            save_file(renamed, path, metadata={"format": "pt"})
+
+
+def _hub_name(key: str) -> str:
+    head = "vision_tower."
+    if key.startswith(head) and not key.startswith(head + "vision_model."):
+        return head + "vision_model." + key[len(head):]
+    return key
 
 
 def tiny_card() -> ModelCard:
@@ -179,6 +214,7 @@ def build_merged(base: Path, adapter: Path, out: Path) -> Path:
     model = AutoModelForImageTextToText.from_pretrained(base, local_files_only=True)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(out)
+    to_hub_layout(out)
     AutoProcessor.from_pretrained(base, local_files_only=True).save_pretrained(out)
     replace(tiny_card(), adapter_revision="tiny-adapter-merged").save(out)
     return out
@@ -190,6 +226,22 @@ def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = build_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma") / "model")
     tiny_card().save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_vllm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`tiny_gemma_dir` with Gemma's newline tokens, which vLLM needs."""
+    out = build_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma_vllm") / "model", for_vllm=True)
+    tiny_card().save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_adapter_dir(
+    tiny_gemma_vllm_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A random LoRA adapter for :func:`tiny_gemma_vllm_dir`, with its card."""
+    return build_random_adapter(tiny_gemma_vllm_dir, tmp_path_factory.mktemp("tiny_adapter_v"))
 
 
 @pytest.fixture(scope="session")
