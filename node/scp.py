@@ -42,6 +42,7 @@ from typing import Protocol
 
 import structlog
 from pydicom import uid as pyuid
+from pydicom._uid_dict import UID_dictionary
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node.acceptor import AcceptorConfig, Incoming, Peer, StoreRequest
@@ -101,13 +102,27 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 ECHO_TRANSFER_SYNTAXES = (pyuid.ExplicitVRLittleEndian, pyuid.ImplicitVRLittleEndian)
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: Named "... Storage ..." in the registry but not stored with C-STORE: Storage
+#: Commitment Push/Pull (PS3.4 Annex J) and the DICOMDIR's Media Storage Directory
+#: Storage (PS3.10 §7.3, a file-set object only).
+NOT_STORAGE_SOP_CLASSES = frozenset({
+    "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.2", "1.2.840.10008.1.3.10",
+})
+#: Every Storage SOP Class of the standard's registry (PS3.6 Annex A, retired ones
+#: included: a modality still sends the retired US Image Storage, and a refused class
+#: made Orthanc's whole store job fail half-way), as pydicom lists them, with those
+#: pynetdicom knows and pydicom does not yet. Routing rules still decide per instance.
+#: pynetdicom's own acceptor caps a list like this at 128 contexts; ours has no cap.
+STORAGE_SOP_CLASSES: frozenset[str] = frozenset(
+    uid for uid, (name, kind, *_) in UID_dictionary.items()
+    if kind == "SOP Class" and "Storage" in name and uid not in NOT_STORAGE_SOP_CLASSES
+) | frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 #: Storage SOP Classes of images (PS3.4 B.5, named "... Image Storage"): their IODs
 #: include the Image Pixel Module, whose Pixel Data is Type 1 unless a Pixel Data
 #: Provider URL stands in for it (PS3.3 C.7.6.3) — only with JPIP transfer syntaxes,
 #: which the node does not accept. Checked by the header scan at no extra cost.
 IMAGE_STORAGE_CLASSES: frozenset[str] = frozenset(
-    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
-    if cx.abstract_syntax is not None and "Image Storage" in pyuid.UID(cx.abstract_syntax).name
+    uid for uid in STORAGE_SOP_CLASSES if "Image Storage" in pyuid.UID(uid).name
 )
 #: A C-STORE whose journal commit takes longer than this is logged (a stalled disk;
 #: senders give up after their DIMSE timeout, often 30 s).
@@ -166,9 +181,8 @@ class Listener:
         """Identity, limits and the supported contexts, from ``[node]``."""
         node = self.settings.node
         supported: dict[str, tuple[str, ...]] = {VERIFICATION_SOP_CLASS: ECHO_TRANSFER_SYNTAXES}
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                supported[str(cx.abstract_syntax)] = TRANSFER_SYNTAXES
+        for sop_class in sorted(STORAGE_SOP_CLASSES):
+            supported[sop_class] = TRANSFER_SYNTAXES
         return AcceptorConfig(
             ae_title=node.ae_title, max_pdu=node.max_pdu, acse_timeout=node.acse_timeout,
             network_timeout=node.network_timeout, supported=supported,
