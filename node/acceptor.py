@@ -27,12 +27,14 @@ import time
 import uuid
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
 from node import dimse, metrics
 from node import upperlayer as ul
 from node.logs import get_logger
+from node.negotiation import Negotiator, Request, decode_request, reject
 from node.redact import error_text
 
 log = get_logger(__name__)
@@ -110,6 +112,15 @@ class AcceptorConfig:
     supported: dict[str, tuple[str, ...]]
     implementation_uid: str
     implementation_version: str
+    #: abstract syntax → our SCP/SCU role answer (:class:`node.negotiation.Negotiator`)
+    roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+
+    @cached_property
+    def negotiator(self) -> Negotiator:
+        """The supported contexts as pynetdicom's, built once for every association."""
+        return Negotiator(self.supported, self.roles, max_pdu=self.max_pdu,
+                          implementation_uid=self.implementation_uid,
+                          implementation_version=self.implementation_version)
 
 
 class Offload(Protocol):
@@ -324,36 +335,30 @@ class Connection:
             self._send(data)
 
     def _establish(self) -> Generator[None, None, Peer | None]:
-        pdu_type, length = ul.pdu_header((yield from self._exact(6)))
+        """Negotiate the association (:mod:`node.negotiation`); None when rejected."""
+        header = yield from self._exact(6)
+        pdu_type, length = ul.pdu_header(header)
         if pdu_type != ul.A_ASSOCIATE_RQ:
             raise ul.ProtocolError(f"PDU type {pdu_type} before A-ASSOCIATE-RQ",
                                    ul.ABORT_UNEXPECTED_PDU)
         if length > MAX_ASSOCIATE_RQ:
             raise ul.ProtocolError("A-ASSOCIATE-RQ too long", ul.ABORT_INVALID_PDU_PARAMETER)
-        request = ul.parse_associate_rq((yield from self._exact(length)))
-        reject = self._rejection(request)
-        if reject is not None:
+        request = decode_request(header + (yield from self._exact(length)))
+        rejection = self._rejection(request)
+        if rejection is not None:
             metrics.rejected(request.calling_ae, self.address,
-                             _RJ_REASONS.get((reject[1], reject[2]), "other"))
-            self._send_quietly(ul.associate_rj(*reject))
+                             _RJ_REASONS.get((rejection[1], rejection[2]), "other"))
+            self._send_quietly(reject(*rejection))
             return None
-        results = ul.negotiate(request, self.config.supported)
-        self.contexts = {
-            pcid: ul.Accepted(request.contexts[pcid][0], ts)
-            for pcid, (result, ts) in results.items() if result == ul.PC_ACCEPTANCE
-        }
+        answer, self.contexts = self.config.negotiator.accept(request)
         self.peer_max_pdu = request.max_pdu
-        self._send(ul.associate_ac(
-            request, results, max_pdu=self.config.max_pdu,
-            implementation_uid=self.config.implementation_uid,
-            implementation_version=self.config.implementation_version,
-        ))
+        self._send(answer)
         peer = Peer(uuid.uuid4().hex[:16], request.calling_ae, self.address)
         metrics.accepted()
         yield from self._off_loop(lambda: self.services.opened(peer))
         return peer
 
-    def _rejection(self, request: ul.AssociateRequest) -> tuple[int, int, int] | None:
+    def _rejection(self, request: Request) -> tuple[int, int, int] | None:
         """(result, source, reason) of an A-ASSOCIATE-RJ, or None to accept (§9.3.4)."""
         if not request.protocol_version & ul.PROTOCOL_VERSION:
             return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_PROVIDER_ACSE,

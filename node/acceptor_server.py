@@ -56,6 +56,7 @@ class AcceptorServer:
         max_associations: int, max_per_host: int,
     ) -> None:
         self.config, self.services = config, services
+        _ = config.negotiator  # pynetdicom's supported contexts, built once (~70 ms)
         self.max_associations, self.max_per_host = max_associations, max_per_host
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
