@@ -10,8 +10,10 @@ connection's reused buffer to the sink the node gives it, the receive journal
 ledger run in a few pool threads meanwhile. pynetdicom still does all of qcnode's
 sending (:mod:`node.scu`).
 
-State handling follows PS3.8 §9.2 for an acceptor: A-ASSOCIATE-RQ must arrive within
-the ACSE timeout (ARTIM) or the connection is closed; an established association that
+State handling follows PS3.8 §9.2 for an acceptor: the whole A-ASSOCIATE-RQ must
+arrive within the ACSE timeout (ARTIM) counted from the connection's accept — not
+re-armed by each byte: a peer dribbling one byte a second held its socket for as long
+as it liked — or the connection is closed; an established association that
 stays silent longer than the network timeout, sends an unexpected or malformed PDU, or
 references an unaccepted presentation context is aborted (A-ABORT, source service
 provider); A-RELEASE-RQ is answered A-RELEASE-RP and the connection closed.
@@ -93,6 +95,7 @@ class Services(Protocol):
     """What the acceptor asks of the node (implemented by :class:`node.scp.Listener`)."""
 
     def admits(self, calling_ae: str, address: str) -> bool: ...
+    def known_host(self, address: str) -> bool: ...
     def opened(self, peer: Peer) -> None: ...
     def closed(self, peer: Peer, *, aborted: bool) -> None: ...
     def echo(self, peer: Peer) -> int: ...
@@ -160,7 +163,7 @@ class Connection:
 
     def __init__(
         self, sock: socket.socket, address: str, config: AcceptorConfig, services: Services,
-        over_limit: bool, offload: Offload,
+        over_limit: Callable[[], bool], offload: Offload,
     ) -> None:
         self.sock, self.address, self.config = sock, address, config
         self.services, self.over_limit, self.offload = services, over_limit, offload
@@ -175,6 +178,8 @@ class Connection:
         self.timeout = config.acse_timeout
         self.deadline = time.monotonic() + self.timeout
         self.done = False
+        #: the A-ASSOCIATE-AC was sent: this connection holds an association slot
+        self.established = False
         self.contexts: dict[int, ul.Accepted] = {}
         self.peer_max_pdu = 0
         self.incoming: Incoming | None = None
@@ -190,7 +195,8 @@ class Connection:
             self._resume(Aborted("connection closed by the peer"))
             return
         self.start, self.end = 0, count
-        self.deadline = time.monotonic() + self.timeout
+        if self.established:  # ARTIM runs from the accept, not from the last byte
+            self.deadline = time.monotonic() + self.timeout
         self._resume(None)
 
     def failed(self, exc: OSError) -> None:
@@ -353,6 +359,7 @@ class Connection:
         answer, self.contexts = self.config.negotiator.accept(request)
         self.peer_max_pdu = request.max_pdu
         self._send(answer)
+        self.established = True
         peer = Peer(uuid.uuid4().hex[:16], request.calling_ae, self.address)
         metrics.accepted()
         yield from self._off_loop(lambda: self.services.opened(peer))
@@ -376,7 +383,7 @@ class Connection:
                         calling_ae=request.calling_ae, address=self.address)
             return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
                     ul.RJ_CALLING_AE_NOT_RECOGNISED)
-        if self.over_limit:
+        if self.over_limit():
             log.warning("association rejected", reason="association limit",
                         calling_ae=request.calling_ae, address=self.address)
             return (ul.RJ_REJECTED_TRANSIENT, ul.RJ_SOURCE_SERVICE_PROVIDER_PRESENTATION,

@@ -8,10 +8,13 @@ this module decides what happens to each association and instance:
   association is rejected (A-ASSOCIATE-RJ, PS3.8 §9.3.4: rejected-permanent,
   service-user, reason 3 "calling AE title not recognised" / 7 "called AE title not
   recognised").
-* **Idle connections cannot lock senders out.** A connection must send its
-  A-ASSOCIATE-RQ within the (short) ACSE timeout, each source host may hold at most
-  ``max_associations_per_host`` connections, and the global limit is
-  ``max_associations``.
+* **Idle or slow connections cannot lock senders out.** A connection must complete
+  its A-ASSOCIATE-RQ within the (short) ACSE timeout from its accept; only
+  established associations count against ``max_associations``; the listener keeps at
+  most ``max_associations`` + 16 sockets, and a host named in ``[[senders]]`` takes
+  the place of a negotiating connection from a host that is not
+  (:class:`node.acceptor_server.AcceptorServer`); each source host may hold at most
+  ``max_associations_per_host`` connections.
 * **The receive path only receives, checks, journals, answers.** The data set
   streams into the association's journal segment (:mod:`node.journal`);
   :func:`scan_header` checks UIDs and pixel-data completeness without decoding; one
@@ -35,6 +38,7 @@ this module decides what happens to each association and instance:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import threading
 import time
 from collections.abc import Callable
@@ -193,6 +197,11 @@ class Listener:
     def admits(self, calling_ae: str, address: str) -> bool:
         """True when a ``[[senders]]`` entry admits this caller."""
         return any(s.admits(calling_ae, address) for s in self.settings.senders)
+
+    def known_host(self, address: str) -> bool:
+        """True when some ``[[senders]]`` entry names this host (whatever AE title):
+        its connections come first when the listener's sockets run out."""
+        return any(_host_matches(s.host, address) for s in self.settings.senders)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -394,6 +403,16 @@ class Listener:
             log.warning("malformed dataset quarantined", reason=reason, file=target.name,
                         status=f"0x{status:04X}")
         return status
+
+
+def _host_matches(pattern: str, address: str) -> bool:
+    """``address`` in a ``[[senders]]`` host pattern ("any", an address or network)."""
+    if pattern == "any":
+        return True
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(pattern)
+    except ValueError:
+        return False
 
 
 class _Unwritable:
