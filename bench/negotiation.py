@@ -34,7 +34,6 @@ from pynetdicom.presentation import (
 )
 
 from node.config import Settings
-from node.negotiation import decode_request
 from node.scp import Listener
 from node.spool import Spool
 
@@ -92,7 +91,7 @@ def main() -> None:
     ])
     for name, raw, count in (("modality", modality, 500), ("127 contexts", forwarder, 20)):
         def once(raw: bytes = raw) -> object:
-            return negotiator.accept(decode_request(raw))
+            return negotiator.accept(negotiator.decode(raw))
 
         seconds = best_of(once, count)
         print(f"{name}: {len(raw)} bytes, {seconds * 1e6:.0f} µs per association")

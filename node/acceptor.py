@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 from node import dimse, metrics
 from node import upperlayer as ul
 from node.logs import get_logger
-from node.negotiation import Negotiator, Request, decode_request, reject
+from node.negotiation import Negotiator, Request, reject
 from node.redact import error_text
 
 log = get_logger(__name__)
@@ -178,7 +178,7 @@ class Connection:
         self.timeout = config.acse_timeout
         self.deadline = time.monotonic() + self.timeout
         self.done = False
-        #: the A-ASSOCIATE-AC was sent: this connection holds an association slot
+        #: the A-ASSOCIATE-RQ passed the limits: this connection holds an association slot
         self.established = False
         self.contexts: dict[int, ul.Accepted] = {}
         self.peer_max_pdu = 0
@@ -349,17 +349,21 @@ class Connection:
                                    ul.ABORT_UNEXPECTED_PDU)
         if length > MAX_ASSOCIATE_RQ:
             raise ul.ProtocolError("A-ASSOCIATE-RQ too long", ul.ABORT_INVALID_PDU_PARAMETER)
-        request = decode_request(header + (yield from self._exact(length)))
+        raw = header + (yield from self._exact(length))
+        # pynetdicom decodes and negotiates: ~1 ms for a modality's request, more for a
+        # long one — off the loop, which serves the other associations meanwhile.
+        negotiator = self.config.negotiator
+        request = yield from self._off_loop(lambda: negotiator.decode(raw))
         rejection = self._rejection(request)
         if rejection is not None:
             metrics.rejected(request.calling_ae, self.address,
                              _RJ_REASONS.get((rejection[1], rejection[2]), "other"))
             self._send_quietly(reject(*rejection))
             return None
-        answer, self.contexts = self.config.negotiator.accept(request)
+        self.established = True  # the slot is ours from the limit check on
+        answer, self.contexts = yield from self._off_loop(lambda: negotiator.accept(request))
         self.peer_max_pdu = request.max_pdu
         self._send(answer)
-        self.established = True
         peer = Peer(uuid.uuid4().hex[:16], request.calling_ae, self.address)
         metrics.accepted()
         yield from self._off_loop(lambda: self.services.opened(peer))
