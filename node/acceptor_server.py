@@ -287,7 +287,7 @@ class AcceptorServer:
         """Close the oldest still-negotiating connection from a host no ``[[senders]]``
         entry names; False when there is none."""
         for fd, conn in self._strangers.items():
-            if not conn.established:
+            if not conn.established and not conn.busy:  # busy: its RQ is being decoded
                 log.warning("connection closed", reason="socket limit: room for a sender",
                             address=conn.address)
                 metrics.rejected("", conn.address, "socket_limit")

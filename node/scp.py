@@ -106,11 +106,17 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 ECHO_TRANSFER_SYNTAXES = (pyuid.ExplicitVRLittleEndian, pyuid.ImplicitVRLittleEndian)
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: Storage Commitment Push Model (PS3.4 Annex J): its SCP sends N-EVENT-REPORT on an
+#: association it requests and proposes itself as SCP (J.3.3) — our role answer for
+#: it, once the class is supported (node.negotiation answers every other class: the
+#: requestor is SCU, we are SCP).
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+ROLES: dict[str, tuple[bool, bool]] = {STORAGE_COMMITMENT_PUSH: (False, True)}
 #: Named "... Storage ..." in the registry but not stored with C-STORE: Storage
 #: Commitment Push/Pull (PS3.4 Annex J) and the DICOMDIR's Media Storage Directory
 #: Storage (PS3.10 §7.3, a file-set object only).
 NOT_STORAGE_SOP_CLASSES = frozenset({
-    "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.2", "1.2.840.10008.1.3.10",
+    STORAGE_COMMITMENT_PUSH, "1.2.840.10008.1.20.2", "1.2.840.10008.1.3.10",
 })
 #: Every Storage SOP Class of the standard's registry (PS3.6 Annex A, retired ones
 #: included: a modality still sends the retired US Image Storage, and a refused class
@@ -189,7 +195,7 @@ class Listener:
             supported[sop_class] = TRANSFER_SYNTAXES
         return AcceptorConfig(
             ae_title=node.ae_title, max_pdu=node.max_pdu, acse_timeout=node.acse_timeout,
-            network_timeout=node.network_timeout, supported=supported,
+            network_timeout=node.network_timeout, supported=supported, roles=ROLES,
             implementation_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version=IMPLEMENTATION_VERSION_NAME,
         )
