@@ -24,8 +24,9 @@ from node import upperlayer as ul
 from node.config import Settings
 from node.scp import STATUS_SUCCESS, Listener
 from node.spool import Spool
-from tests.support.dcmtk import echoscu, storescu, successes
+from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
 from tests.support.net import wait_for
+from tests.support.orthanc import running_orthanc
 from tests.test_acceptor import _associate_rq, _expect_abort, _read_pdu
 
 #: Ultrasound Image Storage (Retired), PS3.6 Annex A: not in pynetdicom's
@@ -155,3 +156,21 @@ def test_a_long_request_neither_stalls_the_listener_nor_loses_our_choice(
         assert len(results) == 128
         assert {(cx.result, str(cx.transfer_syntax[0])) for cx in results} == {
             (ul.PC_ACCEPTANCE, pydicom.uid.JPEG2000Lossless)}
+
+
+def test_orthanc_store_job_with_a_retired_class_completes(
+    listener: Listener, tmp_path: Path
+) -> None:
+    """Orthanc sends a study of a CT and a retired US image to the node in one job.
+    Before: the US context was refused and Orthanc's job failed half-way."""
+    ct = write_ct_series(tmp_path / "ct", 1)[0]
+    us = _retired_us_image(tmp_path / "us.dcm")
+    with running_orthanc(tmp_path / "orthanc", peers={"QCNODE": listener.address[1]}) as pacs:
+        for path in (ct, tmp_path / "us.dcm"):
+            pacs._request("POST", "/instances", path.read_bytes())
+        ids = pacs.instances()
+        assert len(ids) == 2
+        pacs.post_json("/modalities/peer0/store", {"Resources": ids, "Synchronous": True})
+    uids = {str(pydicom.dcmread(ct).SOPInstanceUID), str(us.SOPInstanceUID)}
+    wait_for(lambda: {p.stem for p in listener.spool.root.rglob("*.dcm")} >= uids,
+             timeout=10, what="both instances applied")
