@@ -13,8 +13,10 @@ small data set (a Storage Commitment report, PS3.4 J.3.3) is collected in memory
 handed to the node whole (:class:`EventReport`); which callers may use which SOP
 classes is the node's answer to :meth:`Services.admits`.
 
-State handling follows PS3.8 §9.2 for an acceptor: A-ASSOCIATE-RQ must arrive within
-the ACSE timeout (ARTIM) or the connection is closed; an established association that
+State handling follows PS3.8 §9.2 for an acceptor: the whole A-ASSOCIATE-RQ must
+arrive within the ACSE timeout (ARTIM) counted from the connection's accept — not
+re-armed by each byte: a peer dribbling one byte a second held its socket for as long
+as it liked — or the connection is closed; an established association that
 stays silent longer than the network timeout, sends an unexpected or malformed PDU, or
 references an unaccepted presentation context is aborted (A-ABORT, source service
 provider); A-RELEASE-RQ is answered A-RELEASE-RP and the connection closed.
@@ -30,12 +32,14 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
 from node import dimse, metrics
 from node import upperlayer as ul
 from node.logs import get_logger
+from node.negotiation import Negotiator, Request, reject
 from node.redact import error_text
 
 log = get_logger(__name__)
@@ -111,6 +115,7 @@ class Services(Protocol):
         preference order; None rejects it."""
         ...
 
+    def known_host(self, address: str) -> bool: ...
     def opened(self, peer: Peer) -> None: ...
     def closed(self, peer: Peer, *, aborted: bool) -> None: ...
     def echo(self, peer: Peer) -> int: ...
@@ -131,8 +136,29 @@ class AcceptorConfig:
     supported: dict[str, tuple[str, ...]]
     implementation_uid: str
     implementation_version: str
-    #: abstract syntaxes whose requestor may take the SCP role (PS3.7 §D.3.3.4)
-    scp_role_classes: frozenset[str] = frozenset()
+    #: abstract syntax → our SCP/SCU role answer (:class:`node.negotiation.Negotiator`)
+    roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+
+    @cached_property
+    def negotiator(self) -> Negotiator:
+        """The supported contexts as pynetdicom's, built once for every association."""
+        return self.negotiator_for(self.supported)
+
+    @cached_property
+    def _negotiators(self) -> dict[frozenset[str], Negotiator]:
+        return {}
+
+    def negotiator_for(self, supported: Mapping[str, tuple[str, ...]]) -> Negotiator:
+        """The negotiator for one caller's abstract syntaxes (a storage sender's, a
+        destination's commitment reports): built once per set, then reused."""
+        key = frozenset(supported)
+        found = self._negotiators.get(key)
+        if found is None:
+            found = Negotiator(supported, self.roles, max_pdu=self.max_pdu,
+                               implementation_uid=self.implementation_uid,
+                               implementation_version=self.implementation_version)
+            self._negotiators[key] = found
+        return found
 
 
 class Offload(Protocol):
@@ -172,7 +198,7 @@ class Connection:
 
     def __init__(
         self, sock: socket.socket, address: str, config: AcceptorConfig, services: Services,
-        over_limit: bool, offload: Offload,
+        over_limit: Callable[[], bool], offload: Offload,
     ) -> None:
         self.sock, self.address, self.config = sock, address, config
         self.services, self.over_limit, self.offload = services, over_limit, offload
@@ -187,6 +213,8 @@ class Connection:
         self.timeout = config.acse_timeout
         self.deadline = time.monotonic() + self.timeout
         self.done = False
+        #: the A-ASSOCIATE-RQ passed the limits: this connection holds an association slot
+        self.established = False
         self.contexts: dict[int, ul.Accepted] = {}
         self.peer_max_pdu = 0
         self.incoming: Incoming | None = None
@@ -203,7 +231,8 @@ class Connection:
             self._resume(Aborted("connection closed by the peer"))
             return
         self.start, self.end = 0, count
-        self.deadline = time.monotonic() + self.timeout
+        if self.established:  # ARTIM runs from the accept, not from the last byte
+            self.deadline = time.monotonic() + self.timeout
         self._resume(None)
 
     def failed(self, exc: OSError) -> None:
@@ -348,38 +377,37 @@ class Connection:
             self._send(data)
 
     def _establish(self) -> Generator[None, None, Peer | None]:
-        pdu_type, length = ul.pdu_header((yield from self._exact(6)))
+        """Negotiate the association (:mod:`node.negotiation`); None when rejected."""
+        header = yield from self._exact(6)
+        pdu_type, length = ul.pdu_header(header)
         if pdu_type != ul.A_ASSOCIATE_RQ:
             raise ul.ProtocolError(f"PDU type {pdu_type} before A-ASSOCIATE-RQ",
                                    ul.ABORT_UNEXPECTED_PDU)
         if length > MAX_ASSOCIATE_RQ:
             raise ul.ProtocolError("A-ASSOCIATE-RQ too long", ul.ABORT_INVALID_PDU_PARAMETER)
-        request = ul.parse_associate_rq((yield from self._exact(length)))
-        reject, supported = self._rejection(request)
-        if reject is not None:
+        raw = header + (yield from self._exact(length))
+        # pynetdicom decodes and negotiates: ~1 ms for a modality's request, more for a
+        # long one — off the loop, which serves the other associations meanwhile.
+        negotiator = self.config.negotiator
+        request = yield from self._off_loop(lambda: negotiator.decode(raw))
+        rejection, supported = self._rejection(request)
+        if rejection is not None:
             metrics.rejected(request.calling_ae, self.address,
-                             _RJ_REASONS.get((reject[1], reject[2]), "other"))
-            self._send_quietly(ul.associate_rj(*reject))
+                             _RJ_REASONS.get((rejection[1], rejection[2]), "other"))
+            self._send_quietly(reject(*rejection))
             return None
-        results = ul.negotiate(request, supported)
-        self.contexts = {
-            pcid: ul.Accepted(request.contexts[pcid][0], ts)
-            for pcid, (result, ts) in results.items() if result == ul.PC_ACCEPTANCE
-        }
+        self.established = True  # the slot is ours from the limit check on
+        chosen = self.config.negotiator_for(supported)
+        answer, self.contexts = yield from self._off_loop(lambda: chosen.accept(request))
         self.peer_max_pdu = request.max_pdu
-        self._send(ul.associate_ac(
-            request, results, max_pdu=self.config.max_pdu,
-            implementation_uid=self.config.implementation_uid,
-            implementation_version=self.config.implementation_version,
-            roles=ul.role_answers(request, results, self.config.scp_role_classes),
-        ))
+        self._send(answer)
         peer = Peer(uuid.uuid4().hex[:16], request.calling_ae, self.address)
         metrics.accepted()
         yield from self._off_loop(lambda: self.services.opened(peer))
         return peer
 
     def _rejection(
-        self, request: ul.AssociateRequest,
+        self, request: Request,
     ) -> tuple[tuple[int, int, int] | None, Mapping[str, tuple[str, ...]]]:
         """(result, source, reason) of an A-ASSOCIATE-RJ, or None to accept (§9.3.4), and
         the abstract syntaxes the caller may use."""
@@ -400,7 +428,7 @@ class Connection:
                         calling_ae=request.calling_ae, address=self.address)
             return (ul.RJ_REJECTED_PERMANENT, ul.RJ_SOURCE_SERVICE_USER,
                     ul.RJ_CALLING_AE_NOT_RECOGNISED), {}
-        if self.over_limit:
+        if self.over_limit():
             log.warning("association rejected", reason="association limit",
                         calling_ae=request.calling_ae, address=self.address)
             return (ul.RJ_REJECTED_TRANSIENT, ul.RJ_SOURCE_SERVICE_PROVIDER_PRESENTATION,

@@ -47,6 +47,8 @@ SOCKET_BUFFER_BYTES = 4 << 20
 ACCEPT_BATCH = 64
 #: Threads for the connections' blocking calls (each mostly waits for a flush).
 OFFLOAD_THREADS = 4
+#: Sockets open beyond ``max_associations``: room for connections still negotiating.
+NEGOTIATING_SOCKETS = 16
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -63,10 +65,19 @@ def listen(host: str, port: int) -> socket.socket:
 class AcceptorServer:
     """Listening socket and the one thread that accepts and serves every connection.
 
-    Connections beyond ``max_per_host`` from one address are closed at once; beyond
-    ``max_associations`` in all they get A-ASSOCIATE-RJ (transient, local limit
-    exceeded). Both limits count connections, so idle sockets count too, but each one
-    is closed after the ACSE timeout if it does not send an A-ASSOCIATE-RQ.
+    Limits (an outside fuzz run held every slot with 64 connections sending a byte a
+    second from hosts not in ``[[senders]]``, and 320 sockets from 10 hosts):
+
+    * a connection must complete its A-ASSOCIATE-RQ within the ACSE timeout from its
+      accept (:class:`node.acceptor.Connection`), whatever it dribbles meanwhile;
+    * ``max_associations`` counts *established* associations only: beyond it an
+      A-ASSOCIATE-RQ gets A-ASSOCIATE-RJ (transient, local limit exceeded), so
+      negotiating sockets never take an admitted sender's slot;
+    * at most ``max_associations`` + :data:`NEGOTIATING_SOCKETS` sockets are open;
+      beyond, a connection from a host some ``[[senders]]`` entry names closes the
+      oldest still-negotiating connection of a host none names, and any other new
+      connection is closed at once (hosts are known at accept, AE titles only later);
+    * connections beyond ``max_per_host`` from one address are closed at once.
     """
 
     def __init__(
@@ -74,7 +85,9 @@ class AcceptorServer:
         max_associations: int, max_per_host: int, tls: TlsPort | None = None,
     ) -> None:
         self.config, self.services = config, services
+        _ = config.negotiator  # pynetdicom's supported contexts, built once (~70 ms)
         self.max_associations, self.max_per_host = max_associations, max_per_host
+        self.max_sockets = max_associations + NEGOTIATING_SOCKETS
         self.sock = listen(host, port)
         # The TLS port (node.tls): its handshakes in progress, its connections' fds.
         self.tls = tls
@@ -88,6 +101,7 @@ class AcceptorServer:
         self._wake_w.setblocking(False)
         self._per_host: dict[str, int] = {}
         self._open: dict[int, tuple[Connection, str]] = {}  # fd → (connection, host)
+        self._strangers: dict[int, Connection] = {}  # from hosts no sender names, oldest first
         self._stop = threading.Event()
         self._stop_deadline = 0.0
         self._pool = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="qcnode-store")
@@ -262,6 +276,7 @@ class AcceptorServer:
 
     def _forget(self, fd: int) -> None:
         conn, host = self._open.pop(fd)
+        self._strangers.pop(fd, None)
         if conn.events:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(fd)
@@ -297,7 +312,14 @@ class AcceptorServer:
             metrics.rejected("", host, "per_host_limit")
             client.close()
             return
-        over = len(self._open) + len(self._handshakes) >= self.max_associations
+        known = self.services.known_host(host)
+        negotiating = len(self._open) + len(self._handshakes)
+        if negotiating >= self.max_sockets and not (known and self._evict_stranger()):
+            log.warning("connection refused", reason="socket limit", address=host,
+                        limit=self.max_sockets)
+            metrics.rejected("", host, "socket_limit")
+            client.close()
+            return
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
@@ -307,10 +329,12 @@ class AcceptorServer:
             return
         self._per_host[host] = self._per_host.get(host, 0) + 1
         if tls is not None:
-            self._begin_handshake(tls, client, host, over)
+            self._begin_handshake(tls, client, host, False)
             return
-        conn = Connection(client, host, self.config, self.services, over, self)
+        conn = Connection(client, host, self.config, self.services, self._full, self)
         self._open[conn.fd] = (conn, host)
+        if not known:
+            self._strangers[conn.fd] = conn
         self._settle(conn.fd, conn)
 
     # The TLS port (node.tls) -------------------------------------------------------------
@@ -353,7 +377,7 @@ class AcceptorServer:
                   cipher=cipher[0] if cipher else None)
         services = self.tls.services_for(handshake.names())
         conn = Connection(handshake.sock, handshake.host, self.config, services,
-                          handshake.over_limit, self)
+                          self._full, self)
         self._open[conn.fd] = (conn, handshake.host)
         self._tls_fds.add(conn.fd)
         self._settle(conn.fd, conn)
@@ -389,3 +413,21 @@ class AcceptorServer:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(self.tls_sock)
             self.tls_sock.close()
+
+    def _full(self) -> bool:
+        """True when ``max_associations`` associations are established."""
+        established = sum(1 for conn, _ in self._open.values() if conn.established)
+        return established >= self.max_associations
+
+    def _evict_stranger(self) -> bool:
+        """Close the oldest still-negotiating connection from a host no ``[[senders]]``
+        entry names; False when there is none."""
+        for fd, conn in self._strangers.items():
+            if not conn.established and not conn.busy:  # busy: its RQ is being decoded
+                log.warning("connection closed", reason="socket limit: room for a sender",
+                            address=conn.address)
+                metrics.rejected("", conn.address, "socket_limit")
+                conn.expire()
+                self._settle(fd, conn)
+                return True
+        return False

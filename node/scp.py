@@ -8,10 +8,13 @@ this module decides what happens to each association and instance:
   association is rejected (A-ASSOCIATE-RJ, PS3.8 §9.3.4: rejected-permanent,
   service-user, reason 3 "calling AE title not recognised" / 7 "called AE title not
   recognised").
-* **Idle connections cannot lock senders out.** A connection must send its
-  A-ASSOCIATE-RQ within the (short) ACSE timeout, each source host may hold at most
-  ``max_associations_per_host`` connections, and the global limit is
-  ``max_associations``.
+* **Idle or slow connections cannot lock senders out.** A connection must complete
+  its A-ASSOCIATE-RQ within the (short) ACSE timeout from its accept; only
+  established associations count against ``max_associations``; the listener keeps at
+  most ``max_associations`` + 16 sockets, and a host named in ``[[senders]]`` takes
+  the place of a negotiating connection from a host that is not
+  (:class:`node.acceptor_server.AcceptorServer`); each source host may hold at most
+  ``max_associations_per_host`` connections.
 * **The receive path only receives, checks, journals, answers.** The data set
   streams into the association's journal segment (:mod:`node.journal`);
   :func:`scan_header` checks UIDs and pixel-data completeness without decoding; one
@@ -38,6 +41,7 @@ this module decides what happens to each association and instance:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +49,7 @@ from typing import Protocol
 
 import structlog
 from pydicom import uid as pyuid
+from pydicom._uid_dict import UID_dictionary
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node.acceptor import AcceptorConfig, EventReport, Incoming, Peer, StoreRequest
@@ -108,13 +113,33 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 ECHO_TRANSFER_SYNTAXES = (pyuid.ExplicitVRLittleEndian, pyuid.ImplicitVRLittleEndian)
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: Storage Commitment Push Model (PS3.4 Annex J): its SCP sends N-EVENT-REPORT on an
+#: association it requests and proposes itself as SCP (J.3.3) — our role answer for
+#: it, once the class is supported (node.negotiation answers every other class: the
+#: requestor is SCU, we are SCP).
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+ROLES: dict[str, tuple[bool, bool]] = {STORAGE_COMMITMENT_PUSH: (False, True)}
+#: Named "... Storage ..." in the registry but not stored with C-STORE: Storage
+#: Commitment Push/Pull (PS3.4 Annex J) and the DICOMDIR's Media Storage Directory
+#: Storage (PS3.10 §7.3, a file-set object only).
+NOT_STORAGE_SOP_CLASSES = frozenset({
+    STORAGE_COMMITMENT_PUSH, "1.2.840.10008.1.20.2", "1.2.840.10008.1.3.10",
+})
+#: Every Storage SOP Class of the standard's registry (PS3.6 Annex A, retired ones
+#: included: a modality still sends the retired US Image Storage, and a refused class
+#: made Orthanc's whole store job fail half-way), as pydicom lists them, with those
+#: pynetdicom knows and pydicom does not yet. Routing rules still decide per instance.
+#: pynetdicom's own acceptor caps a list like this at 128 contexts; ours has no cap.
+STORAGE_SOP_CLASSES: frozenset[str] = frozenset(
+    uid for uid, (name, kind, *_) in UID_dictionary.items()
+    if kind == "SOP Class" and "Storage" in name and uid not in NOT_STORAGE_SOP_CLASSES
+) | frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 #: Storage SOP Classes of images (PS3.4 B.5, named "... Image Storage"): their IODs
 #: include the Image Pixel Module, whose Pixel Data is Type 1 unless a Pixel Data
 #: Provider URL stands in for it (PS3.3 C.7.6.3) — only with JPIP transfer syntaxes,
 #: which the node does not accept. Checked by the header scan at no extra cost.
 IMAGE_STORAGE_CLASSES: frozenset[str] = frozenset(
-    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
-    if cx.abstract_syntax is not None and "Image Storage" in pyuid.UID(cx.abstract_syntax).name
+    uid for uid in STORAGE_SOP_CLASSES if "Image Storage" in pyuid.UID(uid).name
 )
 #: A C-STORE whose journal commit takes longer than this is logged (a stalled disk;
 #: senders give up after their DIMSE timeout, often 30 s).
@@ -175,15 +200,13 @@ class Listener:
         """Identity, limits and the supported contexts, from ``[node]``."""
         node = self.settings.node
         supported: dict[str, tuple[str, ...]] = {VERIFICATION_SOP_CLASS: ECHO_TRANSFER_SYNTAXES}
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                supported[str(cx.abstract_syntax)] = TRANSFER_SYNTAXES
+        for sop_class in sorted(STORAGE_SOP_CLASSES):
+            supported[sop_class] = TRANSFER_SYNTAXES
         return AcceptorConfig(
             ae_title=node.ae_title, max_pdu=node.max_pdu, acse_timeout=node.acse_timeout,
-            network_timeout=node.network_timeout, supported=supported,
+            network_timeout=node.network_timeout, supported=supported, roles=ROLES,
             implementation_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version=IMPLEMENTATION_VERSION_NAME,
-            scp_role_classes=frozenset({STORAGE_COMMITMENT_PUSH_MODEL}),
         )
 
     def admits(self, calling_ae: str, address: str, tls_names: frozenset[str] | None = None
@@ -204,6 +227,11 @@ class Listener:
     def event_report(self, peer: Peer, report: EventReport) -> int:
         """N-EVENT-REPORT (PS3.7 §10.1.1): a Storage Commitment report, into the ledger."""
         return self.reports.event_report(peer, report)
+
+    def known_host(self, address: str) -> bool:
+        """True when some ``[[senders]]`` entry names this host (whatever AE title):
+        its connections come first when the listener's sockets run out."""
+        return any(_host_matches(s.host, address) for s in self.settings.senders)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -409,6 +437,16 @@ class Listener:
             log.warning("malformed dataset quarantined", reason=reason, file=target.name,
                         status=f"0x{status:04X}")
         return status
+
+
+def _host_matches(pattern: str, address: str) -> bool:
+    """``address`` in a ``[[senders]]`` host pattern ("any", an address or network)."""
+    if pattern == "any":
+        return True
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(pattern)
+    except ValueError:
+        return False
 
 
 class _Unwritable:

@@ -200,6 +200,9 @@ class IdentifiedServices:
     def event_report(self, peer: Peer, report: EventReport) -> int:
         return self._services.event_report(peer, report)
 
+    def known_host(self, address: str) -> bool:
+        return self._services.known_host(address)
+
     def opened(self, peer: Peer) -> None:
         self._services.opened(peer)
 

@@ -283,7 +283,7 @@ def _dataset_bytes(path: Path) -> tuple[pydicom.Dataset, bytes]:
 
 
 def _store_rq(sop_class: str, uid: str, message_id: int) -> bytes:
-    body = (_element(0x0002, ul._uid(sop_class) + b"\0" * (len(sop_class) % 2))
+    body = (_element(0x0002, sop_class.encode() + b"\0" * (len(sop_class) % 2))
             + _element(0x0100, b"\x01\x00") + _element(0x0110, struct.pack("<H", message_id))
             + _element(0x0700, b"\x00\x00") + _element(0x0800, b"\x00\x00")
             + _element(0x1000, uid.encode() + b"\0" * (len(uid) % 2)))
