@@ -381,31 +381,39 @@ class DeliverySettings(_Section):
 
 
 class WebSettings(_Section):
-    """``[web]``: health, readiness and Prometheus metrics over HTTP (node.web).
+    """``[web]``: the console, the API, health, readiness and metrics over HTTP (node.web).
 
-    Loopback only: nothing on it authenticates a caller yet. Put a reverse proxy with
-    TLS and authentication in front to reach it from elsewhere.
+    On a loopback address by default. Another address needs HTTPS — ``tls_cert_file``
+    and ``tls_key_file`` (PEM) — and, at start, an admin account (``qcnode user add NAME
+    --role admin``): without one the node serves DICOM but leaves the web side off and
+    says why (``web_refused``).
     """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8480, ge=0, le=65535)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
-    @field_validator("host")
-    @classmethod
-    def _loopback_only(cls, value: str) -> str:
+    @property
+    def loopback(self) -> bool:
+        """Whether ``host`` is a loopback address."""
         import ipaddress
 
         try:
-            loopback = value == "localhost" or ipaddress.ip_address(value).is_loopback
+            return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
         except ValueError:
-            loopback = False
-        if not loopback:
+            return False
+
+    @model_validator(mode="after")
+    def _https_off_loopback(self) -> WebSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if not self.loopback and self.tls_cert_file is None:
             raise ValueError(
-                f"{value!r} is not a loopback address: the web side has no authentication "
-                "yet, so it serves 127.0.0.1 (or ::1) only; put a reverse proxy with TLS "
-                "and authentication in front of it")
-        return value
+                f"{self.host!r} is not a loopback address: serving the console and API "
+                "there needs HTTPS (tls_cert_file, tls_key_file) and an admin account")
+        return self
 
 
 class RetentionSettings(_Section):

@@ -260,7 +260,10 @@ def main(args: argparse.Namespace) -> int:
     with signals, Pipeline(settings, config) as pipeline, \
             Node(settings, [pipeline.on_complete]) as node, ExitStack() as web:
         reloader = Reloader(config, settings, [node.apply, pipeline.apply])
-        if settings.web.enabled:
+        refused = web_refusal(settings)
+        if refused:
+            log.error("web_refused", reason=refused)
+        elif settings.web.enabled:
             web.enter_context(web_server(node, settings, reloader))
         host, port = node.address
         print(f"listening on {host}:{port} as {settings.node.ae_title}", flush=True)
@@ -274,6 +277,18 @@ def main(args: argparse.Namespace) -> int:
                 reloader.reload()
     log.info("stopped")
     return EXIT_OK
+
+
+def web_refusal(settings: Settings) -> str | None:
+    """Why the web side stays off, or None: off loopback it needs an admin account (the
+    configuration check already required HTTPS there)."""
+    from node.web.auth import Accounts
+
+    web = settings.web
+    if not web.enabled or web.loopback or Accounts(settings.node.home).any_admin():
+        return None
+    return (f"[web] host {web.host} is not a loopback address and no admin account "
+            "exists: create one with `qcnode user add NAME --role admin`, then restart")
 
 
 def web_server(node: Node, settings: Settings, reloader: Reloader) -> WebServer:
@@ -300,7 +315,9 @@ def web_server(node: Node, settings: Settings, reloader: Reloader) -> WebServer:
                      refused=lambda reason: metrics.metrics().http_refused.labels(reason).inc())
     view = NodeView(settings=lambda: node.settings, ledger=lambda: node.ledger,
                     listening=listening, depths=queue_depths, api=api)
-    return WebServer(view, settings.web.host, settings.web.port)
+    web = settings.web
+    return WebServer(view, web.host, web.port, certfile=web.tls_cert_file,
+                     keyfile=web.tls_key_file)
 
 
 class SignalPipe:

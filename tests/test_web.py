@@ -18,6 +18,7 @@ import pytest
 from node.config import ConfigError, load_settings
 from tests.support.e2e import NodeSite, series_uid_of, storescu, synth_series
 from tests.support.net import free_port, wait_for
+from tests.support.pki import issue, make_ca
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 ECHOSCU = "/usr/bin/echoscu"
@@ -132,7 +133,8 @@ def test_readiness_fails_with_the_reason_when_the_disk_is_past_its_watermark(
     tmp_path: Path,
 ) -> None:
     node = NodeSite(tmp_path / "home", None)
-    text = node.config.read_text().replace("[spool]", "[spool]\nmin_free_percent = 100.0")
+    text = node.config.read_text().replace("[spool]",
+                                           "[spool]\nmin_free_bytes = 1000000000000000000")
     node.config.write_text(text)
     node.start()
     try:
@@ -144,9 +146,46 @@ def test_readiness_fails_with_the_reason_when_the_disk_is_past_its_watermark(
         node.stop()
 
 
-def test_the_web_side_is_loopback_only(tmp_path: Path) -> None:
+def test_off_loopback_the_web_side_needs_https_and_an_admin(tmp_path: Path) -> None:
+    """Another address than loopback: the configuration check asks for HTTPS, and the
+    node leaves the web side off (serving DICOM) until an admin account exists."""
+    from node.serve import web_refusal
+    from node.web.auth import Accounts
+
     config = tmp_path / "q.toml"
     config.write_text('[web]\nhost = "0.0.0.0"\n')
     with pytest.raises(ConfigError) as info:
         load_settings(config)
-    assert "not a loopback address" in str(info.value.problems)
+    assert "needs HTTPS" in str(info.value.problems)
+    ca = make_ca(tmp_path / "pki")
+    cert = issue(ca, tmp_path / "pki", "web", dns=("localhost",))
+    config.write_text(f'[node]\nhome = "{tmp_path / "home"}"\n[web]\nhost = "0.0.0.0"\n'
+                      f'tls_cert_file = "{cert.cert}"\ntls_key_file = "{cert.key}"\n')
+    settings = load_settings(config)
+    assert "no admin account" in (web_refusal(settings) or "")
+    Accounts(settings.node.home).add("viewer", "a long enough password", "read-only")
+    assert web_refusal(settings) is not None  # a read-only account is not enough
+    Accounts(settings.node.home).add("admin", "a long enough password", "admin")
+    assert web_refusal(settings) is None
+
+
+def test_the_web_side_over_https(tmp_path: Path) -> None:
+    """With a certificate the console, API, health and metrics are served over TLS only
+    (here on loopback: tests bind 127.0.0.1)."""
+    import ssl
+
+    ca = make_ca(tmp_path / "pki")
+    cert = issue(ca, tmp_path / "pki", "web", dns=("localhost",), ip=("127.0.0.1",))
+    node = NodeSite(tmp_path / "home", None)
+    node.config.write_text(node.config.read_text().replace(
+        "[web]\n", f'[web]\ntls_cert_file = "{cert.cert}"\ntls_key_file = "{cert.key}"\n'))
+    node.start()
+    try:
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        url = f"https://127.0.0.1:{node.web_port}/healthz"
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            assert response.status == 200
+        with pytest.raises(OSError):  # plain HTTP is not served (the connection is cut)
+            urllib.request.urlopen(f"http://127.0.0.1:{node.web_port}/healthz", timeout=10)
+    finally:
+        node.stop()

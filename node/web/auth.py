@@ -95,6 +95,10 @@ class Accounts:
         """Whether any account exists."""
         return bool(self._load())
 
+    def any_admin(self) -> bool:
+        """Whether an admin account exists."""
+        return any(entry.get("role") == "admin" for entry in self._load().values())
+
     def check(self, header: str | None) -> User | None:
         """The user an ``Authorization: Basic …`` header proves, or None."""
         if not header or not header.startswith("Basic "):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 
 from node.logs import get_logger
@@ -17,11 +18,18 @@ class WebServer:
     """uvicorn serving :func:`~node.web.app.create_app` on ``host:port`` (a context
     manager: started on enter, stopped on exit)."""
 
-    def __init__(self, view: NodeView, host: str, port: int) -> None:
+    def __init__(self, view: NodeView, host: str, port: int, *,
+                 certfile: Path | None = None, keyfile: Path | None = None) -> None:
+        import ssl
+
         import uvicorn
 
-        self.config = uvicorn.Config(create_app(view), host=host, port=port,
-                                     log_config=None, access_log=False, lifespan="off")
+        self.config = uvicorn.Config(
+            create_app(view), host=host, port=port, log_config=None, access_log=False,
+            lifespan="off", ssl_certfile=str(certfile) if certfile else None,
+            ssl_keyfile=str(keyfile) if keyfile else None,
+            ssl_version=ssl.PROTOCOL_TLS_SERVER,
+            ssl_ciphers="ECDHE+AESGCM:ECDHE+CHACHA20")  # BCP 195, as the DICOM TLS port
         self.server = uvicorn.Server(self.config)
         self._thread = threading.Thread(target=self.server.run, name="qcnode-web",
                                         daemon=True)
