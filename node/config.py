@@ -394,6 +394,8 @@ class WebSettings(_Section):
     port: int = Field(default=8480, ge=0, le=65535)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    #: a console sign-in lasts this long (the API takes credentials on every call)
+    session_minutes: float = Field(default=60.0, ge=1.0, le=1440.0)
 
     @property
     def loopback(self) -> bool:

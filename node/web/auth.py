@@ -126,3 +126,52 @@ def cross_site(headers: dict[str, str], host: str | None) -> bool:
     if origin is None or origin == "null" or host is None:
         return origin == "null"
     return origin.split("://", 1)[-1] != host
+
+
+SESSION_COOKIE = "qcnode_session"
+SECRET_FILE = "web_secret"  # noqa: S105 - the file's name, not a secret
+
+
+class Sessions:
+    """Console sign-in sessions: a signed cookie that expires.
+
+    The cookie holds ``name|role|expiry|nonce`` and an HMAC-SHA256 of it under a secret
+    kept in ``<home>/web_secret`` (0600, made at first use): nothing is stored server
+    side, a restart keeps sessions, a new secret ends them all. A session lasts
+    ``[web] session_minutes`` from sign-in. Each session's CSRF token is an HMAC of its
+    nonce, required in every form the console posts.
+    """
+
+    def __init__(self, home: Path, minutes: float) -> None:
+        self.path = home / SECRET_FILE
+        self.seconds = minutes * 60.0
+
+    def _secret(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+            return self.path.read_bytes()
+
+    def _sign(self, payload: str) -> str:
+        return hmac.new(self._secret(), payload.encode(), hashlib.sha256).hexdigest()
+
+    def issue(self, user: User, now: float) -> str:
+        """A cookie value for ``user`` that expires ``session_minutes`` from ``now``."""
+        payload = f"{user.name}|{user.role}|{int(now + self.seconds)}|{secrets.token_hex(8)}"
+        return f"{payload}|{self._sign(payload)}"
+
+    def check(self, cookie: str | None, now: float) -> tuple[User, str] | None:
+        """``(user, csrf token)`` of a valid, unexpired cookie, or None."""
+        if not cookie or cookie.count("|") != 4:
+            return None
+        payload, _, signature = cookie.rpartition("|")
+        if not hmac.compare_digest(signature, self._sign(payload)):
+            return None
+        name, role, expiry, nonce = payload.split("|")
+        if not expiry.isdigit() or int(expiry) < now or role not in ROLES:
+            return None
+        return User(name, role), self._sign(f"csrf|{nonce}")

@@ -12,14 +12,17 @@ same code as ``qcnode retry`` and ``qcnode echo`` (as those commands, in a subpr
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -32,7 +35,7 @@ from node.config import ConfigError
 from node.ledger import NotFound, SeriesState
 from node.logs import get_logger
 from node.status import build_report
-from node.web.auth import User, cross_site
+from node.web.auth import SESSION_COOKIE, Sessions, User, cross_site
 from node.web.collect import journal_backlog, watermark_bytes
 
 if TYPE_CHECKING:
@@ -82,27 +85,75 @@ class Console:
         if ctx.view.api is None:
             raise ValueError("the console needs the API's accounts and configuration store")
         self.api = ctx.view.api
+        settings = ctx.view.settings()
+        self.sessions = Sessions(settings.node.home, settings.web.session_minutes)
 
-    def who(self, request: Request) -> User | Response:
-        user = self.api.accounts.check(request.headers.get("authorization"))
+    async def who(self, request: Request) -> User | Response:
+        """The signed-in user (session cookie, or HTTP Basic for scripts), or the answer
+        that refuses the request: to the sign-in page, 401, or 403."""
+        session = self.sessions.check(request.cookies.get(SESSION_COOKIE), time.time())
+        user, csrf = session if session is not None else (None, None)
         if user is None:
+            user = self.api.accounts.check(request.headers.get("authorization"))
+        if user is None:
+            if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+                return RedirectResponse(f"/login?{urlencode({'next': request.url.path})}",
+                                        HTTP_SEE_OTHER)
             self.api.refused("no_account" if not self.api.accounts.any() else "bad_credentials")
             return Response("qcnode: sign in (create an account with `qcnode user add`)",
                             HTTP_UNAUTHORIZED,
                             headers={"WWW-Authenticate": 'Basic realm="qcnode"'})
+        request.state.csrf = csrf
         if request.method == "POST":
             if cross_site({k.lower(): v for k, v in request.headers.items()},
                           request.headers.get("host")):
                 self.api.refused("cross_site")
                 return Response("cross-site request refused", HTTP_FORBIDDEN)
-            if user.role != "admin":
+            if csrf is not None and (await request.form()).get("csrf") != csrf:
+                self.api.refused("csrf")
+                return Response("this form has expired: reload the page", HTTP_FORBIDDEN)
+            if user.role != "admin" and request.url.path != "/logout":
                 self.api.refused("role")
                 return Response("this needs the admin role", HTTP_FORBIDDEN)
         return user
 
+    async def login_page(self, request: Request) -> Response:
+        return TEMPLATES.TemplateResponse(request, "login.html", {
+            "next": request.query_params.get("next", "/"), "error": None})
+
+    async def login(self, request: Request) -> Response:
+        """Sign in with a form: a session cookie that expires ``[web] session_minutes``
+        later (HttpOnly, SameSite=Strict, Secure over HTTPS)."""
+        form = await request.form()
+        name, password = str(form.get("username", "")), str(form.get("password", ""))
+        user = self.api.accounts.check("Basic " + base64.b64encode(
+            f"{name}:{password}".encode()).decode())
+        target = str(form.get("next") or "/")
+        if not target.startswith("/") or target.startswith("//"):
+            target = "/"
+        if user is None:
+            self.api.refused("bad_credentials")
+            return TEMPLATES.TemplateResponse(request, "login.html", {
+                "next": target, "error": "Unknown user or wrong password."},
+                status_code=HTTP_UNAUTHORIZED)
+        response = RedirectResponse(target, HTTP_SEE_OTHER)
+        response.set_cookie(SESSION_COOKIE, self.sessions.issue(user, time.time()),
+                            max_age=int(self.sessions.seconds), httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https")
+        log.info("console_sign_in", user=user.name)
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        user = await self.who(request)
+        if isinstance(user, Response):
+            return user
+        response = RedirectResponse("/login", HTTP_SEE_OTHER)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
     def page(self, request: Request, name: str, user: User, **values: Any) -> Response:
         context = {"title": name, "page": request.url.path, "user": user,
-                   "admin": user.role == "admin",
+                   "admin": user.role == "admin", "csrf": getattr(request.state, "csrf", None),
                    "message": request.query_params.get("message"), **values}
         return TEMPLATES.TemplateResponse(request, f"{name}.html", context)
 
@@ -113,7 +164,7 @@ class Console:
         return found
 
     async def overview(self, request: Request) -> Response:
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         settings = self.view.settings()
@@ -129,7 +180,7 @@ class Console:
                     oldest=report["oldest_waiting"])
 
     async def series(self, request: Request) -> Response:
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         settings = self.view.settings()
@@ -140,7 +191,7 @@ class Console:
                     states=[s.value for s in SeriesState])
 
     async def one_series(self, request: Request) -> Response:
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         uid = request.path_params["uid"]
@@ -153,21 +204,21 @@ class Console:
         return self.page(request, "report", user, info=info, lines=lines)
 
     async def failures(self, request: Request) -> Response:
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         failures = build_report(self.ledger())["failures"]
         return self.page(request, "failures", user, failures=failures)
 
     async def destinations(self, request: Request) -> Response:
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         return self.page(request, "destinations", user,
                     destinations=self.view.settings().destinations)
 
     async def senders(self, request: Request) -> Response:
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         rejected = [{"calling_ae": r.calling_ae, "host": r.host, "reason": r.reason,
@@ -188,15 +239,13 @@ class Console:
         return (run.stdout + run.stderr).strip() or f"exit status {run.returncode}"
 
     def _back(self, where: str, message: str) -> Response:
-        from urllib.parse import urlencode
-
         return RedirectResponse(f"{where}?{urlencode({'message': message})}",
                                 HTTP_SEE_OTHER)
 
     async def retry(self, request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool
 
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         uid = request.path_params["uid"]
@@ -207,14 +256,14 @@ class Console:
     async def echo(self, request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool
 
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         out = await run_in_threadpool(self._command, "echo", request.path_params["name"])
         return self._back("/destinations", out)
 
     async def add_sender(self, request: Request) -> Response:
-        user = self.who(request)
+        user = await self.who(request)
         if isinstance(user, Response):
             return user
         if self.api.store is None:
@@ -234,6 +283,8 @@ class Console:
     def routes(self) -> list[Route]:
         """The console's routes (mounted at ``/``)."""
         return [
+            Route("/login", self.login_page), Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
             Route("/", self.overview), Route("/series", self.series),
             Route("/series/{uid}", self.one_series),
             Route("/failures", self.failures), Route("/destinations", self.destinations),

@@ -8,6 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 import pytest
 
 from node.ledger import SeriesState
+from node.web.auth import SESSION_COOKIE, Sessions, User
 from tests.support.e2e import NodeSite, series_uid_of, storescu, synth_series
 from tests.support.ohif import chromium_path
 
@@ -52,7 +57,7 @@ def _drive(site: NodeSite, name: str, steps: list[dict[str, Any]]) -> dict[str, 
     plan = {
         "timeoutMs": 30000, "viewport": [1280, 800],
         "userDataDir": str(site.home / f"chromium-{name}"),
-        "executablePath": str(chromium_path()), "httpCredentials": ADMIN,
+        "executablePath": str(chromium_path()),
         "failureScreenshot": str(ARTIFACTS / f"{name}-failure.png"), "steps": steps,
     }
     proc = subprocess.run(["node", str(DRIVER)], input=json.dumps(plan).encode(),
@@ -64,11 +69,51 @@ def _drive(site: NodeSite, name: str, steps: list[dict[str, Any]]) -> dict[str, 
     return report
 
 
+def _sign_in() -> list[dict[str, Any]]:
+    return [{"waitSelector": "#login"},
+            {"fill": "#login input[name=username]", "value": ADMIN["username"]},
+            {"fill": "#login input[name=password]", "value": ADMIN["password"]},
+            {"click": "#login button"}]
+
+
+def _get(site: NodeSite, path: str, cookie: str | None = None) -> tuple[int, str, str]:
+    """(status, final path, body) of a browser-like GET (redirects followed)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{site.web_port}{path}",
+                                     headers={"Accept": "text/html"})
+    if cookie is not None:
+        request.add_header("Cookie", f"{SESSION_COOKIE}={cookie}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return int(response.status), urllib.parse.urlparse(response.url).path, \
+            response.read().decode()
+
+
+def test_sessions_expire_and_forms_need_their_token(site: NodeSite) -> None:
+    """A session cookie signed by the node lets a browser in until it expires; an
+    expired or altered one sends it back to the sign-in page; a form posted without the
+    session's CSRF token is refused."""
+    sessions = Sessions(site.home, minutes=60)
+    admin = User("admin", "admin")
+    now = time.time()
+    good = sessions.issue(admin, now)
+    assert _get(site, "/senders", good)[1] == "/senders"
+    assert _get(site, "/senders", sessions.issue(admin, now - 3601))[1] == "/login"
+    assert _get(site, "/senders", good.replace("|admin|", "|root|"))[1] == "/login"
+    assert _get(site, "/senders")[1] == "/login"
+    form = urllib.parse.urlencode({"ae_title": "X", "host": "127.0.0.1"}).encode()
+    post = urllib.request.Request(f"http://127.0.0.1:{site.web_port}/console/senders",
+                                  data=form, method="POST",
+                                  headers={"Cookie": f"{SESSION_COOKIE}={good}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(post, timeout=30)
+    assert refused.value.code == 403
+
+
 def test_an_admin_admits_a_rejected_scanner_from_the_console(site: NodeSite) -> None:
     assert not _echo(site, "CT_ROOM3")  # a new scanner, not yet allowed
     base = f"http://127.0.0.1:{site.web_port}"
     report = _drive(site, "senders", [
-        {"goto": f"{base}/senders"}, {"waitText": "Rejected callers"},
+        {"goto": f"{base}/senders"}, *_sign_in(),  # the console asks first
+        {"waitText": "Rejected callers"},
         {"text": "rejected", "selector": "#rejected"},
         {"fill": "#add-sender input[name=ae_title]", "value": "CT_ROOM3"},
         {"fill": "#add-sender input[name=host]", "value": "127.0.0.1"},
@@ -91,7 +136,8 @@ def test_series_and_the_report_a_radiologist_reads(site: NodeSite, tmp_path: Pat
     site.wait_state(uid, SeriesState.DELIVERED, timeout=120)
     base = f"http://127.0.0.1:{site.web_port}"
     report = _drive(site, "series", [
-        {"goto": f"{base}/"}, {"waitText": "journal backlog"}, {"bodyText": "overview"},
+        {"goto": f"{base}/"}, *_sign_in(),
+        {"waitText": "journal backlog"}, {"bodyText": "overview"},
         {"goto": f"{base}/series"}, {"waitSelector": "#series"},
         {"text": "series", "selector": "#series"},
         {"click": f"a[href='/series/{uid}']"}, {"waitSelector": "#report"},
