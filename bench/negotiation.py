@@ -1,7 +1,7 @@
 """Association negotiation micro-benchmark: decode the A-ASSOCIATE-RQ, negotiate, encode.
 
 Run ``.venv/bin/python bench/negotiation.py``. Times what the listener does between
-receiving an A-ASSOCIATE-RQ and sending its A-ASSOCIATE-AC (:mod:`node.negotiation`:
+receiving an A-ASSOCIATE-RQ and sending its A-ASSOCIATE-AC (:mod:`node.receive.negotiation`:
 pynetdicom's PDU classes and ``negotiate_as_acceptor`` over the node's 209 supported
 contexts), per association, best of five, for two requests as pynetdicom encodes them:
 a modality's (CT with three transfer syntaxes + Verification) and a PACS forwarding a
@@ -34,8 +34,8 @@ from pynetdicom.presentation import (
 )
 
 from node.config import Settings
-from node.scp import Listener
-from node.spool import Spool
+from node.receive.scp import Listener
+from node.store.spool import Spool
 
 ROUNDS = 5
 

@@ -7,7 +7,7 @@ Run: ``.venv/bin/python bench/startup.py [--instances 100000] [--series-size 200
 1. Builds (or reuses, with ``--home`` pointing at an earlier build) a node home holding
    ``--instances`` small spooled CT instances (16×16 pixels, ~1.3 KB each) and their
    ledger rows, without the network: each file is staged and moved in with the node's
-   own :class:`node.spool.Spool` and recorded with :meth:`Ledger.record_instances`
+   own :class:`node.store.spool.Spool` and recorded with :meth:`Ledger.record_instances`
    (batches of 1,000), the way the journal applier does. Every series is then taken
    through the state machine to ``delivered`` (an old, fully processed spool).
 2. Starts ``qcnode serve`` (embedded workers, default settings but a free port and a
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from node.ledger import InstanceRecord, Ledger, SeriesState  # noqa: E402
-from node.spool import Spool  # noqa: E402
+from node.store.spool import Spool  # noqa: E402
 from tests.support.net import free_port, port_open  # noqa: E402
 from tests.support.spooled import move_to, spool_instance, template  # noqa: E402
 

@@ -27,7 +27,7 @@ _HANDLERS: dict[str, str] = {
     "status": "node.status:main",
     "retry": "node.status:retry_main",
     "retention": "node.retention_cli:main",
-    "echo": "node.scu:echo_main",
+    "echo": "node.send.scu:echo_main",
     "assess": "inference.cli:assess_main",
     "synth": "inference.synth:main",
     "train": "inference.train:main",

@@ -291,7 +291,7 @@ class SpoolSettings(_Section):
     dir: Path | None = None
     min_free_bytes: int = Field(default=1_000_000_000, ge=0)
     min_free_percent: float = Field(default=5.0, ge=0, le=100)
-    #: Size of one receive-journal segment in ``<home>/journal`` (node.journal): each
+    #: Size of one receive-journal segment in ``<home>/journal`` (node.store.journal): each
     #: association appends to its own; a larger data set extends its segment.
     journal_segment_bytes: int = Field(default=8 << 20, ge=1 << 20, le=1 << 34)
     #: Segments written once when the journal is created (then reused): the data
@@ -318,7 +318,7 @@ class MppsSettings(_Section):
 
     Its own AE title and port (modalities send MPPS to a separately configured AE),
     bound to ``[node] host``, admitting the same ``[[senders]]``. A series an ended
-    step lists closes without waiting for the quiet period (node.completion).
+    step lists closes without waiting for the quiet period (node.store.completion).
     """
 
     enabled: bool = False
@@ -419,7 +419,7 @@ class WebSettings(_Section):
 
 
 class RetentionSettings(_Section):
-    """What the node deletes, and when: ``[retention]`` (node.retention).
+    """What the node deletes, and when: ``[retention]`` (node.store.retention).
 
     Only finished data is ever deleted: a series once ``delivered`` (every destination
     confirmed, or its job done with no destinations) and, when ``ignored_days`` is set,

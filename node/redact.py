@@ -23,8 +23,8 @@ from types import TracebackType
 from typing import Any
 
 from inference.errors import EngineError
-from node.dimse import CommandError
-from node.upperlayer import ProtocolError
+from node.receive.dimse import CommandError
+from node.receive.upperlayer import ProtocolError
 
 #: The longest log line written (characters, without the newline).
 MAX_LINE_CHARS = 4096

@@ -16,11 +16,11 @@ import os
 import sys
 
 from node.config import ConfigError, load_settings
-from node.journal import unapplied_records
 from node.ledger import Ledger
 from node.logs import configure_logging
-from node.retention import NodeRunning, Retention, SweepReport, hold_node_lock, no_journal
-from node.spool import Spool
+from node.store.journal import unapplied_records
+from node.store.retention import NodeRunning, Retention, SweepReport, hold_node_lock, no_journal
+from node.store.spool import Spool
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -7,15 +7,16 @@ Start-up order (each step needs the previous one):
 2. open the ledger (Alembic migrations to the newest revision);
 3. remove partial copies from ``<home>/tmp`` (a crash mid-copy leaves them);
 4. close associations a crash left open in the ledger;
-5. replay the receive journal (:mod:`node.journal`): every instance acknowledged
+5. replay the receive journal (:mod:`node.store.journal`): every instance acknowledged
    before a crash reaches the spool and the ledger now;
 6. reconcile the spool with the ledger: a file the ledger does not know in the
    directory of a series the journal replayed, or of one still receiving, is recorded
    now. Only these directories are read: start-up time does not grow with the spool
    (100,000 delivered instances: 14.8 → 3.9 s to a C-ECHO, docs/benchmarks.md);
 7. start the completion monitor, then the listener (and, with ``[mpps] enabled``, the
-   MPPS SCP, :mod:`node.mpps`), then the retention sweep (:mod:`node.retention`); print
-   one line ``listening on HOST:PORT as AE_TITLE`` to stdout.
+   MPPS SCP, :mod:`node.receive.mpps`), then the retention sweep
+   (:mod:`node.store.retention`); print one line ``listening on HOST:PORT as AE_TITLE`` to
+   stdout.
 
 SIGHUP reloads the settings file (:mod:`node.reload`): senders, destinations and rules
 change without dropping an association; an invalid file is logged and ignored.
@@ -44,17 +45,17 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING
 
 from node import audit_log, metrics, tls_files
-from node.completion import CompletionMonitor
 from node.config import ConfigError, Settings, load_settings, resolve_config_path
-from node.dicomio import MalformedDataset, read_header
-from node.ingest import instance_record
 from node.ledger import Ledger
 from node.logs import configure_logging, get_logger
-from node.mpps import MppsServer
+from node.receive.dicomio import MalformedDataset, read_header
+from node.receive.mpps import MppsServer
+from node.receive.scp import Listener
 from node.reload import Reloader, ReloadPlan
-from node.retention import Retention, Sweeper, applier_guard, hold_node_lock
-from node.scp import Listener
-from node.spool import Spool, Stored, file_sha256
+from node.store.completion import CompletionMonitor
+from node.store.ingest import instance_record
+from node.store.retention import Retention, Sweeper, applier_guard, hold_node_lock
+from node.store.spool import Spool, Stored, file_sha256
 
 if TYPE_CHECKING:
     from node.web.server import WebServer
@@ -245,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
     audit_log.configure(settings, "serve")
     for problem in tls_files.check(settings):
         log.warning("TLS certificate not valid now", key=problem.key, problem=problem.message)
-    # The listener writes data sets into <home>/tmp itself (node.acceptor); other
+    # The listener writes data sets into <home>/tmp itself (node.receive.acceptor); other
     # temporary files of this process go there too, on the spool's filesystem, and a
     # restart removes whatever a crash left (Spool.clean_temp).
     tmp = settings.node.home / "tmp"

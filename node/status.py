@@ -45,8 +45,8 @@ from pydicom.errors import InvalidDicomError
 
 from inference.result import score_label
 from node.config import CONFIG_ENV, ConfigError, Settings, load_settings, resolve_config_path
-from node.ingest import STATE_FILE
 from node.ledger import FailureInfo, JobState, Ledger, SeriesInfo, SeriesState
+from node.store.ingest import STATE_FILE
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -1,4 +1,4 @@
-"""The listener's own Upper Layer (node.acceptor) against pynetdicom as the requestor.
+"""The listener's own Upper Layer (node.receive.acceptor) against pynetdicom as the requestor.
 
 pynetdicom is a real, independent DICOM implementation: it proposes what scanners
 propose (role selection, SOP class extended negotiation, several transfer syntaxes) and
@@ -34,16 +34,16 @@ from pynetdicom.pdu_primitives import (
     UserIdentityNegotiation,
 )
 
-from node import upperlayer as ul
-from node.acceptor import Peer, StoreRequest
 from node.config import Settings
-from node.scp import (
+from node.receive import upperlayer as ul
+from node.receive.acceptor import Peer, StoreRequest
+from node.receive.scp import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     STATUS_SUCCESS,
     Listener,
 )
-from node.spool import Spool
+from node.store.spool import Spool
 from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
 from tests.support.net import wait_for
 

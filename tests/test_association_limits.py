@@ -15,10 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from node.acceptor_server import NEGOTIATING_SOCKETS
 from node.config import Settings
-from node.scp import Listener
-from node.spool import Spool
+from node.receive.acceptor_server import NEGOTIATING_SOCKETS
+from node.receive.scp import Listener
+from node.store.spool import Spool
 from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
 from tests.support.net import wait_for
 from tests.test_acceptor import _associate_rq

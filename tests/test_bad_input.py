@@ -28,10 +28,10 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from node import upperlayer as ul
 from node.config import Settings
-from node.dicomio import MAX_INFLATED_BYTES
-from node.scp import (
+from node.receive import upperlayer as ul
+from node.receive.dicomio import MAX_INFLATED_BYTES
+from node.receive.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
@@ -42,7 +42,7 @@ from node.scp import (
     VERIFICATION_SOP_CLASS,
     Listener,
 )
-from node.spool import Spool, path_part
+from node.store.spool import Spool, path_part
 from tests.support.dcmtk import write_ct_series
 from tests.support.net import wait_for
 

@@ -20,12 +20,12 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role
 
-from node import dimse
 from node.config import ConfigError, DestinationSettings, load_settings
 from node.ledger import ConfirmedBy, DeliveryState, Ledger, SeriesState
-from node.scp_commit import STATUS_INVALID_ARGUMENT_VALUE
-from node.scu import DeliveryError, Reason, deliver
-from node.scu_commit import (
+from node.receive import dimse
+from node.receive.scp_commit import STATUS_INVALID_ARGUMENT_VALUE
+from node.send.scu import DeliveryError, Reason, deliver
+from node.send.scu_commit import (
     EVENT_ALL_COMMITTED,
     STORAGE_COMMITMENT_PUSH_MODEL,
     STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,

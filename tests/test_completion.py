@@ -13,10 +13,10 @@ import threading
 import pytest
 from structlog.testing import capture_logs
 
-from node.completion import CompletionMonitor
 from node.config import CompletionSettings, RuleSettings, Settings
 from node.ledger import Ledger, SeriesState
 from node.ledger.models import utcnow
+from node.store.completion import CompletionMonitor
 from tests.support.net import wait_for
 from tests.test_ledger import make_record
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from node.config import load_settings
-from node.ingest import STATE_FILE
 from node.metrics import metrics
+from node.store.ingest import STATE_FILE
 from node.web.collect import StateCollector
 from tests.support.e2e import NodeSite, series_uid_of, storescu, synth_series
 from tests.support.net import free_port, wait_for

@@ -26,7 +26,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from node.scp import STATUS_SUCCESS, VERIFICATION_SOP_CLASS
+from node.receive.scp import STATUS_SUCCESS, VERIFICATION_SOP_CLASS
 from tests.support.dcmtk import storescu, successes, write_ct_series
 from tests.support.node import REPO
 from tests.support.strace import STRACE, Call, parse
@@ -39,8 +39,8 @@ RUNNER = """
 import sys
 from pathlib import Path
 from node.config import Settings
-from node.scp import Listener
-from node.spool import Spool
+from node.receive.scp import Listener
+from node.store.spool import Spool
 home = Path(sys.argv[1])
 settings = Settings.model_validate({
     "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0, "home": str(home),

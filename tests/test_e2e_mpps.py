@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from node.config import load_settings
 from node.ledger import SeriesState
 from node.ledger.mpps import TRIGGER_MPPS_COMPLETED, TRIGGER_MPPS_DISCONTINUED
-from node.mpps import (
+from node.receive.mpps import (
     ERROR_ID_MAY_NO_LONGER_BE_UPDATED,
     STATUS_NO_SUCH_SOP_INSTANCE,
     STATUS_PROCESSING_FAILURE,

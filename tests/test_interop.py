@@ -1,7 +1,7 @@
 """Interop matrix (issue 16): qcnode's own receive path against senders nobody here wrote.
 
 The node is a real ``qcnode serve`` (one per module, no PACS, every series kept without
-assessment); its receive path (``node/acceptor*.py``, ``upperlayer.py``, ``dimse.py``,
+assessment); its receive path (``node/receive/acceptor*.py``, ``upperlayer.py``, ``dimse.py``,
 ``scp.py``) is hand-written, so each sender below is an independent implementation of
 the other end. Every association passes through a recording proxy
 (:mod:`tests.support.dicomproxy`) that keeps what the sender put on the wire.
@@ -22,7 +22,7 @@ Orthanc    REST ``/modalities/…/store`` of a study                            
 =========  ===================================================================  =========
 
 The last test turns the proxy on qcnode's own sending: concurrent deliveries
-(``node/scu.py``) each drive their own association, one operation at a time.
+(``node/send/scu.py``) each drive their own association, one operation at a time.
 
 Checks (:mod:`tests.support.interop`): **wire** — the spool file's data set is byte for
 byte the data set sent, its meta names the accepted transfer syntax, the instance and
@@ -63,9 +63,9 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node.config import DestinationSettings, Settings
-from node.scp import Listener
-from node.scu import DeliveryError, deliver
-from node.spool import Spool
+from node.receive.scp import Listener
+from node.send.scu import DeliveryError, deliver
+from node.store.spool import Spool
 from tests.support import interop as io
 from tests.support.dcmtk import write_ct_series
 from tests.support.dicomproxy import Association, RecordingProxy
@@ -523,7 +523,7 @@ def test_orthanc_pushes_a_study(node: RunningNode, tmp_path: Path) -> None:
 
 # qcnode as the sender ----------------------------------------------------------------------
 def test_deliveries_drive_each_association_from_one_thread(tmp_path: Path) -> None:
-    """The sender-side guarantee (node/scu.py): a delivery opens its own association
+    """The sender-side guarantee (node/send/scu.py): a delivery opens its own association
     and issues one operation at a time on it from the calling thread — what a
     pynetdicom association needs (two threads on one association mix up responses; its
     reactor already races the caller, see docs/benchmarks.md). Four deliveries run at

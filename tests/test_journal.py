@@ -1,4 +1,4 @@
-"""The receive journal (node.journal) and its applier (node.ingest).
+"""The receive journal (node.store.journal) and its applier (node.store.ingest).
 
 What is guaranteed, and checked here against real files:
 
@@ -23,12 +23,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node import journal as journal_module
-from node.dicomio import read_header
-from node.ingest import Applier, entry_meta
-from node.journal import RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, Journal, Record
 from node.ledger import Ledger
-from node.spool import Spool
+from node.receive.dicomio import read_header
+from node.store import journal as journal_module
+from node.store.ingest import Applier, entry_meta
+from node.store.journal import RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, Journal, Record
+from node.store.spool import Spool
 from tests.support.dcmtk import write_ct_series
 
 SEGMENT = 1 << 20
@@ -224,7 +224,7 @@ def test_spool_unwritable_then_stop_then_restart_loses_nothing(tmp_path: Path) -
     journal, the node keeps answering and stops promptly, and the next start applies
     them: every acknowledged image in the spool (same data set) and the ledger."""
     from node.config import Settings
-    from node.scp import Listener
+    from node.receive.scp import Listener
     from node.status import journal_state, render_text
     from tests.support.dcmtk import storescu, successes
     from tests.support.net import wait_for
@@ -309,7 +309,7 @@ def test_hurry_applies_without_waiting_for_senders_to_pause(
 ) -> None:
     """The applier waits for a pause in the senders' traffic, except when the last open
     association ends (``hurry``): its series must not wait to complete."""
-    from node import ingest
+    from node.store import ingest
     from tests.support.net import wait_for
 
     monkeypatch.setattr(ingest, "APPLY_QUIET", 60.0)  # senders never pause here

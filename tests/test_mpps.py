@@ -1,9 +1,9 @@
 """MPPS SCP (PS3.4 Annex F.7) and closing series by ended steps.
 
 A real pynetdicom SCU plays the modality (DCMTK 3.6.7 has no MPPS client; its
-``echoscu`` checks admission) against :class:`node.mpps.MppsServer` on a free port,
+``echoscu`` checks admission) against :class:`node.receive.mpps.MppsServer` on a free port,
 with a real ledger (SQLite; the ledger-only tests also on PostgreSQL) and the real
-:class:`~node.completion.CompletionMonitor`, passes run with ``check_once``.
+:class:`~node.store.completion.CompletionMonitor`, passes run with ``check_once``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 from pydicom.uid import generate_uid
 from structlog.testing import capture_logs
 
-from node.completion import CompletionMonitor
 from node.config import CompletionSettings, MppsSettings, SenderSettings, Settings
 from node.ledger import Ledger, SeriesState
 from node.ledger.models import utcnow
@@ -30,7 +29,7 @@ from node.ledger.mpps import (
     PerformedSeries,
     StepChange,
 )
-from node.mpps import (
+from node.receive.mpps import (
     COMMENT_MAY_NO_LONGER_BE_UPDATED,
     ERROR_ID_MAY_NO_LONGER_BE_UPDATED,
     STATUS_DUPLICATE_SOP_INSTANCE,
@@ -42,6 +41,7 @@ from node.mpps import (
     MppsServer,
 )
 from node.status import series_header, series_row
+from node.store.completion import CompletionMonitor
 from tests.support.mpps import (
     MPPS_AE,
     PATIENT_ID,

@@ -1,4 +1,4 @@
-"""Association negotiation of the listener (node.negotiation) with real requestors.
+"""Association negotiation of the listener (node.receive.negotiation) with real requestors.
 
 pynetdicom and DCMTK as senders: retired storage SOP classes are accepted; a request
 that cannot be decoded is aborted as malformed (A-ABORT, invalid PDU parameter) rather
@@ -20,10 +20,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_role
 from pynetdicom.pdu import A_ASSOCIATE_AC
 
-from node import upperlayer as ul
 from node.config import Settings
-from node.scp import STATUS_SUCCESS, Listener
-from node.spool import Spool
+from node.receive import upperlayer as ul
+from node.receive.scp import STATUS_SUCCESS, Listener
+from node.store.spool import Spool
 from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
 from tests.support.net import wait_for
 from tests.support.orthanc import running_orthanc

@@ -1,4 +1,4 @@
-"""Retention (node.retention): what is deleted, what never is, and the disk watermark.
+"""Retention (node.store.retention): what is deleted, what never is, and the disk watermark.
 
 Real spool files and a real ledger (SQLite and PostgreSQL); only the disk's size is
 chosen by the test (``disk_usage``), so the watermark can be crossed without filling the
@@ -18,13 +18,13 @@ import pytest
 from sqlalchemy import update
 
 from node.config import NodeSettings, RetentionSettings, Settings
-from node.ingest import Applier, entry_meta
-from node.journal import Journal
 from node.ledger import JobState, Ledger, SeriesState
 from node.ledger.models import Job, Series, utcnow
 from node.pipeline.payload import job_key
-from node.retention import Retention, applier_guard, no_journal
-from node.spool import Spool
+from node.store.ingest import Applier, entry_meta
+from node.store.journal import Journal
+from node.store.retention import Retention, applier_guard, no_journal
+from node.store.spool import Spool
 from sr_writer.uids import derive_uid
 from tests.support.spooled import encode, header, spool_series, template
 

@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import update
 
 from node.config import ConfigError, NodeSettings, Settings, SpoolSettings, load_settings
-from node.ingest import entry_meta
-from node.journal import Journal
 from node.ledger import Ledger, SeriesState
 from node.ledger.models import Series, utcnow
 from node.serve import Node
-from node.spool import Spool, SpoolFull
+from node.store.ingest import entry_meta
+from node.store.journal import Journal
+from node.store.spool import Spool, SpoolFull
 from tests.support.dcmtk import echoscu
 from tests.support.net import free_port, wait_for
 from tests.support.node import REPO, running_node, write_config

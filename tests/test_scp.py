@@ -12,9 +12,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.dicomio import is_valid_uid
 from node.ledger import Ledger, SeriesState
-from node.spool import path_part
+from node.receive.dicomio import is_valid_uid
+from node.store.spool import path_part
 from tests.support.dcmtk import (
     PROPOSE_OPTION,
     SECRET_PATIENT_NAME,
@@ -237,7 +237,7 @@ def test_no_patient_attribute_in_logs(node: RunningNode) -> None:
 
 def test_listener_does_not_import_torch() -> None:
     code = (
-        "import sys, node.serve, node.scp, node.spool, node.dicomio; "
+        "import sys, node.serve, node.receive.scp, node.store.spool, node.receive.dicomio; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0

@@ -1,4 +1,4 @@
-"""node.scu against a real Orthanc: store + confirm, failure classification, qcnode echo."""
+"""node.send.scu against a real Orthanc: store + confirm, failure classification, qcnode echo."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from node.config import DestinationSettings
-from node.scu import (
+from node.send.scu import (
     STATUS_SUCCESS,
     DeliveryError,
     Reason,

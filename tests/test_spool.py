@@ -8,8 +8,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.dicomio import MalformedDataset, read_header
-from node.spool import Spool, SpoolFull
+from node.receive.dicomio import MalformedDataset, read_header
+from node.store.spool import Spool, SpoolFull
 from tests.support.dcmtk import write_ct_series
 
 SAMPLES = Path(pydicom.__file__).parent / "data" / "test_files"

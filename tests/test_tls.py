@@ -32,10 +32,10 @@ from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from node import cli
-from node import upperlayer as ul
 from node.config import SenderSettings
+from node.receive import upperlayer as ul
+from node.receive.tls import peer_names
 from node.serve import EXIT_CONFIG
-from node.tls import peer_names
 from tests.support.dcmtk import DCMTK, storescu, successes, write_ct_series
 from tests.support.net import free_port, wait_for
 from tests.support.node import RunningNode, running_node
@@ -51,7 +51,7 @@ from tests.test_acceptor import (
 )
 
 STATUS_SUCCESS = 0x0000
-#: Bytes the listener reads into a connection's buffer at most (node.acceptor).
+#: Bytes the listener reads into a connection's buffer at most (node.receive.acceptor).
 BUFFER_BYTES = 256 << 10
 #: TLS plaintext record size (RFC 8446 §5.1): one SSL_read returns at most this.
 RECORD = 16384

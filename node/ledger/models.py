@@ -66,7 +66,7 @@ class SeriesState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     IGNORED = "ignored"
-    #: Retention is deleting its files (node.retention); resumed after a crash.
+    #: Retention is deleting its files (node.store.retention); resumed after a crash.
     PURGING = "purging"
     #: Its files and instance rows were deleted by retention; the row, its jobs and
     #: history stay (a re-sent series re-opens it: a new generation, new SR UIDs).

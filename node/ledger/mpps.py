@@ -1,6 +1,6 @@
 """Modality Performed Procedure Steps in the ledger (PS3.4 Annex F.7).
 
-The MPPS SCP (:mod:`node.mpps`) records each step's N-CREATE and N-SET here
+The MPPS SCP (:mod:`node.receive.mpps`) records each step's N-CREATE and N-SET here
 (:meth:`MppsAPI.mpps_create`, :meth:`MppsAPI.mpps_set`); a step survives a restart, so
 its N-SET may arrive after one. The completion monitor asks :meth:`MppsAPI.mpps_due`
 which receiving series an ended step (COMPLETED or DISCONTINUED) lets it close now and

@@ -20,7 +20,7 @@ from node.config import DestinationSettings, Settings
 from node.ledger import ConfirmedBy, DeliveryInfo, DeliveryState, JobInfo, JobState, Ledger
 from node.metrics import metrics
 from node.pipeline.retry import RetryPlan, plan_retry, retry_later, seconds_until
-from node.scu import DeliveryError, Failure, Reason, deliver
+from node.send.scu import DeliveryError, Failure, Reason, deliver
 
 log = structlog.get_logger(__name__)
 

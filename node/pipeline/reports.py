@@ -32,7 +32,7 @@ from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
 from node.config import Companion, DestinationSettings, Settings
 from node.ledger import SeriesInfo
-from node.spool import fsync_dir
+from node.store.spool import fsync_dir
 from sr_writer import build_pdf, build_sr, build_text_sr
 
 SR = "sr"

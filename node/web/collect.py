@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from node.config import Settings
-from node.ingest import STATE_FILE
 from node.ledger import Ledger, SeriesState
 from node.logs import get_logger
+from node.store.ingest import STATE_FILE
 
 log = get_logger(__name__)
 QUEUE_CACHE_SECONDS = 5.0

@@ -15,7 +15,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from node.mpps import STATUS_SUCCESS
+from node.receive.mpps import STATUS_SUCCESS
 
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

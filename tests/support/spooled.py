@@ -1,5 +1,5 @@
 """Spooled instances without the network: tiny CT files stored with the node's own
-:class:`node.spool.Spool` and recorded with :meth:`Ledger.record_instances`, the way
+:class:`node.store.spool.Spool` and recorded with :meth:`Ledger.record_instances`, the way
 the journal applier does (tests of retention and start-up, ``bench/startup.py``)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 
-from node.dicomio import InstanceHeader
-from node.ingest import instance_record
 from node.ledger import InstanceRecord, Ledger, SeriesState
-from node.spool import Spool
+from node.receive.dicomio import InstanceHeader
+from node.store.ingest import instance_record
+from node.store.spool import Spool
 
 CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 EXPLICIT_LE = UID("1.2.840.10008.1.2.1")

@@ -1,6 +1,6 @@
 """Modality Performed Procedure Steps: ``mpps_steps`` and the series they reference.
 
-A step received by the MPPS SCP (PS3.4 Annex F.7, :mod:`node.mpps`) is kept so that its
+A step received by the MPPS SCP (PS3.4 Annex F.7, :mod:`node.receive.mpps`) is kept so that its
 N-SET can arrive after a restart, and the series its Performed Series Sequence lists
 are closed by the completion monitor once the step is COMPLETED or DISCONTINUED.
 

@@ -1,11 +1,11 @@
 """Applying the receive journal: spool files and ledger rows from committed records.
 
 The listener acknowledges a C-STORE once its data set is durable in the journal
-(:mod:`node.journal`). One applier thread then, in the order the records were committed:
+(:mod:`node.store.journal`). One applier thread then, in the order the records were committed:
 
 1. copies the data set out of the journal into ``<home>/tmp`` (``copy_file_range``) and
    moves it into the spool under its version (identical bytes: no second copy,
-   different bytes: the next version — :meth:`node.spool.Spool.store`), without a
+   different bytes: the next version — :meth:`node.store.spool.Spool.store`), without a
    flush of its own;
 2. records the batch in the ledger with one commit (:meth:`Ledger.record_instances`);
 3. at a checkpoint — a segment closed and every record in it applied — flushes the
@@ -39,12 +39,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from node.dicomio import InstanceHeader
-from node.journal import Entry, Journal, Segment
 from node.ledger.instances import InstanceRecord
 from node.logs import get_logger
+from node.receive.dicomio import InstanceHeader
 from node.redact import error_text
-from node.spool import Spool, Stored
+from node.store.journal import Entry, Journal, Segment
+from node.store.spool import Spool, Stored
 
 log = get_logger(__name__)
 
@@ -131,7 +131,7 @@ class Applier:
         self._published = (0.0, -1, False)
         self._thread: threading.Thread | None = None
         #: Held while a batch is applied: retention deletes a series under it, so no
-        #: instance of that series is stored or recorded meanwhile (node.retention).
+        #: instance of that series is stored or recorded meanwhile (node.store.retention).
         self.apply_lock = threading.Lock()
         #: (study, series) UIDs of the records in each segment not yet retired.
         self._pins: dict[Segment, set[tuple[str, str]]] = {}

@@ -18,10 +18,10 @@ AES-GCM), no TLS-level compression (RFC 9325 §3.3, CRIME) and no insecure reneg
   checked when one is offered.
 
 The handshake runs in the listener's event loop (:class:`Handshake`, driven by
-:class:`node.acceptor_server.AcceptorServer`): each step does what the socket allows
+:class:`node.receive.acceptor_server.AcceptorServer`): each step does what the socket allows
 and says whether it waits to read or to write; it must finish within the ACSE timeout,
 so a silent or plain-DICOM client on the TLS port is dropped without delaying anyone.
-Then the connection becomes an ordinary :class:`node.acceptor.Connection` over
+Then the connection becomes an ordinary :class:`node.receive.acceptor.Connection` over
 :class:`NonBlockingSSLSocket`, which looks like a non-blocking plain socket to it.
 
 Who may call (PS3.15 B.1: the certificate's significance is the site's policy): a
@@ -29,7 +29,7 @@ Who may call (PS3.15 B.1: the certificate's significance is the site's policy): 
 certificate has that name as its subject CN or as a subjectAltName dNSName
 (case-insensitive, no wildcards); entries without it admit any caller that passed the
 handshake (and nothing about the plain port changes). :class:`IdentifiedServices`
-hands the names to :meth:`node.scp.Listener.admits`.
+hands the names to :meth:`node.receive.scp.Listener.admits`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from node.acceptor import EventReport, Incoming, Peer, Services, StoreRequest
 from node.config import ListenerTlsSettings
+from node.receive.acceptor import EventReport, Incoming, Peer, Services, StoreRequest
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer

@@ -20,8 +20,8 @@ from pydicom.uid import generate_uid
 
 from node.config import DestinationSettings, Settings
 from node.ledger import Ledger
-from node.scu import DeliveryError, Reason, _accepted, _probe, _Session, _waiter
-from node.scu_commit import (
+from node.send.scu import DeliveryError, Reason, _accepted, _probe, _Session, _waiter
+from node.send.scu_commit import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     CommitmentListener,
     CommitmentOutcome,

@@ -14,7 +14,7 @@ an association may carry part of a series or several series), so a series closes
     at once, without the quiet period, when a Modality Performed Procedure Step that
     lists the series ended (COMPLETED / DISCONTINUED, PS3.4 Annex F.7) and every
     instance it lists for the series is in the ledger (:mod:`node.ledger.mpps`,
-    received by :mod:`node.mpps`).
+    received by :mod:`node.receive.mpps`).
 
 Closing moves the series to ``complete`` — or ``ignored`` when its rule's action is
 ``store`` — and then calls ``on_complete(series_uid, trigger)``; the callback should

@@ -1,13 +1,13 @@
 """Association negotiation of the listener, through pynetdicom (PS3.8 §9.3.2–4, PS3.7 D.3.3).
 
-The listener's own Upper Layer (:mod:`node.acceptor`) streams P-DATA; the association's
+The listener's own Upper Layer (:mod:`node.receive.acceptor`) streams P-DATA; the association's
 establishment is pynetdicom's: its PDU classes decode the A-ASSOCIATE-RQ
 (``pynetdicom.pdu.A_ASSOCIATE_RQ``) and encode the A-ASSOCIATE-AC / -RJ, and its
 acceptor-side negotiation (``pynetdicom.presentation.negotiate_as_acceptor``) decides
 the presentation contexts and SCP/SCU roles, as pynetdicom's own ACSE does
 (``pynetdicom.acse.ACSE._negotiate_as_acceptor``). What qcnode decides itself: who may
-call (:meth:`node.acceptor.Connection._rejection`) and the transfer syntax preference
-(compressed first, :data:`node.scp.TRANSFER_SYNTAXES`) — ``negotiate_as_acceptor``
+call (:meth:`node.receive.acceptor.Connection._rejection`) and the transfer syntax preference
+(compressed first, :data:`node.receive.scp.TRANSFER_SYNTAXES`) — ``negotiate_as_acceptor``
 takes, for each context, the first of *our* transfer syntaxes the requestor proposed.
 
 The answer to each user information item (PS3.7 Annex D.3.3):
@@ -28,11 +28,11 @@ The answer to each user information item (PS3.7 Annex D.3.3):
   answers only types 3–5, with its handler's response.
 
 A request that cannot be decoded (a UID with a non-ASCII byte, an item running past
-its parent) is a :class:`node.upperlayer.ProtocolError`: A-ABORT, invalid PDU parameter.
+its parent) is a :class:`node.receive.upperlayer.ProtocolError`: A-ABORT, invalid PDU parameter.
 Items of unknown type are skipped (PS3.8 §9.3.1), as are unknown user information
 sub-items and the proposed transfer syntaxes that change nothing (:func:`_trimmed`).
 The decoding and the negotiation run off the listener's event loop
-(:meth:`node.acceptor.Connection._establish`).
+(:meth:`node.receive.acceptor.Connection._establish`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from node import upperlayer as ul
+from node.receive import upperlayer as ul
 
 #: PDU items an A-ASSOCIATE-RQ carries (PS3.8 §9.3.2).
 _RQ_ITEMS = frozenset({ul.ITEM_APPLICATION_CONTEXT, ul.ITEM_PRESENTATION_CONTEXT_RQ,

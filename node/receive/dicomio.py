@@ -24,7 +24,7 @@ data is complete:
 UIDs: the standard's form (PS3.5 §9.1: no leading zero in a component, at most 64
 characters) is what :func:`is_valid_uid` checks; the listener also accepts components
 with leading zeros, which some modalities send and DCMTK and Orthanc store
-(:func:`is_acceptable_uid`), and :func:`node.spool.path_part` names them by a hash.
+(:func:`is_acceptable_uid`), and :func:`node.store.spool.path_part` names them by a hash.
 Nothing else: only digits and dots, no empty component, nothing after the last digit
 (a trailing newline is refused: no sender means it), and at most 64 characters — the
 ledger's UID columns hold 64 (PostgreSQL refused a longer one *after* the Success, so

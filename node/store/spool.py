@@ -9,11 +9,11 @@ and under ``<home>``: ``tmp/`` (partial receptions; emptied at start-up) and
 ``quarantine/`` (malformed datasets with a ``.reason`` file beside each).
 
 A UID the listener accepts without it being valid per PS3.5 §9.1 (a component with a
-leading zero: :func:`node.dicomio.is_acceptable_uid`) is named by its hash instead
+leading zero: :func:`node.receive.dicomio.is_acceptable_uid`) is named by its hash instead
 (:func:`path_part`): ``uid-<40 hex digits>``, which no valid UID can collide with. The
 ledger keeps the UID itself and the file's relative path.
 
-Files arrive here from the receive journal (:mod:`node.ingest`), which already holds
+Files arrive here from the receive journal (:mod:`node.store.ingest`), which already holds
 every acknowledged data set durably: they are renamed in without a flush each, and
 :meth:`Spool.sync` (one ``syncfs`` at the journal's checkpoint) makes a batch durable
 before the journal segments holding their bytes are reused.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from node.dicomio import InstanceHeader, is_acceptable_uid, is_valid_uid
+from node.receive.dicomio import InstanceHeader, is_acceptable_uid, is_valid_uid
 
 _CHUNK = 1 << 20
 #: Buffer of :meth:`Spool.stage_copy` (one per spool; the journal applier is one thread).
@@ -98,7 +98,7 @@ def path_part(uid: str) -> str:
     Raises
     ------
     ValueError
-        ``uid`` is not even acceptable (:func:`node.dicomio.is_acceptable_uid`).
+        ``uid`` is not even acceptable (:func:`node.receive.dicomio.is_acceptable_uid`).
     """
     if is_valid_uid(uid):
         return uid
@@ -140,7 +140,7 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.min_free_percent = min_free_percent
         #: Called (in the caller's thread) each time :meth:`check_room` refuses, e.g. to
-        #: wake the retention sweep (node.retention); it must return at once.
+        #: wake the retention sweep (node.store.retention); it must return at once.
         self.on_full: Callable[[], None] | None = None
         self._copy_buffer = memoryview(bytearray(_COPY_BUFFER))
         for directory in (self.root, self.tmp, self.quarantine_dir):

@@ -1,10 +1,10 @@
 """The DICOM Upper Layer PDUs the listener moves itself (PS3.8).
 
 The listener is an acceptor only. Its association is negotiated by
-:mod:`node.negotiation` (pynetdicom decodes the A-ASSOCIATE-RQ, §9.3.2, and encodes
+:mod:`node.receive.negotiation` (pynetdicom decodes the A-ASSOCIATE-RQ, §9.3.2, and encodes
 the A-ASSOCIATE-AC / -RJ, §9.3.3–4); then P-DATA-TF (§9.3.5) until A-RELEASE-RQ/RP
 (§9.3.6–7) or A-ABORT (§9.3.8), which this module encodes and whose headers it parses
-in place; :mod:`node.acceptor` moves the bytes. The requestor's Maximum Length (§D.1)
+in place; :mod:`node.receive.acceptor` moves the bytes. The requestor's Maximum Length (§D.1)
 bounds every P-DATA-TF we send.
 """
 

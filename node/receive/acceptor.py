@@ -4,11 +4,11 @@ Why not pynetdicom here: its acceptor decodes every PDU into primitives, passes 
 through a DUL thread, a state machine, queues and a second reactor thread (several
 thread hand-offs and ~4 ms of CPU per 512×512 image on the benchmark machine, more than
 the rest of the receive path). Here one thread serves every association (an event loop,
-:mod:`node.acceptor_server`) and passes each P-DATA-TF data fragment straight from the
+:mod:`node.receive.acceptor_server`) and passes each P-DATA-TF data fragment straight from the
 connection's reused buffer to the sink the node gives it, the receive journal
-(:mod:`node.journal`; PS3.8 §9.3.5, §E.2); the calls that wait for a disk or the
+(:mod:`node.store.journal`; PS3.8 §9.3.5, §E.2); the calls that wait for a disk or the
 ledger run in a few pool threads meanwhile. pynetdicom still does all of qcnode's
-sending (:mod:`node.scu`). Besides C-ECHO and C-STORE it takes N-EVENT-REPORT, whose
+sending (:mod:`node.send.scu`). Besides C-ECHO and C-STORE it takes N-EVENT-REPORT, whose
 small data set (a Storage Commitment report, PS3.4 J.3.3) is collected in memory and
 handed to the node whole (:class:`EventReport`); which callers may use which SOP
 classes is the node's answer to :meth:`Services.admits`.
@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, TypeVar
 
-from node import dimse, metrics
-from node import upperlayer as ul
+from node import metrics
 from node.logs import get_logger
-from node.negotiation import Negotiator, Request, reject
+from node.receive import dimse
+from node.receive import upperlayer as ul
+from node.receive.negotiation import Negotiator, Request, reject
 from node.redact import error_text
 
 log = get_logger(__name__)
@@ -108,7 +109,7 @@ class EventReport:
 
 
 class Services(Protocol):
-    """What the acceptor asks of the node (implemented by :class:`node.scp.Listener`)."""
+    """What the acceptor asks of the node (implemented by :class:`node.receive.scp.Listener`)."""
 
     def admits(self, calling_ae: str, address: str) -> Mapping[str, tuple[str, ...]] | None:
         """The abstract syntaxes this caller may use, with our transfer syntaxes in
@@ -136,7 +137,7 @@ class AcceptorConfig:
     supported: dict[str, tuple[str, ...]]
     implementation_uid: str
     implementation_version: str
-    #: abstract syntax → our SCP/SCU role answer (:class:`node.negotiation.Negotiator`)
+    #: abstract syntax → our SCP/SCU role answer (:class:`node.receive.negotiation.Negotiator`)
     roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
 
     @cached_property
@@ -183,7 +184,7 @@ class Connection:
     """One association, from A-ASSOCIATE-RQ to release or abort (PS3.8 §9.2).
 
     The protocol is a generator (:meth:`_protocol`) that the server's event loop
-    (:class:`node.acceptor_server.AcceptorServer`) resumes whenever bytes arrived: it
+    (:class:`node.receive.acceptor_server.AcceptorServer`) resumes whenever bytes arrived: it
     consumes them from one reused buffer — PDU and PDV headers parsed in place, data
     set bytes passed on as views of the buffer — and yields when it needs more. One
     thread serves every connection: no thread per association and no hand-offs of the
@@ -377,7 +378,7 @@ class Connection:
             self._send(data)
 
     def _establish(self) -> Generator[None, None, Peer | None]:
-        """Negotiate the association (:mod:`node.negotiation`); None when rejected."""
+        """Negotiate the association (:mod:`node.receive.negotiation`); None when rejected."""
         header = yield from self._exact(6)
         pdu_type, length = ul.pdu_header(header)
         if pdu_type != ul.A_ASSOCIATE_RQ:

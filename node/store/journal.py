@@ -9,7 +9,7 @@ and nothing can batch. Here each association appends its data sets to a *segment
 pre-allocated, already-written file, and makes each one durable with a single
 ``fdatasync`` (no block allocation and no inode change to commit: ~0.25 ms for a
 512 KiB image). Files in the spool and rows in the ledger are derived from the journal
-afterwards (:mod:`node.ingest`), without a flush each; a segment is reused only after
+afterwards (:mod:`node.store.ingest`), without a flush each; a segment is reused only after
 everything derived from it was flushed (one ``syncfs``) — a classic write-ahead log.
 
 Layout of ``<home>/journal/seg-NNNNNN.wal``::

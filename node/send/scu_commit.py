@@ -7,7 +7,7 @@ association that *it* opens to the calling AE, taking the SCP role of the SOP cl
 (PS3.4 J.3.3, PS3.7 D.3.3.4). Where that association goes is the PACS's choice (its
 modality table), so the report may arrive on either of two routes:
 
-* **the node's main listener** (:mod:`node.scp`, any process of the node): it admits
+* **the node's main listener** (:mod:`node.receive.scp`, any process of the node): it admits
   the configured destinations for this SOP class and records the report in the ledger
   (table ``commitments``), where the delivering process — an io worker, maybe on
   another host — finds it by Transaction UID (:class:`ReportLedger`);

@@ -4,7 +4,7 @@ A modality reports a procedure step to a separately configured AE: N-CREATE when
 starts (status IN PROGRESS), N-SET when it ends (COMPLETED or DISCONTINUED) with the
 Performed Series Sequence (0040,0340) listing the series and images it made. qcnode
 takes that as the end of those series: the completion monitor closes them without
-waiting for the quiet period (:mod:`node.ledger.mpps`, :mod:`node.completion`).
+waiting for the quiet period (:mod:`node.ledger.mpps`, :mod:`node.store.completion`).
 
 * **Its own AE**: ``[mpps] ae_title`` on ``[mpps] port``, bound to ``[node] host``, served
   by pynetdicom (the MPPS SOP Class and Verification, so ``echoscu`` can test it).
@@ -34,7 +34,6 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
 from node.config import Settings
-from node.dicomio import is_valid_uid
 from node.ledger.mpps import (
     PPS_FINAL,
     PPS_IN_PROGRESS,
@@ -44,7 +43,8 @@ from node.ledger.mpps import (
     StepChange,
 )
 from node.logs import get_logger
-from node.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.receive.dicomio import is_valid_uid
+from node.receive.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = get_logger(__name__)
 

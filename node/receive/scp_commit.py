@@ -6,7 +6,7 @@ listener therefore admits every destination that uses commitment (its AE title, 
 its host) for the Storage Commitment Push Model SOP Class only (plus C-ECHO), accepts
 the PACS's SCP role for it (PS3.7 §D.3.3.4), and records the report in the ledger's
 ``commitments`` row of the transaction; the delivering io worker — another process,
-maybe on another host — polls that row (:mod:`node.scu_commit`).
+maybe on another host — polls that row (:mod:`node.send.scu_commit`).
 
 A report for a transaction this node did not ask that peer for is refused with Invalid
 Argument Value; one that cannot be recorded with Processing Failure (the PACS may send
@@ -26,10 +26,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from node.acceptor import EventReport, Peer
 from node.config import DestinationSettings
 from node.logs import get_logger
-from node.scu_commit import (
+from node.receive.acceptor import EventReport, Peer
+from node.send.scu_commit import (
     EVENT_ALL_COMMITTED,
     EVENT_SOME_FAILED,
     STORAGE_COMMITMENT_PUSH_MODEL,

@@ -8,7 +8,7 @@ holds them:
 * **Storage Commitment** (PS3.4 Annex J, Push Model): N-ACTION on the same association;
   the PACS answers with an N-EVENT-REPORT on a *new* association to the calling AE, at
   the node's main listener (found in the ledger) or at the destination's
-  ``commitment_port`` (:mod:`node.scu_commit`). Used with ``confirm = "commitment"``,
+  ``commitment_port`` (:mod:`node.send.scu_commit`). Used with ``confirm = "commitment"``,
   or ``"auto"`` with a ``commitment_port``, when the PACS accepts the SOP class.
 * else **C-FIND** (PS3.4 Annex C, Study Root, IMAGE level) for each SOP Instance UID.
 
@@ -52,7 +52,7 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from node.config import DestinationSettings, TlsSettings
-from node.scu_commit import (
+from node.send.scu_commit import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     CommitmentListener,
     ReportLedger,
@@ -428,7 +428,7 @@ _ADVICE = {
 def echo_main(args: argparse.Namespace) -> int:
     """``qcnode echo NAME``: C-ECHO a configured destination, say what failed in words;
     with Storage Commitment configured, one commitment round trip too
-    (:mod:`node.commit_check`)."""
+    (:mod:`node.send.commit_check`)."""
     from node.config import ConfigError, load_settings
 
     try:
@@ -451,7 +451,7 @@ def echo_main(args: argparse.Namespace) -> int:
     print(f"OK {target}: C-ECHO answered in {seconds * 1000:.0f} ms")
     if not dest.uses_commitment:
         return 0
-    from node.commit_check import check_commitment
+    from node.send.commit_check import check_commitment
 
     ok, detail = check_commitment(dest, settings)
     print(f"{'OK' if ok else 'FAILED'} {target}: storage commitment: {detail}")

@@ -1,6 +1,6 @@
 """The C-STORE / C-ECHO listener (PS3.4 Annex A Verification, Annex B Storage).
 
-The network side is :mod:`node.acceptor` (a lean DICOM Upper Layer acceptor, PS3.8);
+The network side is :mod:`node.receive.acceptor` (a lean DICOM Upper Layer acceptor, PS3.8);
 this module decides what happens to each association and instance:
 
 * **Who may call.** The calling AE title and the peer's IP address must match a
@@ -13,13 +13,13 @@ this module decides what happens to each association and instance:
   established associations count against ``max_associations``; the listener keeps at
   most ``max_associations`` + 16 sockets, and a host named in ``[[senders]]`` takes
   the place of a negotiating connection from a host that is not
-  (:class:`node.acceptor_server.AcceptorServer`); each source host may hold at most
+  (:class:`node.receive.acceptor_server.AcceptorServer`); each source host may hold at most
   ``max_associations_per_host`` connections.
 * **The receive path only receives, checks, journals, answers.** The data set
-  streams into the association's journal segment (:mod:`node.journal`);
+  streams into the association's journal segment (:mod:`node.store.journal`);
   :func:`scan_header` checks UIDs and pixel-data completeness without decoding; one
   ``fdatasync`` makes the record durable, and only then is Success returned. The
-  journal applier (:mod:`node.ingest`) moves it into the spool and the ledger; the
+  journal applier (:mod:`node.store.ingest`) moves it into the spool and the ledger; the
   association's end is recorded once that is done for everything it stored.
 * **Bad input is refused, never acknowledged** (PS3.4 Annex B.2.3): a malformed data
   set — truncated, an unknown VR, an image class without pixel data, a deflated data
@@ -31,7 +31,7 @@ this module decides what happens to each association and instance:
   quarantines the data set; the association goes on.
 * **Storage Commitment reports** (PS3.4 J.3.3) from the configured destinations that
   use commitment are admitted for that SOP class alone and recorded in the ledger
-  (:mod:`node.scp_commit`).
+  (:mod:`node.receive.scp_commit`).
 * **Status codes are named** (PS3.4 Annex B.2.3, PS3.7 Annex C): see the ``STATUS_*``
   constants.
 * **TCP_NODELAY** on the listening and on every accepted socket (DICOM's request /
@@ -52,18 +52,18 @@ from pydicom import uid as pyuid
 from pydicom._uid_dict import UID_dictionary
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from node.acceptor import AcceptorConfig, EventReport, Incoming, Peer, StoreRequest
-from node.acceptor_server import AcceptorServer
 from node.config import Settings
-from node.dicomio import InstanceHeader, MalformedDataset, scan_header
-from node.ingest import Applier, RecordingLedger, entry_meta
-from node.journal import Journal, JournalError, Record, Writer
 from node.logs import get_logger
-from node.scp_commit import ERROR_COMMENTS as REPORT_ERROR_COMMENTS
-from node.scp_commit import CommitmentReports, ReportRecorder
-from node.scu_commit import STORAGE_COMMITMENT_PUSH_MODEL
-from node.spool import Spool, SpoolFull
-from node.tls import TlsPort, server_context
+from node.receive.acceptor import AcceptorConfig, EventReport, Incoming, Peer, StoreRequest
+from node.receive.acceptor_server import AcceptorServer
+from node.receive.dicomio import InstanceHeader, MalformedDataset, scan_header
+from node.receive.scp_commit import ERROR_COMMENTS as REPORT_ERROR_COMMENTS
+from node.receive.scp_commit import CommitmentReports, ReportRecorder
+from node.receive.tls import TlsPort, server_context
+from node.send.scu_commit import STORAGE_COMMITMENT_PUSH_MODEL
+from node.store.ingest import Applier, RecordingLedger, entry_meta
+from node.store.journal import Journal, JournalError, Record, Writer
+from node.store.spool import Spool, SpoolFull
 
 log = get_logger(__name__)
 
@@ -115,7 +115,7 @@ ECHO_TRANSFER_SYNTAXES = (pyuid.ExplicitVRLittleEndian, pyuid.ImplicitVRLittleEn
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 #: Storage Commitment Push Model (PS3.4 Annex J): its SCP sends N-EVENT-REPORT on an
 #: association it requests and proposes itself as SCP (J.3.3) — our role answer for
-#: it, once the class is supported (node.negotiation answers every other class: the
+#: it, once the class is supported (node.receive.negotiation answers every other class: the
 #: requestor is SCU, we are SCP).
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 ROLES: dict[str, tuple[bool, bool]] = {STORAGE_COMMITMENT_PUSH: (False, True)}
@@ -212,7 +212,7 @@ class Listener:
     def admits(self, calling_ae: str, address: str, tls_names: frozenset[str] | None = None
                ) -> dict[str, tuple[str, ...]] | None:
         """What this caller may use: a ``[[senders]]`` entry admits storage and C-ECHO
-        (``tls_names``: its verified certificate's names on the TLS port, :mod:`node.tls`);
+        (``tls_names``: its verified certificate's names on the TLS port, :mod:`node.receive.tls`);
         a destination that uses commitment may send its reports (and C-ECHO)."""
         sender = any(s.admits(calling_ae, address, tls_names) for s in self.settings.senders)
         reporter = self.reports.admits(calling_ae, address)

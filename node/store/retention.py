@@ -11,7 +11,7 @@ What may be deleted
     new generation) and stops being one; the purge re-checks state and generation in
     the same transaction that starts it.
 Not under the applier
-    The node's journal applier (:mod:`node.ingest`) holds ``apply_lock`` while it
+    The node's journal applier (:mod:`node.store.ingest`) holds ``apply_lock`` while it
     stores and records a batch; a series is purged under that lock, after checking
     that no record of it waits in the receive journal (acknowledged but not applied,
     or applied but not yet flushed: a crash would replay it). So no image of the series
@@ -27,7 +27,7 @@ The disk
     the oldest deletable series go first, whatever their age, until usage is at or
     below ``disk_low_percent``. The listener refuses images only at ``100 -
     [spool] min_free_percent`` (the configuration checks the order), and a refusal
-    wakes the sweep at once (:attr:`node.spool.Spool.on_full`).
+    wakes the sweep at once (:attr:`node.store.spool.Spool.on_full`).
 
 Every deletion is logged by UID with file count and bytes (``retention.deleted``),
 never with a patient attribute.
@@ -53,7 +53,7 @@ from node.ledger import Ledger, PurgeCandidate, SeriesState
 from node.ledger.models import utcnow
 from node.logs import get_logger
 from node.pipeline.payload import job_key
-from node.spool import Spool
+from node.store.spool import Spool
 
 log = get_logger(__name__)
 DAY_SECONDS = 86_400.0
@@ -113,7 +113,7 @@ DiskUsage = Callable[[str], DiskSpace]
 
 
 class AppliesJournal(Protocol):
-    """The part of :class:`node.ingest.Applier` retention waits for."""
+    """The part of :class:`node.store.ingest.Applier` retention waits for."""
 
     apply_lock: threading.Lock
 

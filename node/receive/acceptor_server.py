@@ -1,8 +1,8 @@
-"""The listening socket of :mod:`node.acceptor` and the event loop that serves it.
+"""The listening socket of :mod:`node.receive.acceptor` and the event loop that serves it.
 
 One thread accepts connections and serves all of them (``selectors``: epoll on Linux):
 when a socket is readable its bytes go into that connection's buffer and its protocol
-coroutine runs until it needs more (:class:`node.acceptor.Connection`). With a thread
+coroutine runs until it needs more (:class:`node.receive.acceptor.Connection`). With a thread
 per association, twenty concurrent senders meant twenty threads taking turns at the
 GIL, each turn a futex wake-up and a context switch — a third of the listener's CPU on
 a 2-core machine, and the aggregate rate fell below a single sender's. Writing the
@@ -15,9 +15,9 @@ TCP_NODELAY is set on the listening and on every accepted socket (DICOM's reques
 response exchange stalls on Nagle's algorithm).
 
 With ``[node] tls_port`` a second listening socket accepts DICOM over TLS
-(:mod:`node.tls`): its connections first go through a :class:`node.tls.Handshake` in
+(:mod:`node.receive.tls`): its connections first go through a :class:`node.receive.tls.Handshake` in
 this same loop (limits and the ACSE timeout apply to it), then become ordinary
-connections over a :class:`node.tls.NonBlockingSSLSocket`.
+connections over a :class:`node.receive.tls.NonBlockingSSLSocket`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from node import metrics
-from node.acceptor import AcceptorConfig, Connection, Services
 from node.logs import get_logger
-from node.tls import Handshake, TlsPort, failure_reason
+from node.receive.acceptor import AcceptorConfig, Connection, Services
+from node.receive.tls import Handshake, TlsPort, failure_reason
 
 log = get_logger(__name__)
 
@@ -69,7 +69,7 @@ class AcceptorServer:
     second from hosts not in ``[[senders]]``, and 320 sockets from 10 hosts):
 
     * a connection must complete its A-ASSOCIATE-RQ within the ACSE timeout from its
-      accept (:class:`node.acceptor.Connection`), whatever it dribbles meanwhile;
+      accept (:class:`node.receive.acceptor.Connection`), whatever it dribbles meanwhile;
     * ``max_associations`` counts *established* associations only: beyond it an
       A-ASSOCIATE-RQ gets A-ASSOCIATE-RJ (transient, local limit exceeded), so
       negotiating sockets never take an admitted sender's slot;
@@ -89,7 +89,7 @@ class AcceptorServer:
         self.max_associations, self.max_per_host = max_associations, max_per_host
         self.max_sockets = max_associations + NEGOTIATING_SOCKETS
         self.sock = listen(host, port)
-        # The TLS port (node.tls): its handshakes in progress, its connections' fds.
+        # The TLS port (node.receive.tls): its handshakes in progress, its connections' fds.
         self.tls = tls
         self.tls_sock = listen(host, tls.port) if tls is not None else None
         self._handshakes: dict[int, Handshake] = {}
@@ -144,7 +144,7 @@ class AcceptorServer:
 
     def submit(self, conn: Connection, call: Callable[[], Any]) -> Future[Any]:
         """Run ``call`` in a pool thread; the loop resumes the connection when it is
-        done (:class:`node.acceptor.Offload`). With no other connection to serve
+        done (:class:`node.receive.acceptor.Offload`). With no other connection to serve
         meanwhile, run it here and now: a hand-off to a pool thread and back costs two
         wake-ups per image (measured with one sender: 730 → 250–490 img/s)."""
         if len(self._open) <= 1:
@@ -337,7 +337,7 @@ class AcceptorServer:
             self._strangers[conn.fd] = conn
         self._settle(conn.fd, conn)
 
-    # The TLS port (node.tls) -------------------------------------------------------------
+    # The TLS port (node.receive.tls) -------------------------------------------------------------
     def _begin_handshake(self, tls: TlsPort, client: socket.socket, host: str,
                          over: bool) -> None:
         try:
