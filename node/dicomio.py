@@ -61,6 +61,17 @@ PIXEL_DATA = 0x7FE00010
 FLOAT_PIXEL_DATA = 0x7FE00008
 DOUBLE_FLOAT_PIXEL_DATA = 0x7FE00009
 _PIXEL_TAGS = {PIXEL_DATA: 0, FLOAT_PIXEL_DATA: 32, DOUBLE_FLOAT_PIXEL_DATA: 64}
+#: The VRs each pixel data element may have (PS3.5 §8.2; UN: pydicom reads it as the
+#: dictionary VR, PS3.5 §6.2.2; b"": implicit VR).
+#: Pixel Data sent as SQ got a Success: its length was counted as pixels, pydicom
+#: reads a sequence (fuzz seed 1 case 2909).
+_PIXEL_VRS = {PIXEL_DATA: frozenset({b"OB", b"OW", b"UN", b""}),
+              FLOAT_PIXEL_DATA: frozenset({b"OF", b""}),
+              DOUBLE_FLOAT_PIXEL_DATA: frozenset({b"OD", b""})}
+#: The VRs an Image Pixel US attribute may arrive with: US, or UN (pydicom reads it as
+#: the dictionary's US) and implicit (b""). Columns sent as DS got a Success: two
+#: characters were read as the number (fuzz seed 1 case 2207).
+_US_VRS = frozenset({b"US", b"UN", b""})
 _ITEM = 0xFFFEE000
 _ITEM_DELIM = 0xFFFEE00D
 _SEQ_DELIM = 0xFFFEE0DD
@@ -256,14 +267,17 @@ def _scan_dataset(scan: _Scanner, pos: int) -> dict[str, str | int]:
         tag, vr, length, value_pos = scan.header(pos)
         bits = _PIXEL_TAGS.get(tag)
         if bits is not None:
+            if vr not in _PIXEL_VRS[tag]:
+                raise MalformedDataset(f"pixel data element has VR {vr.hex()} (hex)")
             pos = _check_pixels(scan, found, value_pos, length, bits)
             found["pixel_data"] = tag
             continue
         name = _WANTED.get(tag)
         if name is not None and length != _UNDEFINED:
             scan._need(value_pos, length)
-            if name in _US_FIELDS:
-                found[name] = scan.u16.unpack_from(scan.buf, value_pos)[0] if length >= 2 else -1
+            if name in _US_FIELDS:  # -1: _number refuses it if the pixels need it
+                us = length >= 2 and vr in _US_VRS
+                found[name] = scan.u16.unpack_from(scan.buf, value_pos)[0] if us else -1
             else:
                 found[name] = scan.text(value_pos, length)
         pos = scan.skip_value(value_pos, vr, length, 0)
