@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.support.fuzz_streams import (P_DATA_TF, Captured, Case, mutate,
-                                        read_data_set)
+from tests.support.fuzz_dataset import read_data_set
+from tests.support.fuzz_streams import P_DATA_TF, Captured, Case, mutate
 
 #: After a half-close, the node must have closed the connection within this.
 HANG_SECONDS = 10.0
@@ -156,7 +156,7 @@ def judge(outcome: Outcome, sent: bytes, received: bytes, original: bytes) -> No
              A_RELEASE_RP: "released", A_ABORT: "aborted"}
     outcome.classes |= {name for kind, name in names.items() if kind in kinds}
     accepted = _accepted(received)
-    stores = {}
+    stores: dict[int | None, tuple[dict[int, bytes], bytes]] = {}
     for fields, pcid, data_set in _messages(sent):
         if pcid in accepted and _us(fields, 0x0100) == C_STORE_RQ and data_set is not None:
             stores.setdefault(_us(fields, 0x0110), (fields, data_set))

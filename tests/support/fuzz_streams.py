@@ -16,19 +16,18 @@ import random
 import socket
 import struct
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from tests.support.fuzz_dataset import flip, mutate_data_set
 from tests.support.labelled import write_ct
 
 P_DATA_TF, A_ASSOCIATE_RQ, A_RELEASE_RQ = 0x04, 0x01, 0x05
@@ -162,14 +161,6 @@ def capture(node_port: int, folder: Path, ae_title: str = "QCNODE") -> list[Capt
 
 
 # Mutations ---------------------------------------------------------------------------------
-def _flip(data: bytes, rng: random.Random) -> bytes:
-    out = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        pos = rng.randrange(len(out))
-        out[pos] ^= 1 << rng.randrange(8)
-    return bytes(out)
-
-
 def _insert(data: bytes, rng: random.Random) -> bytes:
     pos = rng.randrange(len(data) + 1)
     return data[:pos] + rng.randbytes(rng.randint(1, 8)) + data[pos:]
@@ -185,7 +176,7 @@ def _truncate(data: bytes, rng: random.Random) -> bytes:
 
 
 BYTE_MUTATIONS: dict[str, Callable[[bytes, random.Random], bytes]] = {
-    "bit_flip": _flip, "insert": _insert, "delete": _delete, "truncate": _truncate,
+    "bit_flip": flip, "insert": _insert, "delete": _delete, "truncate": _truncate,
 }
 
 
@@ -295,57 +286,7 @@ P_DATA_MUTATIONS = ("unknown_context_pdv", "pdv_control", "command_without_data_
 DATA_SET_MUTATIONS = ("ds_bit_flip", "ds_truncate", "ds_wrong_vr", "ds_group_length",
                       "ds_other_instance", "refragment")
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
-             b"SV", b"UV"}
-
-
-def _elements(data: bytes) -> list[tuple[int, int, int]]:
-    """``(offset, tag, value offset)`` of the top-level Explicit VR LE elements."""
-    out, pos = [], 0
-    while pos + 8 <= len(data):
-        group, elem = struct.unpack_from("<HH", data, pos)
-        vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            if pos + 12 > len(data):
-                break
-            length, start = struct.unpack_from("<L", data, pos + 8)[0], pos + 12
-        else:
-            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
-        out.append((pos, group << 16 | elem, start))
-        if length == 0xFFFFFFFF:
-            break  # undefined length: not in the captured CT
-        pos = start + length
-    return out
-
-
-def mutate_data_set(data: bytes, rng: random.Random, name: str) -> bytes:
-    """A mutation of the C-STORE data set's bytes (Explicit VR Little Endian)."""
-    elements = _elements(data)
-    if name == "ds_bit_flip":
-        return _flip(data, rng)
-    if name == "ds_truncate":  # mostly inside Pixel Data, the last element
-        return data[:rng.randrange(len(data) // 2, len(data))]
-    if name == "ds_wrong_vr":
-        pos = rng.choice(elements)[0]
-        vr = rng.choice([b"XX", b"CQ", b"UN", b"OB", b"SQ", b"DS", b"ZZ", b"\0\0"])
-        return data[:pos + 4] + vr + data[pos + 6:]
-    if name == "ds_group_length":  # (0008,0000) UL with a wrong value, first
-        value = rng.choice([0, 1, 7, 0xFFFFFFFF, len(data)])
-        return struct.pack("<HH2sHL", 8, 0, b"UL", 4, value) + data
-    if name == "ds_other_instance":
-        for pos, tag, start in elements:
-            if tag == 0x00080018:  # SOP Instance UID
-                length = struct.unpack_from("<H", data, pos + 6)[0]
-                uid = data[start:start + length]
-                digit = str((int(chr(uid[-2])) + 1) % 10).encode() if uid.endswith(
-                    b"\0") else b""
-                other = uid[:-2] + digit + b"\0" if digit else uid[:-1] + str(
-                    (int(chr(uid[-1])) + 1) % 10).encode()
-                return data[:start] + other + data[start + length:]
-    return data
-
-
-def _reframe(captured: Captured, data_set: bytes, fragments: int) -> bytes:
+def reframe(captured: Captured, data_set: bytes, fragments: int) -> bytes:
     """The store stream with ``data_set`` sent in ``fragments`` PDVs (one PDU each)."""
     out: list[bytes] = []
     written = False
@@ -393,33 +334,8 @@ def mutate(captured: Captured, index: int, seed: int) -> tuple[Case, random.Rand
         mutated = (captured.data_set if name == "refragment"
                    else mutate_data_set(captured.data_set, rng, name))
         ds_mutated = mutated != captured.data_set
-        data = _reframe(captured, mutated, fragments)
+        data = reframe(captured, mutated, fragments)
         name = f"{name}/{fragments}"
     if data is None:
         name, data = "none", b"".join(p.encode() for p in pdus)
     return Case(index, captured.name, name, data, ds_mutated), rng
-
-
-def read_data_set(data: bytes, sop_class: str, sop_instance: str) -> bool:
-    """True when pydicom reads every element of ``data`` (Explicit VR Little Endian),
-    its SOP Class / Instance UIDs are the command's (PS3.4 B.2) and its native Pixel
-    Data, an OB/OW value, holds Rows × Columns × Samples × Bits Allocated / 8 bytes
-    (PS3.5 §8.1.1): what the node promises to check before a Success. Pixel values are
-    not decoded (neither does the node: an unknown Photometric Interpretation passes)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.filereader.read_dataset(BytesIO(data), is_implicit_VR=False,
-                                                 is_little_endian=True)
-            for element in ds.iterall():
-                _ = element.value
-            if ds.SOPClassUID != sop_class or ds.SOPInstanceUID != sop_instance:
-                return False
-            if "PixelData" not in ds:
-                return True
-            pixels = ds["PixelData"]
-            needed = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                      * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
-            return pixels.VR in ("OB", "OW") and len(pixels.value) >= needed
-    except Exception:  # noqa: BLE001 — anything pydicom cannot read is "not valid"
-        return False
