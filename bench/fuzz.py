@@ -1,6 +1,7 @@
 """Protocol fuzzing benchmark: ≥ 100,000 mutated association streams against a real node.
 
-Run ``.venv/bin/python bench/fuzz.py [--seed 1] [--cases 100000] [--batch 200]``. It
+Run ``.venv/bin/python bench/fuzz.py [--seed 1] [--cases 100000] [--batch 200]
+[--start 0]``. It
 starts ``qcnode serve`` (free port, temporary home), captures what pynetdicom sends for
 association + C-ECHO + release and association + C-STORE of a small CT + release, and
 sends seeded mutations of them (:mod:`tests.support.fuzz_streams`). After every batch a
@@ -34,6 +35,8 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--start", type=int, default=0,
+                        help="first case index (reproduce a reported case: its batch)")
     args = parser.parse_args()
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp, running_node(
@@ -42,7 +45,8 @@ def main() -> int:
         started = time.monotonic()
         report = None
         for report in run(node.port, node.proc.pid, streams, seed=args.seed,
-                          cases=args.cases, batch=args.batch, workers=args.workers):
+                          cases=args.cases, batch=args.batch, workers=args.workers,
+                          start=args.start):
             if report.echo[-1] > ECHO_LIMIT_SECONDS:
                 failures.append(f"after case {report.cases}: C-ECHO {report.echo[-1]:.2f} s")
             if report.rss[-1] - report.rss[0] > RSS_GROWTH_KIB:

@@ -70,7 +70,8 @@ _PIXEL_VRS = {PIXEL_DATA: frozenset({b"OB", b"OW", b"UN", b""}),
               DOUBLE_FLOAT_PIXEL_DATA: frozenset({b"OD", b""})}
 #: The VRs an Image Pixel US attribute may arrive with: US, or UN (pydicom reads it as
 #: the dictionary's US) and implicit (b""). Columns sent as DS got a Success: two
-#: characters were read as the number (fuzz seed 1 case 2207).
+#: characters were read as the number (fuzz seed 1 case 2207); Columns of length 18
+#: (it swallowed the next element) passed as its first value (seed 1 case 83463).
 _US_VRS = frozenset({b"US", b"UN", b""})
 _ITEM = 0xFFFEE000
 _ITEM_DELIM = 0xFFFEE00D
@@ -276,7 +277,7 @@ def _scan_dataset(scan: _Scanner, pos: int) -> dict[str, str | int]:
         if name is not None and length != _UNDEFINED:
             scan._need(value_pos, length)
             if name in _US_FIELDS:  # -1: _number refuses it if the pixels need it
-                us = length >= 2 and vr in _US_VRS
+                us = length == 2 and vr in _US_VRS  # VM 1 (PS3.3 C.7.6.3)
                 found[name] = scan.u16.unpack_from(scan.buf, value_pos)[0] if us else -1
             else:
                 found[name] = scan.text(value_pos, length)

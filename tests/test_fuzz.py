@@ -101,6 +101,19 @@ def test_columns_with_vr_ds_refused(node: RunningNode, streams: list[Captured]) 
     assert not outcome.violations
 
 
+def test_columns_with_several_values_refused(node: RunningNode,
+                                             streams: list[Captured]) -> None:
+    """Seed 1 case 83463: a bit flip made Columns 18 bytes long (it swallowed Pixel
+    Spacing); the node read its first value and answered Success; pydicom reads nine
+    values for an attribute of VM 1 (PS3.3 C.7.6.3)."""
+    stream = _store(streams)
+    pos = next(p for p, t, _ in elements(stream.data_set) if t == 0x00280011)
+    data_set = stream.data_set[:pos + 6] + struct.pack("<H", 18) + stream.data_set[pos + 8:]
+    outcome = _send(node, stream, data_set, "columns VM 9")
+    assert f"store_0x{STATUS_CANNOT_UNDERSTAND:04X}" in outcome.classes, outcome
+    assert not outcome.violations
+
+
 # Idle connections ---------------------------------------------------------------------------
 def _idle(stack: ExitStack, port: int, count: int, payload: bytes) -> list[socket.socket]:
     """``count`` connections from 127.0.0.2, 127.0.0.3, … (30 each) sending ``payload``."""
