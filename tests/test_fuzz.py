@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.fuzz_dataset import elements
 from tests.support.fuzz_run import Outcome, Report, echo_seconds, rss_kib, run, send_case
-from tests.support.fuzz_streams import Captured, Case, capture, reframe
+from tests.support.fuzz_streams import Captured, Case, capture, mutate, reframe
 from tests.support.node import RunningNode, running_node
 
 SEED = 16
@@ -65,6 +65,14 @@ def test_captured_streams_stored_unmutated(node: RunningNode, streams: list[Capt
     outcome = _send(node, _store(streams), _store(streams).data_set, "none")
     assert {"accepted", "store_success", "released"} <= outcome.classes, outcome
     assert not outcome.violations
+
+
+def test_cases_reproducible_from_seed_and_index(streams: list[Captured]) -> None:
+    """A reported case (seed, index) is the same bytes when replayed."""
+    for index in range(200):
+        stream = streams[index % len(streams)]
+        assert mutate(stream, index, SEED)[0] == mutate(stream, index, SEED)[0]
+    assert mutate(streams[0], 0, SEED)[0] != mutate(streams[0], 0, SEED + 1)[0]
 
 
 def test_fuzz_bounded(node: RunningNode, streams: list[Captured]) -> None:

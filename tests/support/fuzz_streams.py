@@ -125,13 +125,19 @@ def record_sender(node_port: int, send: Callable[[int], None]) -> bytes:
     return bytes(recorded)
 
 
+#: Fixed UIDs: the captured bytes, and so every case of a seed, are the same each run.
+FUZZ_UID_ROOT = "1.2.826.0.1.3680043.8.498.16"
+
+
 def small_ct(folder: Path) -> Dataset:
-    """A 16×16 CT Image Storage instance (PS3.3 A.3)."""
+    """A 16×16 CT Image Storage instance (PS3.3 A.3) with fixed UIDs."""
     rng = np.random.default_rng(0)
     path = folder / "fuzz-ct.dcm"
-    write_ct(path, rng.normal(40, 10, (16, 16)), series=pydicom.uid.generate_uid(),
-             study=pydicom.uid.generate_uid(), z=0.0)
-    return pydicom.dcmread(path)
+    write_ct(path, rng.normal(40, 10, (16, 16)), series=f"{FUZZ_UID_ROOT}.2",
+             study=f"{FUZZ_UID_ROOT}.1", z=0.0)
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{FUZZ_UID_ROOT}.3"
+    return ds
 
 
 def capture(node_port: int, folder: Path, ae_title: str = "QCNODE") -> list[Captured]:
