@@ -95,9 +95,15 @@ _WANTED = {
     0x0008103E: "series_description", 0x0020000D: "study_instance_uid",
     0x0020000E: "series_instance_uid", 0x00280002: "samples", 0x00280008: "frames",
     0x00280010: "rows", 0x00280011: "columns", 0x00280100: "bits_allocated",
-    0x00280004: "photometric",
+    0x00280004: "photometric", 0x00280101: "bits_stored", 0x00280103: "pixel_representation",
 }
-_US_FIELDS = frozenset({"samples", "rows", "columns", "bits_allocated"})
+_US_FIELDS = frozenset({"samples", "rows", "columns", "bits_allocated", "bits_stored",
+                        "pixel_representation"})
+#: Photometric Interpretation's defined terms (PS3.3 C.7.6.3.1.2, retired ones included).
+_PHOTOMETRIC = frozenset({
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK",
+    "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+    "XYZ"})
 _MAX_DEPTH = 32
 
 
@@ -296,6 +302,27 @@ def _number(found: dict[str, str | int], name: str, default: int | None = None) 
     return number
 
 
+def _check_image_pixel(found: dict[str, str | int], bits: int) -> None:
+    """The Image Pixel attributes native pixels are read with (PS3.3 C.7.6.3; pydicom
+    refuses to decode without them): the fuzzer had Bits Allocated 0, Bits Stored or
+    Photometric Interpretation missing, and "MONOHROME2" all answered Success."""
+    if found.get("photometric") not in _PHOTOMETRIC:
+        raise MalformedDataset("photometric interpretation missing or not a defined term")
+    if not 1 <= _number(found, "rows") <= 0xFFFF or not 1 <= _number(found, "columns") <= 0xFFFF:
+        raise MalformedDataset("rows or columns out of range")
+    if _number(found, "samples", 1) not in (1, 3) or _number(found, "frames", 1) < 1:
+        raise MalformedDataset("samples per pixel or number of frames invalid")
+    if bits:  # Float / Double Float Pixel Data: 32 / 64 bits, no Bits Stored
+        return
+    allocated = _number(found, "bits_allocated")
+    if allocated != 1 and (allocated % 8 or not 8 <= allocated <= 64):
+        raise MalformedDataset("bits allocated is not 1 or a multiple of 8 up to 64")
+    if not 1 <= _number(found, "bits_stored") <= allocated:
+        raise MalformedDataset("bits stored missing or not within bits allocated")
+    if _number(found, "pixel_representation") not in (0, 1):
+        raise MalformedDataset("pixel representation missing or not 0/1")
+
+
 def _check_pixels(
     scan: _Scanner, found: dict[str, str | int], pos: int, length: int, bits: int
 ) -> int:
@@ -310,6 +337,7 @@ def _check_pixels(
         return end
     if pos + length > scan.end:
         raise MalformedDataset("pixel data is longer than the data received")
+    _check_image_pixel(found, bits)
     sample_bits = bits or _number(found, "bits_allocated")
     samples = _number(found, "samples", 1)
     if found.get("photometric") == "YBR_FULL_422":  # 2 samples per pixel (PS3.3 C.7.6.3.1.2)
