@@ -6,7 +6,8 @@ starts ``qcnode serve`` (free port, temporary home), captures what pynetdicom se
 association + C-ECHO + release and association + C-STORE of a small CT + release, and
 sends seeded mutations of them (:mod:`tests.support.fuzz_streams`). After every batch a
 C-ECHO must succeed within 2 s and the listener's RSS must stay within 50 MiB of the
-first batch's; no C-STORE-RSP may be Success for a malformed data set. Prints outcome
+first batch's; no C-STORE-RSP may be Success for a malformed data set, and at
+the end every spooled version must decode with pydicom. Prints outcome
 counts, echo latency percentiles and RSS; exits 1 on any violation.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.fuzz_run import run  # noqa: E402
+from tests.support.fuzz_run import run, undecodable  # noqa: E402
 from tests.support.fuzz_streams import capture  # noqa: E402
 from tests.support.node import running_node  # noqa: E402
 
@@ -56,6 +57,10 @@ def main() -> int:
         assert report is not None
         print(f"seed {args.seed}, {time.monotonic() - started:.0f} s: {report.summary()}")
         failures += report.violations
+        spooled = len(list(node.spool.rglob("*.dcm")))
+        bad = undecodable(node.spool)
+        print(f"spooled versions: {spooled}, not decodable by pydicom: {len(bad)}")
+        failures += [f"spooled, not decodable: {line}" for line in bad]
     for failure in failures:
         print("FAIL", failure)
     return 1 if failures else 0

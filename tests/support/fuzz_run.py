@@ -16,12 +16,14 @@ import socket
 import statistics
 import struct
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -229,6 +231,23 @@ def echo_seconds(port: int, ae_title: str = "QCNODE") -> float:
     assoc.release()
     ok = status and status.Status == STATUS_SUCCESS
     return time.monotonic() - start if ok else float("inf")
+
+
+def undecodable(spool: Path) -> list[str]:
+    """The spooled instances pydicom cannot read whole, pixels decoded (as the quality
+    engine reads them): ``name: error`` each."""
+    failed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in sorted(spool.rglob("*.dcm")):
+            try:
+                ds = pydicom.dcmread(path)
+                for element in ds.iterall():
+                    _ = element.value
+                _ = ds.pixel_array
+            except Exception as exc:
+                failed.append(f"{path.name}: {type(exc).__name__}: {str(exc)[:100]}")
+    return failed
 
 
 def rss_kib(pid: int) -> int:

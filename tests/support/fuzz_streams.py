@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -136,7 +136,7 @@ def small_ct(folder: Path) -> Dataset:
     write_ct(path, rng.normal(40, 10, (16, 16)), series=f"{FUZZ_UID_ROOT}.2",
              study=f"{FUZZ_UID_ROOT}.1", z=0.0)
     ds = pydicom.dcmread(path)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{FUZZ_UID_ROOT}.3"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{FUZZ_UID_ROOT}.3")
     return ds
 
 
