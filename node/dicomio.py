@@ -305,12 +305,13 @@ def _number(found: dict[str, str | int], name: str, default: int | None = None) 
 def _check_image_pixel(found: dict[str, str | int], bits: int) -> None:
     """The Image Pixel attributes native pixels are read with (PS3.3 C.7.6.3; pydicom
     refuses to decode without them): the fuzzer had Bits Allocated 0, Bits Stored or
-    Photometric Interpretation missing, and "MONOHROME2" all answered Success."""
+    Photometric Interpretation missing, "MONOHROME2" and (seed 3 of bench/fuzz.py)
+    Samples per Pixel missing all answered Success."""
     if found.get("photometric") not in _PHOTOMETRIC:
         raise MalformedDataset("photometric interpretation missing or not a defined term")
     if not 1 <= _number(found, "rows") <= 0xFFFF or not 1 <= _number(found, "columns") <= 0xFFFF:
         raise MalformedDataset("rows or columns out of range")
-    if _number(found, "samples", 1) not in (1, 3) or _number(found, "frames", 1) < 1:
+    if _number(found, "samples") not in (1, 3) or _number(found, "frames", 1) < 1:
         raise MalformedDataset("samples per pixel or number of frames invalid")
     if bits:  # Float / Double Float Pixel Data: 32 / 64 bits, no Bits Stored
         return

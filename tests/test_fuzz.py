@@ -140,6 +140,17 @@ def test_columns_with_several_values_refused(node: RunningNode,
     assert not outcome.violations
 
 
+def test_image_without_samples_per_pixel_refused(node: RunningNode,
+                                                 streams: list[Captured]) -> None:
+    """bench/fuzz.py seed 3: 33 of 3,435 spooled versions lacked Samples per Pixel (Type 1,
+    PS3.3 C.7.6.3), which pydicom needs to decode; the node had assumed 1."""
+    stream = _store(streams)
+    pos, _, start = next(e for e in elements(stream.data_set) if e[1] == 0x00280002)
+    data_set = stream.data_set[:pos] + stream.data_set[start + 2:]
+    outcome = _send(node, stream, data_set, "no samples per pixel")
+    assert f"store_0x{STATUS_CANNOT_UNDERSTAND:04X}" in outcome.classes, outcome
+
+
 # Idle connections ---------------------------------------------------------------------------
 def _idle(stack: ExitStack, port: int, count: int, payload: bytes) -> list[socket.socket]:
     """``count`` connections from 127.0.0.2, 127.0.0.3, … (30 each) sending ``payload``."""
