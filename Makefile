@@ -90,6 +90,7 @@ test: lint typecheck unit
 bench: $(VENV)/.dev system-deps
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/fuzz.py --seed 1 --cases 100000
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

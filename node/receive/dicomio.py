@@ -61,6 +61,18 @@ PIXEL_DATA = 0x7FE00010
 FLOAT_PIXEL_DATA = 0x7FE00008
 DOUBLE_FLOAT_PIXEL_DATA = 0x7FE00009
 _PIXEL_TAGS = {PIXEL_DATA: 0, FLOAT_PIXEL_DATA: 32, DOUBLE_FLOAT_PIXEL_DATA: 64}
+#: The VRs each pixel data element may have (PS3.5 §8.2; UN: pydicom reads it as the
+#: dictionary VR, PS3.5 §6.2.2; b"": implicit VR).
+#: Pixel Data sent as SQ got a Success: its length was counted as pixels, pydicom
+#: reads a sequence (fuzz seed 1 case 2909).
+_PIXEL_VRS = {PIXEL_DATA: frozenset({b"OB", b"OW", b"UN", b""}),
+              FLOAT_PIXEL_DATA: frozenset({b"OF", b""}),
+              DOUBLE_FLOAT_PIXEL_DATA: frozenset({b"OD", b""})}
+#: The VRs an Image Pixel US attribute may arrive with: US, or UN (pydicom reads it as
+#: the dictionary's US) and implicit (b""). Columns sent as DS got a Success: two
+#: characters were read as the number (fuzz seed 1 case 2207); Columns of length 18
+#: (it swallowed the next element) passed as its first value (seed 1 case 83463).
+_US_VRS = frozenset({b"US", b"UN", b""})
 _ITEM = 0xFFFEE000
 _ITEM_DELIM = 0xFFFEE00D
 _SEQ_DELIM = 0xFFFEE0DD
@@ -89,9 +101,15 @@ _WANTED = {
     0x0008103E: "series_description", 0x0020000D: "study_instance_uid",
     0x0020000E: "series_instance_uid", 0x00280002: "samples", 0x00280008: "frames",
     0x00280010: "rows", 0x00280011: "columns", 0x00280100: "bits_allocated",
-    0x00280004: "photometric",
+    0x00280004: "photometric", 0x00280101: "bits_stored", 0x00280103: "pixel_representation",
 }
-_US_FIELDS = frozenset({"samples", "rows", "columns", "bits_allocated"})
+_US_FIELDS = frozenset({"samples", "rows", "columns", "bits_allocated", "bits_stored",
+                        "pixel_representation"})
+#: Photometric Interpretation's defined terms (PS3.3 C.7.6.3.1.2, retired ones included).
+_PHOTOMETRIC = frozenset({
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK",
+    "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+    "XYZ"})
 _MAX_DEPTH = 32
 
 
@@ -267,14 +285,17 @@ def _scan_dataset(scan: _Scanner, pos: int, *, encapsulated: bool = False
             # PixelMed sends native pixels on the JPEG-LS context of another file
             raise MalformedDataset("native pixel data in a compressed transfer syntax")
         if bits is not None:
+            if vr not in _PIXEL_VRS[tag]:
+                raise MalformedDataset(f"pixel data element has VR {vr.hex()} (hex)")
             pos = _check_pixels(scan, found, value_pos, length, bits)
             found["pixel_data"] = tag
             continue
         name = _WANTED.get(tag)
         if name is not None and length != _UNDEFINED:
             scan._need(value_pos, length)
-            if name in _US_FIELDS:
-                found[name] = scan.u16.unpack_from(scan.buf, value_pos)[0] if length >= 2 else -1
+            if name in _US_FIELDS:  # -1: _number refuses it if the pixels need it
+                us = length == 2 and vr in _US_VRS  # VM 1 (PS3.3 C.7.6.3)
+                found[name] = scan.u16.unpack_from(scan.buf, value_pos)[0] if us else -1
             else:
                 found[name] = scan.text(value_pos, length)
         pos = scan.skip_value(value_pos, vr, length, 0)
@@ -292,6 +313,28 @@ def _number(found: dict[str, str | int], name: str, default: int | None = None) 
     return number
 
 
+def _check_image_pixel(found: dict[str, str | int], bits: int) -> None:
+    """The Image Pixel attributes native pixels are read with (PS3.3 C.7.6.3; pydicom
+    refuses to decode without them): the fuzzer had Bits Allocated 0, Bits Stored or
+    Photometric Interpretation missing, "MONOHROME2" and (seed 3 of bench/fuzz.py)
+    Samples per Pixel missing all answered Success."""
+    if found.get("photometric") not in _PHOTOMETRIC:
+        raise MalformedDataset("photometric interpretation missing or not a defined term")
+    if not 1 <= _number(found, "rows") <= 0xFFFF or not 1 <= _number(found, "columns") <= 0xFFFF:
+        raise MalformedDataset("rows or columns out of range")
+    if _number(found, "samples") not in (1, 3) or _number(found, "frames", 1) < 1:
+        raise MalformedDataset("samples per pixel or number of frames invalid")
+    if bits:  # Float / Double Float Pixel Data: 32 / 64 bits, no Bits Stored
+        return
+    allocated = _number(found, "bits_allocated")
+    if allocated != 1 and (allocated % 8 or not 8 <= allocated <= 64):
+        raise MalformedDataset("bits allocated is not 1 or a multiple of 8 up to 64")
+    if not 1 <= _number(found, "bits_stored") <= allocated:
+        raise MalformedDataset("bits stored missing or not within bits allocated")
+    if _number(found, "pixel_representation") not in (0, 1):
+        raise MalformedDataset("pixel representation missing or not 0/1")
+
+
 def _check_pixels(
     scan: _Scanner, found: dict[str, str | int], pos: int, length: int, bits: int
 ) -> int:
@@ -306,6 +349,7 @@ def _check_pixels(
         return end
     if pos + length > scan.end:
         raise MalformedDataset("pixel data is longer than the data received")
+    _check_image_pixel(found, bits)
     sample_bits = bits or _number(found, "bits_allocated")
     samples = _number(found, "samples", 1)
     if found.get("photometric") == "YBR_FULL_422":  # 2 samples per pixel (PS3.3 C.7.6.3.1.2)
