@@ -30,7 +30,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from inference.result import AssessmentResult
-from node import metrics
+from node import audit_log, metrics
 from node.config import ConfigError
 from node.ledger import NotFound, SeriesState
 from node.logs import get_logger
@@ -126,8 +126,10 @@ class Console:
         later (HttpOnly, SameSite=Strict, Secure over HTTPS)."""
         form = await request.form()
         name, password = str(form.get("username", "")), str(form.get("password", ""))
-        user = self.api.accounts.check("Basic " + base64.b64encode(
-            f"{name}:{password}".encode()).decode())
+        credentials = "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+        user = self.api.accounts.check(credentials)
+        audit_log.api_login(credentials, request.client.host if request.client else "",
+                            user.name if user else None)  # the ATNA log, if configured
         target = str(form.get("next") or "/")
         if not target.startswith("/") or target.startswith("//"):
             target = "/"
