@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,10 @@ import pytest
 from inference.errors import EngineError
 from inference.prepare import PreparedSeries
 from inference.vlm import VlmEngine
+from inference.vlm.policy import ExplainPolicy
 from inference.vlm.source import resolve_source
 from inference.vlm.vllm_backend import VllmBackend, VllmOptions
+from tests.support.labelled import phantom
 from tests.support.prepared import random_series
 from tests.support.tiny_gemma import TINY_IMAGE_SIZE
 from tests.support.vllm import vllm_env, vllm_python, vllm_server
@@ -76,6 +79,41 @@ def test_server_readout_and_answers_match_transformers(
         assert v.std == pytest.approx(t.std, abs=FP32_TOL)
         assert v.expected == pytest.approx(q.expected, abs=NF4_TOL)
     assert served.generate(series.slices[:2]) == fp32.generate(series.slices[:2])
+
+
+def test_the_engine_behaves_the_same_on_the_served_backend(
+    server: str, tiny_gemma_vllm_dir: Path,
+) -> None:
+    """The engine's own behaviour, not only its read-out, on vLLM: the assessment of a
+    series (slice scores, series score and spread, the deciding slices' explanations and
+    their notes, the physics evidence), the explanation policy, and several series
+    assessed together — each equal to the transformers engine on the same weights."""
+    fp32 = VlmEngine(tiny_gemma_vllm_dir, None, device="cpu", quantize=False)
+    served = _vllm_engine(tiny_gemma_vllm_dir, None, server)
+    series = _phantom(_series(3, seed=21))
+    want, got = fp32.assess(series), served.assess(series)
+    assert [s.sop_instance_uid for s in got.slices] == [s.sop_instance_uid for s in want.slices]
+    assert [s.score for s in got.slices] == pytest.approx([s.score for s in want.slices],
+                                                          abs=FP32_TOL)
+    assert got.score == pytest.approx(want.score, abs=FP32_TOL)
+    assert got.uncertainty == pytest.approx(want.uncertainty, abs=FP32_TOL)
+    assert got.explanation == want.explanation and got.notes == want.notes
+    assert got.evidence == want.evidence and got.evidence  # the physics beside the words
+    quiet = _vllm_engine(tiny_gemma_vllm_dir, None, server)
+    quiet.explain = ExplainPolicy("never")
+    assert quiet.assess(series).explanation.startswith("Noise ")
+    batch = [_phantom(_series(n, seed=30 + n)) for n in (1, 2)]
+    together = served.assess_many(batch)
+    alone = [fp32.assess(b) for b in batch]
+    assert [r.score for r in together] == pytest.approx([r.score for r in alone], abs=FP32_TOL)
+
+
+def _phantom(series: PreparedSeries) -> PreparedSeries:
+    """Random RGB for the model, a measurable water cylinder in HU for the evidence."""
+    size = series.slices[0].hu.shape[0]
+    slices = tuple(replace(s, hu=phantom(size, seed=i).astype(np.float32))
+                   for i, s in enumerate(series.slices))
+    return replace(series, slices=slices)
 
 
 def test_in_process_llm_matches_transformers(
