@@ -34,7 +34,6 @@ from pynetdicom.pdu_primitives import (
     UserIdentityNegotiation,
 )
 
-from node.config import Settings
 from node.receive import upperlayer as ul
 from node.receive.acceptor import Peer, StoreRequest
 from node.receive.scp import (
@@ -43,8 +42,8 @@ from node.receive.scp import (
     STATUS_SUCCESS,
     Listener,
 )
-from node.store.spool import Spool
 from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
+from tests.support.listener import make_listener, running_listener
 from tests.support.net import wait_for
 
 FIND_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.1.1"  # Patient Root Q/R FIND: not ours
@@ -56,19 +55,8 @@ RESULT_TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
 
 @pytest.fixture()
 def listener(tmp_path: Path) -> Iterator[Listener]:
-    settings = Settings.model_validate({
-        "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0,
-                 "home": str(tmp_path), "acse_timeout": 2.0, "network_timeout": 5.0},
-        "senders": [{"ae_title": "*", "host": "127.0.0.1"}],
-        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0},
-    })
-    spool = Spool(settings.spool_dir, tmp_path)
-    scp = Listener(settings, spool, None)
-    scp.start()
-    try:
+    with running_listener(tmp_path, network_timeout=5.0) as scp:
         yield scp
-    finally:
-        scp.stop(5.0)
 
 
 def test_negotiation_roles_extended_negotiation_and_store(
@@ -414,13 +402,7 @@ def test_a_store_waiting_for_its_disk_holds_up_no_other_association(tmp_path: Pa
     disk, a busy ledger) must not stall the others: it runs off the event loop, its
     own association neither times out meanwhile (the node is slow, not the peer) nor
     loses its Success, and DCMTK storescu / echoscu are served in the meantime."""
-    settings = Settings.model_validate({
-        "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0,
-                 "home": str(tmp_path), "acse_timeout": 2.0, "network_timeout": 1.0},
-        "senders": [{"ae_title": "*", "host": "127.0.0.1"}],
-        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0},
-    })
-    listener = Listener(settings, Spool(settings.spool_dir, tmp_path), None)
+    listener = make_listener(tmp_path, network_timeout=1.0)
     listener.start()
     slow = pydicom.dcmread(write_ct_series(tmp_path / "slow", 1)[0])
     others = write_ct_series(tmp_path / "others", 3)

@@ -15,11 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from node.config import Settings
 from node.receive.acceptor_server import NEGOTIATING_SOCKETS
 from node.receive.scp import Listener
-from node.store.spool import Spool
 from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
+from tests.support.listener import make_listener
 from tests.support.net import wait_for
 from tests.test_acceptor import _associate_rq
 
@@ -29,14 +28,8 @@ PER_STRANGER = 8  # 80 sockets: more than max_associations + NEGOTIATING_SOCKETS
 
 
 def _listener(tmp_path: Path, acse_timeout: float) -> Listener:
-    settings = Settings.model_validate({
-        "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0,
-                 "home": str(tmp_path), "acse_timeout": acse_timeout,
-                 "network_timeout": 30.0, "max_associations": MAX_ASSOCIATIONS},
-        "senders": [{"ae_title": "*", "host": "127.0.0.1"}],
-        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0},
-    })
-    return Listener(settings, Spool(settings.spool_dir, tmp_path), None)
+    return make_listener(tmp_path, acse_timeout=acse_timeout,
+                         max_associations=MAX_ASSOCIATIONS)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,6 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from node.config import Settings
 from node.receive import upperlayer as ul
 from node.receive.dicomio import MAX_INFLATED_BYTES
 from node.receive.scp import (
@@ -42,8 +41,9 @@ from node.receive.scp import (
     VERIFICATION_SOP_CLASS,
     Listener,
 )
-from node.store.spool import Spool, path_part
+from node.store.spool import path_part
 from tests.support.dcmtk import write_ct_series
+from tests.support.listener import running_listener
 from tests.support.net import wait_for
 
 SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
@@ -58,18 +58,8 @@ CONTEXTS = {
 
 @pytest.fixture()
 def listener(tmp_path: Path) -> Iterator[Listener]:
-    settings = Settings.model_validate({
-        "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0,
-                 "home": str(tmp_path), "acse_timeout": 2.0, "network_timeout": 30.0},
-        "senders": [{"ae_title": "*", "host": "127.0.0.1"}],
-        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0},
-    })
-    scp = Listener(settings, Spool(settings.spool_dir, tmp_path), None)
-    scp.start()
-    try:
+    with running_listener(tmp_path) as scp:
         yield scp
-    finally:
-        scp.stop(5.0)
 
 
 # A raw requestor ------------------------------------------------------------------------

@@ -20,11 +20,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_role
 from pynetdicom.pdu import A_ASSOCIATE_AC
 
-from node.config import Settings
 from node.receive import upperlayer as ul
 from node.receive.scp import STATUS_SUCCESS, Listener
-from node.store.spool import Spool
 from tests.support.dcmtk import echoscu, storescu, successes, write_ct_series
+from tests.support.listener import running_listener
 from tests.support.net import wait_for
 from tests.support.orthanc import running_orthanc
 from tests.test_acceptor import _associate_rq, _expect_abort, _read_pdu
@@ -36,18 +35,8 @@ US_IMAGE_STORAGE_RETIRED = "1.2.840.10008.5.1.4.1.1.6"
 
 @pytest.fixture()
 def listener(tmp_path: Path) -> Iterator[Listener]:
-    settings = Settings.model_validate({
-        "node": {"ae_title": "QCNODE", "host": "127.0.0.1", "port": 0,
-                 "home": str(tmp_path), "acse_timeout": 2.0, "network_timeout": 5.0},
-        "senders": [{"ae_title": "*", "host": "127.0.0.1"}],
-        "spool": {"min_free_bytes": 0, "min_free_percent": 0.0},
-    })
-    scp = Listener(settings, Spool(settings.spool_dir, tmp_path), None)
-    scp.start()
-    try:
+    with running_listener(tmp_path, network_timeout=5.0) as scp:
         yield scp
-    finally:
-        scp.stop(5.0)
 
 
 def _retired_us_image(path: Path) -> pydicom.Dataset:
