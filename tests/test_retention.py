@@ -23,7 +23,7 @@ from node.ledger.models import Job, Series, utcnow
 from node.pipeline.payload import job_key
 from node.store.ingest import Applier, entry_meta
 from node.store.journal import Journal
-from node.store.retention import Retention, applier_guard, no_journal
+from node.store.retention import Guard, Retention, applier_guard, no_journal
 from node.store.spool import Spool
 from sr_writer.uids import derive_uid
 from tests.support.spooled import encode, header, spool_series, template
@@ -70,6 +70,33 @@ def files_of(spool: Spool, series: str) -> list[Path]:
     return sorted(directory.iterdir()) if directory.is_dir() else []
 
 
+class Usage(NamedTuple):
+    total: int
+    used: int
+    free: int
+
+
+class Disk:
+    """A disk of ``total`` bytes holding ``other`` bytes besides the spool's files."""
+
+    def __init__(self, spool: Spool, total: int, other: int) -> None:
+        self.spool, self.total, self.other = spool, total, other
+
+    def __call__(self, path: str) -> Usage:
+        used = self.other + sum(p.stat().st_size for p in self.spool.root.rglob("*.dcm"))
+        return Usage(self.total, used, self.total - used)
+
+
+def roomy(path: str) -> Usage:
+    """A disk far below every watermark whatever the machine's own disk holds: the age
+    rules are tested apart from the disk rules (``Disk``)."""
+    return Usage(10**15, 10**9, 10**15 - 10**9)
+
+
+def on_a_roomy_disk(config: Settings, ledger: Ledger, spool: Spool, guard: Guard) -> Retention:
+    return Retention(config, ledger, spool, guard, disk_usage=roomy)
+
+
 def test_age_deletes_only_delivered_series_past_their_days(
         home: Path, ledger: Ledger, spool: Spool) -> None:
     states = {uid(1): S.DELIVERED, uid(2): S.DELIVERED, uid(3): S.FAILED,
@@ -78,7 +105,7 @@ def test_age_deletes_only_delivered_series_past_their_days(
         spool_series(ledger, spool, STUDY, series, 3, state=state)
         age(ledger, series, 30)
     age(ledger, uid(2), 2)  # delivered, but recently
-    retention = Retention(settings(home, delivered_days=7), ledger, spool, no_journal)
+    retention = on_a_roomy_disk(settings(home, delivered_days=7), ledger, spool, no_journal)
 
     report = retention.sweep()
 
@@ -98,9 +125,9 @@ def test_age_deletes_only_delivered_series_past_their_days(
 def test_ignored_series_only_with_ignored_days(home: Path, ledger: Ledger, spool: Spool) -> None:
     spool_series(ledger, spool, STUDY, uid(1), 2, state=S.IGNORED)
     age(ledger, uid(1), 30)
-    assert not Retention(settings(home, delivered_days=1), ledger, spool,
+    assert not on_a_roomy_disk(settings(home, delivered_days=1), ledger, spool,
                          no_journal).sweep().series
-    report = Retention(settings(home, ignored_days=7), ledger, spool, no_journal).sweep()
+    report = on_a_roomy_disk(settings(home, ignored_days=7), ledger, spool, no_journal).sweep()
     assert [d.series_instance_uid for d in report.series] == [uid(1)]
     assert files_of(spool, uid(1)) == []
 
@@ -108,7 +135,7 @@ def test_ignored_series_only_with_ignored_days(home: Path, ledger: Ledger, spool
 def test_dry_run_deletes_nothing(home: Path, ledger: Ledger, spool: Spool) -> None:
     spool_series(ledger, spool, STUDY, uid(1), 2)
     age(ledger, uid(1), 30)
-    report = Retention(settings(home, delivered_days=7), ledger, spool,
+    report = on_a_roomy_disk(settings(home, delivered_days=7), ledger, spool,
                        no_journal).sweep(dry_run=True)
     assert [d.series_instance_uid for d in report.series] == [uid(1)]
     assert len(files_of(spool, uid(1))) == 2
@@ -126,7 +153,8 @@ def test_reopened_series_is_not_deleted(home: Path, ledger: Ledger, spool: Spool
     assert ledger.series_info(uid(1)).state == S.RECEIVING
 
     assert ledger.begin_purge(uid(1), listed[0].generation, S.DELIVERED) is None
-    report = Retention(settings(home, delivered_days=0), ledger, spool, no_journal).sweep()
+    config = settings(home, delivered_days=0)
+    report = on_a_roomy_disk(config, ledger, spool, no_journal).sweep()
 
     assert report.series == []
     assert len(files_of(spool, uid(1))) == 3
@@ -140,7 +168,7 @@ def test_interrupted_purge_is_finished_by_the_next_sweep(
     for series in (uid(1), uid(2)):  # a crash after the first step of both purges,
         assert ledger.begin_purge(series, 1, S.DELIVERED) is not None
     spool.detach(f"{STUDY}/{uid(2)}")  # and after the second one's files were moved aside
-    report = Retention(settings(home), ledger, spool, no_journal).sweep()
+    report = on_a_roomy_disk(settings(home), ledger, spool, no_journal).sweep()
     assert sorted((d.series_instance_uid, d.reason) for d in report.series) == [
         (uid(1), "resumed"), (uid(2), "resumed")]
     assert files_of(spool, uid(1)) == files_of(spool, uid(2)) == []
@@ -165,7 +193,7 @@ def test_series_with_records_in_the_journal_is_held_back(
     entry = writer.commit(record, entry_meta(header(STUDY, uid(1), sop), "SENDER", "a1",
                                              "assess", "ct"))
     applier.submit(entry)
-    retention = Retention(settings(home, delivered_days=7), ledger, spool,
+    retention = on_a_roomy_disk(settings(home, delivered_days=7), ledger, spool,
                           applier_guard(applier))
     try:
         report = retention.sweep()
@@ -181,23 +209,6 @@ def test_series_with_records_in_the_journal_is_held_back(
         assert files_of(spool, uid(1)) == []
     finally:
         journal.close()
-
-
-class Usage(NamedTuple):
-    total: int
-    used: int
-    free: int
-
-
-class Disk:
-    """A disk of ``total`` bytes holding ``other`` bytes besides the spool's files."""
-
-    def __init__(self, spool: Spool, total: int, other: int) -> None:
-        self.spool, self.total, self.other = spool, total, other
-
-    def __call__(self, path: str) -> Usage:
-        used = self.other + sum(p.stat().st_size for p in self.spool.root.rglob("*.dcm"))
-        return Usage(self.total, used, self.total - used)
 
 
 def test_disk_watermark_deletes_oldest_delivered_first_down_to_low(
@@ -250,7 +261,8 @@ def test_quarantine_days(home: Path, ledger: Ledger, spool: Spool) -> None:
     stamp = time.time() - 40 * 86_400
     for path in (old, old.with_suffix(".reason")):
         os.utime(path, (stamp, stamp))
-    report = Retention(settings(home, quarantine_days=30), ledger, spool, no_journal).sweep()
+    config = settings(home, quarantine_days=30)
+    report = on_a_roomy_disk(config, ledger, spool, no_journal).sweep()
     assert report.quarantine_files == 2
     assert sorted(p.name for p in spool.quarantine_dir.iterdir()) == [new.name]
 
@@ -261,7 +273,7 @@ def test_series_sent_again_after_purge_reopens_as_a_new_generation(
     UIDs (derived from series, generation, engine) and supersedes the first."""
     spool_series(ledger, spool, STUDY, uid(1), 2)
     age(ledger, uid(1), 30)
-    Retention(settings(home, delivered_days=7), ledger, spool, no_journal).sweep()
+    on_a_roomy_disk(settings(home, delivered_days=7), ledger, spool, no_journal).sweep()
     assert ledger.series_info(uid(1)).state == S.PURGED
 
     again = spool_series(ledger, spool, STUDY, uid(1), 2, state=None)
@@ -303,7 +315,7 @@ def test_reports_days_deletes_reports_of_jobs_done_long_ago(
     sending, sending_files = finished_job(ledger, home, uid(3),
                                           state=JobState.DELIVERING, days_ago=30)
 
-    report = Retention(settings(home, reports_days=7), ledger, spool, no_journal).sweep()
+    report = on_a_roomy_disk(settings(home, reports_days=7), ledger, spool, no_journal).sweep()
 
     assert (report.report_files, report.report_bytes) == (2, 200)
     assert not any(p.exists() for p in old_files)

@@ -100,7 +100,11 @@ def test_serve_sweeps_and_the_command_waits_for_it_to_stop(tmp_path: Path) -> No
             spool_series(ledger, spool, STUDY, uid(n), 2, state=state)
             age(ledger, uid(n), 30)
         age(ledger, uid(3), 1)
-    extra = {"retention": {"delivered_days": 7}}
+    # Age rules only: the watermark set where this machine's own disk cannot cross it
+    # (the disk rules are tested on a disk of the test's choosing, test_retention.py).
+    extra = {"retention": {"delivered_days": 7, "disk_high_percent": 99.9,
+                           "disk_low_percent": 99.8},
+             "spool": {"min_free_percent": 0.0, "min_free_bytes": 0}}
     with running_node(tmp_path, extra=extra, port=free_port()) as node, \
             ledger_at(home) as ledger:
         wait_for(lambda: ledger.series_info(uid(1)).state == S.PURGED, 60,
