@@ -102,12 +102,15 @@ def build_tokenizer(vocab_size: int = 400, *, newline_tokens: bool = False) -> o
 
 
 def build_tiny_gemma(
-    out: Path, *, seed: int = 0, text_layers: int = 1, for_vllm: bool = False
+    out: Path, *, seed: int = 0, text_layers: int = 1, hidden: int = 64,
+    for_vllm: bool = False,
 ) -> Path:
     """Write a tiny random Gemma 3 model, tokenizer and processor into ``out``.
 
     Returns ``out``, a directory ``from_pretrained`` loads like MedGemma's snapshot;
-    ``for_vllm`` gives the tokenizer Gemma's newline tokens, which vLLM needs.
+    ``for_vllm`` gives the tokenizer Gemma's newline tokens, which vLLM needs;
+    ``hidden`` (the language model's width, its MLP 2×) and ``text_layers`` make a
+    step cost what a test needs it to.
     """
     import torch
     from transformers import (
@@ -123,7 +126,7 @@ def build_tiny_gemma(
     vocab = len(tokenizer)  # type: ignore[arg-type]
     config = Gemma3Config(
         text_config={
-            "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+            "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
             "num_hidden_layers": text_layers, "num_attention_heads": 2,
             "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 1024,
             "sliding_window": 64, "pad_token_id": ids["<pad>"], "bos_token_id": ids["<bos>"],
