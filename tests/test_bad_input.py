@@ -353,3 +353,41 @@ def test_uid_longer_than_64_characters_refused(listener: Listener, tmp_path: Pat
     assert _refused(listener, tmp_path, 1, CTImageStorage, ds, _encode(ds)) == (
         STATUS_CANNOT_UNDERSTAND)
     assert _quarantined(listener) == ["series_instance_uid missing or not a valid UID\n"]
+
+
+def _rgb(tmp_path: Path) -> Dataset:
+    """The CT image as 8-bit RGB (Samples per Pixel 3, Planar Configuration 0)."""
+    ds = _ct(tmp_path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 3)
+    return ds
+
+
+def test_rgb_image_stored_with_its_planar_configuration(listener: Listener,
+                                                        tmp_path: Path) -> None:
+    """The control for the two refusals below: the same RGB image, well formed."""
+    ds = _rgb(tmp_path)
+    sender = Sender(listener.address)
+    try:
+        assert sender.store(1, CTImageStorage, str(ds.SOPInstanceUID),
+                            _encode(ds)) == STATUS_SUCCESS
+    finally:
+        sender.release()
+    wait_for(lambda: _stored(listener, ds), timeout=10, what="the RGB image applied")
+
+
+@pytest.mark.parametrize("planar", [None, [0, 0], 2], ids=["missing", "two-values", "2"])
+def test_rgb_image_without_a_valid_planar_configuration_refused(
+        listener: Listener, tmp_path: Path, planar: list[int] | int | None) -> None:
+    """Planar Configuration is Type 1C, required when Samples per Pixel is 3 (PS3.3
+    C.7.6.3), one value, 0 or 1: pydicom (the quality engine's reader) cannot decode
+    the pixels without it. All three answered Success before."""
+    ds = _rgb(tmp_path)
+    if planar is None:
+        del ds.PlanarConfiguration
+    else:
+        ds.PlanarConfiguration = planar
+    assert _refused(listener, tmp_path, 1, CTImageStorage, ds, _encode(ds)) == (
+        STATUS_CANNOT_UNDERSTAND)
+    assert _quarantined(listener) == ["planar configuration missing or not 0/1\n"]

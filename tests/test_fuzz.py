@@ -129,6 +129,20 @@ def test_columns_with_vr_ds_refused(node: RunningNode, streams: list[Captured]) 
     assert not outcome.violations
 
 
+@pytest.mark.parametrize("vr", [b"US", b"AT"])
+def test_photometric_interpretation_with_a_numeric_vr_refused(
+        node: RunningNode, streams: list[Captured], vr: bytes) -> None:
+    """Seed 3 of bench/fuzz.py, the spool oracle: Photometric Interpretation sent as US
+    (or AT) got Success — its bytes still read "MONOCHROME2" to the node, while pydicom
+    reads numbers there and could not decode the stored image (``TypeError: unhashable
+    type: 'list'`` / ``'MultiValue'``)."""
+    stream = _store(streams)
+    data_set = _with_vr(stream.data_set, 0x00280004, vr)
+    outcome = _send(node, stream, data_set, f"photometric {vr.decode()}")
+    assert f"store_0x{STATUS_CANNOT_UNDERSTAND:04X}" in outcome.classes, outcome
+    assert not outcome.violations
+
+
 def test_columns_with_several_values_refused(node: RunningNode,
                                              streams: list[Captured]) -> None:
     """Seed 1 case 83463: a bit flip made Columns 18 bytes long (it swallowed Pixel

@@ -73,6 +73,11 @@ _PIXEL_VRS = {PIXEL_DATA: frozenset({b"OB", b"OW", b"UN", b""}),
 #: characters were read as the number (fuzz seed 1 case 2207); Columns of length 18
 #: (it swallowed the next element) passed as its first value (seed 1 case 83463).
 _US_VRS = frozenset({b"US", b"UN", b""})
+#: The VRs Photometric Interpretation may arrive with: CS, UN or implicit, or another
+#: plain-text VR (a sender's slip pydicom still reads as the text). Sent as US, SS, FL or
+#: AT (fuzz seed 3) its bytes still spelt "MONOCHROME2" for the node while pydicom read
+#: numbers and could not decode the pixels (``TypeError: unhashable type``).
+_TEXT_VRS = frozenset({b"CS", b"LO", b"SH", b"ST", b"LT", b"UT", b"UC", b"UN", b""})
 _ITEM = 0xFFFEE000
 _ITEM_DELIM = 0xFFFEE00D
 _SEQ_DELIM = 0xFFFEE0DD
@@ -102,9 +107,10 @@ _WANTED = {
     0x0020000E: "series_instance_uid", 0x00280002: "samples", 0x00280008: "frames",
     0x00280010: "rows", 0x00280011: "columns", 0x00280100: "bits_allocated",
     0x00280004: "photometric", 0x00280101: "bits_stored", 0x00280103: "pixel_representation",
+    0x00280006: "planar_configuration",
 }
 _US_FIELDS = frozenset({"samples", "rows", "columns", "bits_allocated", "bits_stored",
-                        "pixel_representation"})
+                        "pixel_representation", "planar_configuration"})
 #: Photometric Interpretation's defined terms (PS3.3 C.7.6.3.1.2, retired ones included).
 _PHOTOMETRIC = frozenset({
     "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK",
@@ -296,6 +302,8 @@ def _scan_dataset(scan: _Scanner, pos: int, *, encapsulated: bool = False
             if name in _US_FIELDS:  # -1: _number refuses it if the pixels need it
                 us = length == 2 and vr in _US_VRS  # VM 1 (PS3.3 C.7.6.3)
                 found[name] = scan.u16.unpack_from(scan.buf, value_pos)[0] if us else -1
+            elif name == "photometric" and vr not in _TEXT_VRS:
+                found[name] = ""  # refused below: not a defined term as pydicom reads it
             else:
                 found[name] = scan.text(value_pos, length)
         pos = scan.skip_value(value_pos, vr, length, 0)
@@ -317,13 +325,18 @@ def _check_image_pixel(found: dict[str, str | int], bits: int) -> None:
     """The Image Pixel attributes native pixels are read with (PS3.3 C.7.6.3; pydicom
     refuses to decode without them): the fuzzer had Bits Allocated 0, Bits Stored or
     Photometric Interpretation missing, "MONOHROME2" and (seed 3 of bench/fuzz.py)
-    Samples per Pixel missing all answered Success."""
+    Samples per Pixel missing, Photometric Interpretation sent with a numeric VR all
+    answered Success."""
     if found.get("photometric") not in _PHOTOMETRIC:
         raise MalformedDataset("photometric interpretation missing or not a defined term")
     if not 1 <= _number(found, "rows") <= 0xFFFF or not 1 <= _number(found, "columns") <= 0xFFFF:
         raise MalformedDataset("rows or columns out of range")
-    if _number(found, "samples") not in (1, 3) or _number(found, "frames", 1) < 1:
+    samples = _number(found, "samples")
+    if samples not in (1, 3) or _number(found, "frames", 1) < 1:
         raise MalformedDataset("samples per pixel or number of frames invalid")
+    if samples == 3 and found.get("planar_configuration") not in (0, 1):
+        # Type 1C when Samples per Pixel > 1; sent with two values, pydicom refused it
+        raise MalformedDataset("planar configuration missing or not 0/1")
     if bits:  # Float / Double Float Pixel Data: 32 / 64 bits, no Bits Stored
         return
     allocated = _number(found, "bits_allocated")
