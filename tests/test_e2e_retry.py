@@ -197,11 +197,13 @@ def test_attempts_and_delays_follow_policy(tmp_path: Path, pacs: Orthanc,
         assert [f["attempt"] for f in failures] == [1, 2, 3, 4, 5, 6]
         assert all(f["transient"] and f["max_attempts"] == 6 for f in failures)
         assert failures[-1]["retry_in"] is None, "the last attempt is not retried"
-        # Each attempt rebuilds the SR first (seconds on a loaded host): not part of the delay.
-        builds = sorted((e for e in log_events(site, "sr_built") if e.get("job_id") == job.id),
-                        key=at)
-        assert len(builds) == 6
-        for (before, after), build in zip(itertools.pairwise(failures), builds[1:],
+        # The first attempt builds and keeps the SR; each retry sends the kept files
+        # (before: rebuilt every time, 6 builds). Neither is part of the delay.
+        builds = [e for e in log_events(site, "sr_built") if e.get("job_id") == job.id]
+        reuses = [e for e in log_events(site, "sr_reused") if e.get("job_id") == job.id]
+        assert (len(builds), len(reuses)) == (1, 5)
+        assert {e["report_path"] for e in reuses} == {builds[0]["report_path"]}
+        for (before, after), build in zip(itertools.pairwise(failures), sorted(reuses, key=at),
                                           strict=True):
             base = backoff_base(before["attempt"], policy)
             delay = float(before["retry_in"])

@@ -12,7 +12,8 @@ result: a Basic Text SR (PS3.3 A.35.1) and an Encapsulated PDF quality card
 Every object built is kept on disk before it is sent (:func:`keep_reports`):
 ``<home>/reports/<Study Instance UID>/<SOP Instance UID>.dcm``, a DICOM Part 10 file
 (PS3.10 §7) written atomically. A rebuild has the same UIDs, hence the same path: a
-retried or redelivered job finds its file and leaves it as it is.
+retried or redelivered job finds its file and leaves it as it is, and a delivery retry
+sends the kept files (:func:`load_kept`) rather than a rebuild.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 
 from inference.prepare import PreparedSeries
 from inference.result import AssessmentResult
@@ -34,6 +36,7 @@ from node.config import Companion, DestinationSettings, Settings
 from node.ledger import SeriesInfo
 from node.store.spool import fsync_dir
 from sr_writer import build_pdf, build_sr, build_text_sr
+from sr_writer.uids import derive_uid
 
 SR = "sr"
 TEXT_SR: Companion = "text_sr"
@@ -155,6 +158,32 @@ def keep_reports(reports: ReportSet, root: Path) -> dict[str, str]:
             write_atomic(ds, path)
         kept[kind] = rel
     return kept
+
+
+#: The role each kind's UIDs are derived with (:func:`sr_writer.uids.derive_uid`).
+_ROLES = {SR: "sr", TEXT_SR: "text-sr", PDF: "pdf"}
+
+
+def load_kept(root: Path, job_key: str, sr_path: str,
+              companions: Sequence[Companion]) -> ReportSet | None:
+    """The objects a job kept under ``root`` (the SR at ``sr_path``, relative to it, and
+    ``companions`` beside it), read back; None when one of them is not there.
+
+    A delivery retry sends these rather than a rebuild: the objects the first attempt
+    sent, whatever changed in the code or the sources since (a PACS that stored a first
+    copy must see the same object again under the same UID), at the cost of a read.
+    """
+    study = sr_path.rpartition("/")[0]
+    objects: dict[str, Dataset] = {}
+    for kind in (SR, *companions):
+        path = root / study / f"{derive_uid(job_key, f'{_ROLES[kind]}-instance')}.dcm"
+        if kind == SR and f"{study}/{path.name}" != sr_path:
+            return None
+        try:
+            objects[kind] = dcmread(path)
+        except (OSError, InvalidDicomError):
+            return None
+    return ReportSet(objects)
 
 
 def worst_image(prepared: PreparedSeries, result: AssessmentResult) -> np.ndarray | None:

@@ -51,6 +51,7 @@ from node.pipeline.reports import (
     destinations_of,
     encode_image,
     keep_reports,
+    load_kept,
     reports_root,
     wanted_companions,
     worst_image,
@@ -277,32 +278,56 @@ def report(task: Task, settings: Settings, job_id: int, sources_b64: list[str],
         log.info("delivery_not_due", retry_in=round(wait, 3))
         raise retry_later(task, wait, job_id)
     destinations = _destinations(settings, ledger, job)
-    result = AssessmentResult.from_json(job.result_json)
+    started = time.perf_counter()
+    reports = load_kept(reports_root(settings), job_key(job.series_instance_uid, job.generation,
+                                                        job.engine_key),
+                        job.report_path, wanted_companions(destinations)) \
+        if job.sr_uid and job.report_path else None
+    if reports is not None:
+        log.info("sr_reused", objects=len(reports.objects), report_path=job.report_path,
+                 seconds=round(time.perf_counter() - started, 3))
+        if job.state != JobState.DELIVERING:
+            job = ledger.move_job(job_id, JobState.DELIVERING)
+    else:
+        built = _build_and_keep(task, settings, ledger, job, sources_b64, destinations,
+                                image_b64)
+        if built is None:
+            return
+        job, reports = built
+    sr = reports.sr
+    for dest in destinations:
+        if not deliver_one(task, settings, ledger, job, dest, reports.for_destination(dest)):
+            return
+    _finish(ledger, job, str(sr.SOPInstanceUID), len(destinations))
+
+
+def _build_and_keep(task: Task, settings: Settings, ledger: Ledger, job: JobInfo,
+                    sources_b64: list[str], destinations: tuple[DestinationSettings, ...],
+                    image_b64: str | None) -> tuple[JobInfo, ReportSet] | None:
+    """Build the job's objects, keep them on disk, record the SR: the job moved to
+    ``delivering`` and its objects; None when it was dead-lettered (retries raise)."""
+    started = time.perf_counter()
+    result = AssessmentResult.from_json(job.result_json or "")
     predecessors = _predecessors(settings, _earlier_job(ledger, job))
     try:
-        started = time.perf_counter()
         reports = _build(job, result, sources_b64, destinations, image_b64, predecessors)
     except ValueError as exc:
-        ledger.dead_letter_job(job_id, f"SR: {error_text(exc)}")
-        return
-    sr = reports.sr
+        ledger.dead_letter_job(job.id, f"SR: {error_text(exc)}")
+        return None
     try:
         kept = keep_reports(reports, reports_root(settings))
     except OSError as exc:
         _retry_or_dead(task, settings, ledger, job, f"report file: {error_text(exc)}",
                        count_attempt=True)
-        return
+        return None
     log.info("sr_built", objects=len(reports.objects), report_path=kept[SR],
              seconds=round(time.perf_counter() - started, 3))
     superseded = predecessors.get(SR)
-    job = ledger.move_job(job_id, JobState.DELIVERING, sr_uid=str(sr.SOPInstanceUID),
+    job = ledger.move_job(job.id, JobState.DELIVERING, sr_uid=str(reports.sr.SOPInstanceUID),
                           report_path=kept[SR],
                           superseded_sr_uid=str(superseded.SOPInstanceUID)
                           if superseded is not None else None)
-    for dest in destinations:
-        if not deliver_one(task, settings, ledger, job, dest, reports.for_destination(dest)):
-            return
-    _finish(ledger, job, str(sr.SOPInstanceUID), len(destinations))
+    return job, reports
 
 
 def _finish(ledger: Ledger, job: JobInfo, sr_uid: str, destinations: int) -> None:
